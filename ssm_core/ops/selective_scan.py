@@ -1,0 +1,269 @@
+"""Mamba-1 selective scan: the chunked CPU/any-device path and its reference twin.
+
+Math (per batch b, channel d, state n; Δ = softplus(delta + delta_bias) when asked):
+
+    h_t = exp(Δ_t A) * h_{t-1} + Δ_t B_t u_t            (zero-order hold on A, Euler on B)
+    y_t = <C_t, h_t> + D u_t,   y_t *= silu(z_t) if z is given
+
+Layouts follow mamba_ssm's ``selective_scan_fn``:
+    u, delta, z: (batch, dim, L);  A: (dim, N);  B, C: (batch, N, L) or grouped (batch, G, N, L);
+    D, delta_bias: (dim,);  initial_state / last_state: (batch, dim, N), always fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .chunked import chunked_recurrence, pick_chunk_len
+
+__all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref"]
+
+
+def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    batch, dim, L = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"selective_scan: delta must match u {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be (dim={dim}, N), got {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("selective_scan: complex A is not supported; use a real (negative) A")
+    N = A.shape[1]
+    for name, X in (("B", B), ("C", C)):
+        if X.dim() == 3:
+            ok = X.shape == (batch, N, L)
+        elif X.dim() == 4:
+            ok = X.shape[0] == batch and X.shape[2:] == (N, L) and dim % X.shape[1] == 0
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"selective_scan: {name} must be (batch={batch}, N={N}, L={L}) or (batch, G, N, L) "
+                f"with G dividing dim={dim}, got {tuple(X.shape)}"
+            )
+    for name, X in (("D", D), ("delta_bias", delta_bias)):
+        if X is not None and X.shape != (dim,):
+            raise ValueError(f"selective_scan: {name} must be (dim={dim},), got {tuple(X.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"selective_scan: z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, dim, N):
+        raise ValueError(
+            f"selective_scan: initial_state must be (batch={batch}, dim={dim}, N={N}), "
+            f"got {tuple(initial_state.shape)}"
+        )
+    for name, X in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if not X.is_floating_point():
+            raise ValueError(f"selective_scan: {name} must be a floating-point tensor, got {X.dtype}")
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation / state dtype: fp64 for fp64 inputs, else fp32 (never lower)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _expand_groups(X: Tensor, dim: int) -> Tensor:
+    """(batch, N, L) or (batch, G, N, L) -> (batch, dim or 1, N, L) broadcastable over channels."""
+    if X.dim() == 3:
+        return X.unsqueeze(1)
+    return X.repeat_interleave(dim // X.shape[1], dim=1)
+
+
+def _discretize(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    delta = delta.to(acc_dtype(delta))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(delta.dtype)[..., None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _output(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    if D is not None:
+        y = y + u.to(y.dtype) * D.to(y.dtype)[..., None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+def _scan_chunk(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus: bool):
+    """One chunk, fully parallel in time: Hillis-Steele scan over (batch, dim, T, N).
+
+    Only products of decays (each <= 1) are formed, so it is stable for any Δ·A.
+    Returns y: (batch, dim, T) fp32 and h_T: (batch, dim, N) fp32.
+    """
+    dim, T = u.shape[1], u.shape[2]
+    dt = _discretize(delta, delta_bias, delta_softplus)  # (b, d, T)
+    acc = dt.dtype
+    a = torch.exp(dt.unsqueeze(-1) * A.to(acc)[:, None, :])  # (b, d, T, N)
+    Bx = _expand_groups(B, dim).to(acc).transpose(-1, -2)  # (b, d|1, T, N)
+    h = (dt * u.to(acc)).unsqueeze(-1) * Bx
+    h = torch.cat([h[:, :, :1] + a[:, :, :1] * h0.unsqueeze(2), h[:, :, 1:]], dim=2)
+    k = 1
+    while k < T:
+        h = torch.cat([h[:, :, :k], h[:, :, k:] + a[:, :, k:] * h[:, :, :-k]], dim=2)
+        if 2 * k < T:  # the last level's decay products are never used
+            a = torch.cat([a[:, :, :k], a[:, :, k:] * a[:, :, :-k]], dim=2)
+        k *= 2
+    Cx = _expand_groups(C, dim).to(acc).transpose(-1, -2)
+    y = (h * Cx).sum(-1)
+    return _output(y, u, D, z), h[:, :, -1]
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Tensor | None = None,
+    *,
+    chunk_len: int | None = None,
+):
+    """Selective scan, drop-in for mamba_ssm's ``selective_scan_fn`` plus ``initial_state``.
+
+    Runs chunk by chunk (parallel inside a chunk, state passed between chunks) and recomputes each
+    chunk in backward, so memory for backward is the inputs plus one (batch, dim, N) state per chunk.
+    Gradients reach every input, ``initial_state`` included, and flow from a loss on ``last_state``.
+
+    Returns ``out: (batch, dim, L)`` in u's dtype, and ``last_state: (batch, dim, N)`` fp32 when
+    ``return_last_state``.
+    """
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    if initial_state is None:
+        initial_state = u.new_zeros(batch, dim, N, dtype=acc_dtype(u))
+    T = chunk_len or pick_chunk_len(L, batch * dim * N)
+
+    def step(seq, params, h):
+        u_, delta_, B_, C_, z_ = seq
+        A_, D_, bias_ = params
+        return _scan_chunk(u_, delta_, A_, B_, C_, D_, z_, bias_, h, delta_softplus=delta_softplus)
+
+    y, last = chunked_recurrence(
+        step,
+        seq=[(u, 2), (delta, 2), (B, -1), (C, -1), (z, 2)],
+        params=[A, D, delta_bias],
+        h0=initial_state.to(acc_dtype(u)),
+        length=L,
+        chunk_len=T,
+        out_dim=2,
+    )
+    y = y.to(u.dtype)
+    return (y, last) if return_last_state else y
+
+
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    return_last_state=False, initial_state=None,
+):
+    """Reference twin: the plain sequential recurrence, one time step at a time (slow; for tests)."""
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    batch, dim, L = u.shape
+    dt = _discretize(delta, delta_bias, delta_softplus)
+    acc = dt.dtype
+    Bx = _expand_groups(B, dim).to(acc)
+    Cx = _expand_groups(C, dim).to(acc)
+    h = u.new_zeros(batch, dim, A.shape[1], dtype=acc) if initial_state is None else initial_state.to(acc)
+    ys = []
+    for t in range(L):
+        h = torch.exp(dt[:, :, t, None] * A.to(acc)) * h + (dt[:, :, t] * u[:, :, t].to(acc))[..., None] * Bx[..., t]
+        ys.append((h * Cx[..., t]).sum(-1))
+    y = _output(torch.stack(ys, dim=-1), u, D, z).to(u.dtype)
+    return (y, h) if return_last_state else y
+
+
+def _check_update_inputs(state, x, A):
+    single = state.dim() == A.dim() + 1
+    if not single:
+        raise ValueError(
+            f"selective_state_update: state must be (batch, *A.shape)={('batch', *A.shape)}, "
+            f"got {tuple(state.shape)}"
+        )
+    if state.shape[1:] != A.shape:
+        raise ValueError(f"selective_state_update: state {tuple(state.shape)} does not match A {tuple(A.shape)}")
+    if x.dim() not in (A.dim(), A.dim() + 1):
+        raise ValueError(
+            f"selective_state_update: x must be {('batch', *A.shape[:-1])} for one token or "
+            f"{('batch', 'T', *A.shape[:-1])} for T tokens, got {tuple(x.shape)}"
+        )
+    return x.dim() == A.dim() + 1  # several tokens
+
+
+def _groups_to_rows(X: Tensor, rows: int, mamba2: bool, acc: torch.dtype) -> Tensor:
+    """B/C of one token, (batch, N) or (batch, G, N) -> broadcastable against the state."""
+    X = X.to(acc)
+    if X.dim() == 2:
+        X = X.unsqueeze(1)
+    if X.shape[1] > 1:
+        X = X.repeat_interleave(rows // X.shape[1], dim=1)
+    return X.unsqueeze(2) if mamba2 else X
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decode step, functional. Returns (out, new_state).
+
+    Mamba-1 layout: state (batch, dim, N), x/dt/z (batch, dim), A (dim, N), B/C (batch, N) or
+    (batch, G, N), D/dt_bias (dim,). Mamba-2 layout: state (batch, nheads, headdim, N), x/dt/z
+    (batch, nheads, headdim), A (nheads, headdim, N), B/C (batch, G, N), D/dt_bias (nheads, headdim).
+    """
+    acc = acc_dtype(x)
+    dt = dt.to(acc)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(acc)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    mamba2 = A.dim() == 3
+    B, C = (_groups_to_rows(X, A.shape[0], mamba2, acc) for X in (B, C))
+    new_state = torch.exp(dt.unsqueeze(-1) * A.to(acc)) * state.to(acc) + (dt * x.to(acc)).unsqueeze(-1) * B
+    out = (new_state * C).sum(-1)
+    if D is not None:
+        out = out + x.to(acc) * D.to(acc)
+    if z is not None:
+        out = out * F.silu(z.to(acc))
+    return out.to(x.dtype), new_state
+
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    *,
+    inplace: bool = True,
+):
+    """Advance the SSM state by one token (or T tokens), like mamba_ssm's ``selective_state_update``.
+
+    x: (batch, *A.shape[:-1]) for one token, or (batch, T, *A.shape[:-1]) for T tokens (then dt, z,
+    B, C carry the same T axis after batch). With ``inplace`` (mamba_ssm's behaviour) the state
+    tensor is overwritten and ``out`` returned; with ``inplace=False`` it returns ``(out, new_state)``
+    and is differentiable in every input, the state included.
+    """
+    several = _check_update_inputs(state, x, A)
+    if several:
+        outs, h = [], state
+        for t in range(x.shape[1]):
+            o, h = selective_state_update_ref(
+                h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, None if z is None else z[:, t], dt_bias, dt_softplus
+            )
+            outs.append(o)
+        out, new_state = torch.stack(outs, dim=1), h
+    else:
+        out, new_state = selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    if inplace:
+        with torch.no_grad():
+            state.copy_(new_state)
+        return out
+    return out, new_state
