@@ -64,6 +64,11 @@ def acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def fp32(x: Tensor) -> Tensor:
+    """At least fp32: parameters such as A_log, D and dt bias enter the SSM in fp32 (fp64 stays fp64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _expand_groups(X: Tensor, dim: int) -> Tensor:
     """(batch, N, L) or (batch, G, N, L) -> (batch, dim or 1, N, L) broadcastable over channels."""
     if X.dim() == 3:

@@ -1,0 +1,131 @@
+"""Mamba-1 mixer: mamba_ssm's ``Mamba`` (same arguments, defaults, init, parameter names)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.conv import causal_conv1d
+from ..ops.selective_scan import fp32, selective_scan, selective_state_update
+from ..state import SSMState
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float, **factory) -> Tensor:
+    """dt ~ log-uniform[dt_min, dt_max] (floored), returned as softplus^{-1}(dt) for the dt bias."""
+    dt = torch.exp(torch.rand(n, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba(nn.Module):
+    """Selective SSM block (Gu & Dao 2023), one screen:
+
+        x, z = in_proj(u)                      # (batch, L, d_inner) each
+        x = silu(conv1d(x))                    # causal, depthwise, width d_conv
+        dt, B, C = x_proj(x)                   # input-dependent (selective) parameters
+        y = selective_scan(x, dt_proj(dt), A=-exp(A_log), B, C, D, z)   # y *= silu(z)
+        out = out_proj(y)
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,  # accepted for mamba_ssm compatibility; dispatch is in ssm_core.ops
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+
+        std = self.dt_rank**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                nn.init.constant_(self.dt_proj.weight, std)
+            else:
+                nn.init.uniform_(self.dt_proj.weight, -std, std)
+            self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor, device=device))
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real init, kept in fp32 whatever the module dtype
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def empty_state(self, batch: int, device=None, dtype=None) -> SSMState:
+        device = device or self.A_log.device
+        dtype = dtype or self.in_proj.weight.dtype
+        return SSMState(
+            conv=torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def forward(self, hidden_states: Tensor, state: SSMState | None = None, return_state: bool = False):
+        """hidden_states: (batch, L, d_model) -> (batch, L, d_model) [, SSMState]."""
+        batch, L, _ = hidden_states.shape
+        if state is None:
+            state = self.empty_state(batch, hidden_states.device, hidden_states.dtype)
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
+        A = -torch.exp(fp32(self.A_log))
+        if L == 1:  # decode step: no scan machinery
+            y, new_state = self._step(x[:, 0], z[:, 0], A, state)
+            out = self.out_proj(y.unsqueeze(1))
+            return (out, new_state) if return_state else out
+
+        x, conv_state = causal_conv1d(
+            x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+            initial_states=state.conv, return_final_states=True, activation="silu",
+        )
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # bias goes in as delta_bias, in fp32
+        y, ssm_state = selective_scan(
+            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), fp32(self.D), z.transpose(1, 2),
+            delta_bias=fp32(self.dt_proj.bias), delta_softplus=True,
+            return_last_state=True, initial_state=state.ssm,
+        )
+        out = self.out_proj(y.transpose(1, 2))
+        return (out, SSMState(conv_state, ssm_state)) if return_state else out
+
+    def _step(self, x: Tensor, z: Tensor, A: Tensor, state: SSMState):
+        """One token: x, z: (batch, d_inner)."""
+        window = torch.cat([state.conv, x.unsqueeze(-1)], dim=-1)  # (batch, d_inner, d_conv)
+        xc = (window * self.conv1d.weight.squeeze(1)).sum(-1)
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias
+        xc = F.silu(xc)
+        dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt @ self.dt_proj.weight.t()
+        y, ssm = selective_state_update(
+            state.ssm, xc, dt, A, B, C, fp32(self.D), z, dt_bias=fp32(self.dt_proj.bias),
+            dt_softplus=True, inplace=False,
+        )
+        return y, SSMState(window[..., 1:], ssm)

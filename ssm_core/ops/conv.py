@@ -1,0 +1,100 @@
+"""Depthwise causal conv1d with carried state (the short convolution in every Mamba block).
+
+Layouts follow mamba_ssm's causal_conv1d: x: (batch, dim, L); weight: (dim, width); bias: (dim,);
+conv state: (batch, dim, width - 1), the last ``width - 1`` inputs seen (zeros at the start).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["causal_conv1d", "causal_conv1d_update"]
+
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def _activate(x: Tensor, activation: str | None) -> Tensor:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"causal_conv1d: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    return F.silu(x) if activation else x
+
+
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+    activation: str | None = None,
+):
+    """out[t] = act(bias + sum_k weight[:, k] * x[t - (width - 1) + k]), inputs before 0 from the state.
+
+    seq_idx: (batch, L) int, packed sequences; taps never cross from one sequence id into another.
+    Returns out: (batch, dim, L) and, with ``return_final_states``, (batch, dim, width - 1).
+    """
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"causal_conv1d: expected x (batch, dim, L) and weight (dim, width), got {tuple(x.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    batch, dim, L = x.shape
+    width = weight.shape[1]
+    if initial_states is None:
+        initial_states = x.new_zeros(batch, dim, width - 1)
+    elif initial_states.shape != (batch, dim, width - 1):
+        raise ValueError(
+            f"causal_conv1d: initial_states must be (batch={batch}, dim={dim}, width-1={width - 1}), "
+            f"got {tuple(initial_states.shape)}"
+        )
+    xp = torch.cat([initial_states.to(x.dtype), x], dim=-1)
+    if seq_idx is None:
+        out = F.conv1d(xp, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), groups=dim)
+    else:
+        if seq_idx.shape != (batch, L):
+            raise ValueError(f"causal_conv1d: seq_idx must be (batch={batch}, L={L}), got {tuple(seq_idx.shape)}")
+        windows = xp.unfold(-1, width, 1)  # (batch, dim, L, width): windows[..., t, k] = xp[t + k]
+        ids = torch.cat([seq_idx[:, :1].expand(batch, width - 1), seq_idx], dim=-1).unfold(-1, width, 1)
+        same = (ids == seq_idx.unsqueeze(-1)).unsqueeze(1)  # (batch, 1, L, width)
+        out = (windows * same * weight.to(x.dtype)[:, None, :]).sum(-1)
+        if bias is not None:
+            out = out + bias.to(x.dtype)[:, None]
+    out = _activate(out, activation)
+    if return_final_states:
+        return out, xp[..., xp.shape[-1] - (width - 1) :]
+    return out
+
+
+def causal_conv1d_update(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    *,
+    inplace: bool = True,
+):
+    """One decode step. x: (batch, dim); conv_state: (batch, dim, S) with S >= width - 1.
+
+    In place (mamba_ssm's behaviour) it shifts the state and returns out: (batch, dim); with
+    ``inplace=False`` it returns (out, new_state) and is differentiable.
+    """
+    width = weight.shape[1]
+    if conv_state.shape[-1] < width - 1 or conv_state.shape[:2] != x.shape:
+        raise ValueError(
+            f"causal_conv1d_update: conv_state must be (batch, dim, >= {width - 1}) matching x "
+            f"{tuple(x.shape)}, got {tuple(conv_state.shape)}"
+        )
+    window = torch.cat([conv_state[..., conv_state.shape[-1] - (width - 1) :].to(x.dtype), x.unsqueeze(-1)], dim=-1)
+    out = (window * weight.to(x.dtype)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    out = _activate(out, activation)
+    new_state = torch.cat([conv_state[..., 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    if inplace:
+        with torch.no_grad():
+            conv_state.copy_(new_state)
+        return out
+    return out, new_state
