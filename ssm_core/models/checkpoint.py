@@ -46,6 +46,11 @@ def save_pretrained(model, save_directory: str | os.PathLike) -> None:
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(model.config.to_json()))
 
 
+def _json_float(v) -> float:
+    """transformers writes inf as {"__float__": "Infinity"}."""
+    return float(v["__float__"]) if isinstance(v, dict) else float(v)
+
+
 def config_from_hf(cfg: dict) -> MambaConfig:
     """Translate a transformers MambaConfig / Mamba2Config dict into ours."""
     kind = cfg["model_type"]
@@ -78,7 +83,7 @@ def config_from_hf(cfg: dict) -> MambaConfig:
             "headdim": cfg["head_dim"], "ngroups": cfg.get("n_groups", 1), "chunk_size": cfg.get("chunk_size", 256),
             "bias": cfg.get("use_bias", False), "conv_bias": cfg.get("use_conv_bias", True),
             "dt_min": cfg.get("time_step_min", 0.001), "dt_max": cfg.get("time_step_max", 0.1),
-            "dt_init_floor": cfg.get("time_step_floor", 1e-4), "dt_limit": [float(limit[0]), float(limit[1])],
+            "dt_init_floor": cfg.get("time_step_floor", 1e-4), "dt_limit": [_json_float(limit[0]), _json_float(limit[1])],
         }
         if d_ssm != expand * cfg["hidden_size"]:
             ssm["d_ssm"] = d_ssm
