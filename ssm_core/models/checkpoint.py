@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -22,9 +22,10 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same directory, then rename: no half-written checkpoints."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """Write through a temp file in the same directory, then rename: no half-written checkpoints.
+    The temp file is created by ``write`` itself (not mkstemp, whose 0600 mode would survive the
+    rename), so the checkpoint gets the usual umask permissions."""
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -87,6 +88,8 @@ def config_from_hf(cfg: dict) -> MambaConfig:
         }
         if d_ssm != expand * cfg["hidden_size"]:
             ssm["d_ssm"] = d_ssm
+        if common["norm_epsilon"] != 1e-5:  # HF uses layer_norm_epsilon in the gated norm too
+            ssm["norm_eps"] = common["norm_epsilon"]
     else:
         raise ValueError(f"unsupported HF model_type {kind!r} (expected 'mamba' or 'mamba2')")
     return MambaConfig(ssm_cfg=ssm, **common)

@@ -43,6 +43,7 @@ class Mamba2(nn.Module):
         bias: bool = False,
         conv_bias: bool = True,
         chunk_size: int = 256,
+        norm_eps: float = 1e-5,  # eps of the gated output norm (fixed at 1e-5 in mamba_ssm; HF configs vary)
         use_mem_eff_path: bool = True,  # accepted for mamba_ssm compatibility
         layer_idx: int | None = None,
         device=None,
@@ -83,7 +84,7 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
         self.D._no_weight_decay = True
         if rmsnorm:
-            self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
+            self.norm = RMSNormGated(self.d_ssm, eps=norm_eps, norm_before_gate=norm_before_gate,
                                      group_size=self.d_ssm // ngroups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunked import chunked_recurrence, pick_chunk_len
+from .chunked import chunked_recurrence, linear_scan, pick_chunk_len
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref"]
 
@@ -92,24 +92,19 @@ def _output(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
 
 
 def _scan_chunk(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus: bool):
-    """One chunk, fully parallel in time: Hillis-Steele scan over (batch, dim, T, N).
+    """One chunk, fully parallel in time: a linear scan over (batch, dim, T, N).
 
     Only products of decays (each <= 1) are formed, so it is stable for any Δ·A.
     Returns y: (batch, dim, T) fp32 and h_T: (batch, dim, N) fp32.
     """
-    dim, T = u.shape[1], u.shape[2]
+    dim = u.shape[1]
     dt = _discretize(delta, delta_bias, delta_softplus)  # (b, d, T)
     acc = dt.dtype
     a = torch.exp(dt.unsqueeze(-1) * A.to(acc)[:, None, :])  # (b, d, T, N)
     Bx = _expand_groups(B, dim).to(acc).transpose(-1, -2)  # (b, d|1, T, N)
     h = (dt * u.to(acc)).unsqueeze(-1) * Bx
     h = torch.cat([h[:, :, :1] + a[:, :, :1] * h0.unsqueeze(2), h[:, :, 1:]], dim=2)
-    k = 1
-    while k < T:
-        h = torch.cat([h[:, :, :k], h[:, :, k:] + a[:, :, k:] * h[:, :, :-k]], dim=2)
-        if 2 * k < T:  # the last level's decay products are never used
-            a = torch.cat([a[:, :, :k], a[:, :, k:] * a[:, :, :-k]], dim=2)
-        k *= 2
+    h = linear_scan(a, h, dim=2)
     Cx = _expand_groups(C, dim).to(acc).transpose(-1, -2)
     y = (h * Cx).sum(-1)
     return _output(y, u, D, z), h[:, :, -1]
