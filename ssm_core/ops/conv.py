@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backend import fast_path
+
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
 _ACTIVATIONS = (None, "silu", "swish")
@@ -29,6 +31,8 @@ def causal_conv1d(
     initial_states: Tensor | None = None,
     return_final_states: bool = False,
     activation: str | None = None,
+    *,
+    backend: str | None = None,
 ):
     """out[t] = act(bias + sum_k weight[:, k] * x[t - (width - 1) + k]), inputs before 0 from the state.
 
@@ -40,6 +44,10 @@ def causal_conv1d(
             f"causal_conv1d: expected x (batch, dim, L) and weight (dim, width), got {tuple(x.shape)} "
             f"and {tuple(weight.shape)}"
         )
+    kernel = fast_path(backend, x.device, "causal_conv1d")
+    if kernel is not None:
+        return kernel(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
+                      return_final_states=return_final_states, activation=activation)
     batch, dim, L = x.shape
     width = weight.shape[1]
     if initial_states is None:

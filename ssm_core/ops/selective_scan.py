@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backend import fast_path
 from .chunked import chunked_recurrence, linear_scan, pick_chunk_len
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref"]
@@ -123,9 +124,13 @@ def selective_scan(
     return_last_state: bool = False,
     initial_state: Tensor | None = None,
     *,
+    backend: str | None = None,
     chunk_len: int | None = None,
 ):
     """Selective scan, drop-in for mamba_ssm's ``selective_scan_fn`` plus ``initial_state``.
+
+    ``backend``: "auto" (compiled CPU kernel / Triton on CUDA), "ref" (this PyTorch code), "cpu",
+    "triton"; None reads $HISS_BACKEND (see ssm_core.ops.backend). The PyTorch path:
 
     Runs chunk by chunk (parallel inside a chunk, state passed between chunks) and recomputes each
     chunk in backward, so memory for backward is the inputs plus one (batch, dim, N) state per chunk.
@@ -135,6 +140,9 @@ def selective_scan(
     ``return_last_state``.
     """
     _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    kernel = fast_path(backend, u.device, "selective_scan")
+    if kernel is not None:
+        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
     batch, dim, L = u.shape
     N = A.shape[1]
     if initial_state is None:

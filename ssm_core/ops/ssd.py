@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backend import fast_path
 from .chunked import chunked_recurrence
 from .selective_scan import acc_dtype, selective_state_update_ref
 
@@ -151,17 +152,24 @@ def mamba_chunk_scan_combined(
     dt_limit: tuple[float, float] = (0.0, math.inf),
     return_final_states: bool = False,
     *,
+    backend: str | None = None,
     piece_len: int | None = None,
 ):
     """Chunked SSD, drop-in for mamba_ssm's ``mamba_chunk_scan_combined``. Any L (no caller padding).
 
-    The sequence is processed in pieces of ``piece_len`` (a multiple of ``chunk_size``), each
+    ``backend`` as in ``selective_scan`` (on CPU this PyTorch code is the implementation: its
+    einsums are matmuls). The sequence is processed in pieces of ``piece_len`` (a multiple of ``chunk_size``), each
     recomputed in backward, so backward memory does not grow with (L x chunk) activations.
     Returns out: (batch, L, nheads, headdim) in x's dtype [, final_states fp32].
     """
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     if chunk_size <= 0:
         raise ValueError(f"ssd: chunk_size must be positive, got {chunk_size}")
+    kernel = fast_path(backend, x.device, "mamba_chunk_scan_combined")
+    if kernel is not None:
+        return kernel(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+                      seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                      return_final_states=return_final_states)
     b, L, H, P = x.shape
     N = B.shape[3]
     acc = acc_dtype(x)
