@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..discretization import zoh_euler
 from .backend import fast_path
 from .chunked import chunked_recurrence, linear_scan, pick_chunk_len
 
@@ -101,9 +102,9 @@ def _scan_chunk(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus: bool
     dim = u.shape[1]
     dt = _discretize(delta, delta_bias, delta_softplus)  # (b, d, T)
     acc = dt.dtype
-    a = torch.exp(dt.unsqueeze(-1) * A.to(acc)[:, None, :])  # (b, d, T, N)
     Bx = _expand_groups(B, dim).to(acc).transpose(-1, -2)  # (b, d|1, T, N)
-    h = (dt * u.to(acc)).unsqueeze(-1) * Bx
+    a, Bbar = zoh_euler(A.to(acc)[:, None, :], Bx, dt.unsqueeze(-1), diagonal=True)  # (b, d, T, N) each
+    h = Bbar * u.to(acc).unsqueeze(-1)
     h = torch.cat([h[:, :, :1] + a[:, :, :1] * h0.unsqueeze(2), h[:, :, 1:]], dim=2)
     h = linear_scan(a, h, dim=2)
     Cx = _expand_groups(C, dim).to(acc).transpose(-1, -2)
