@@ -18,6 +18,15 @@ def _allowed_kwargs(cls) -> set[str]:
     return {p for p in inspect.signature(cls.__init__).parameters if p not in skip}
 
 
+def _as_json_types(value):
+    """A copy with tuples turned into lists (recursively), the way a JSON round trip returns it."""
+    if isinstance(value, dict):
+        return {k: _as_json_types(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json_types(v) for v in value]
+    return value
+
+
 @dataclass
 class MambaConfig:
     d_model: int = 2560
@@ -38,6 +47,9 @@ class MambaConfig:
     bidirectional_weight_tie: bool = True
 
     def __post_init__(self):
+        # JSON has no tuples: keep sequences as lists so that from_json(to_json(c)) == c
+        self.ssm_cfg, self.attn_cfg = _as_json_types(self.ssm_cfg), _as_json_types(self.attn_cfg)
+        self.attn_layer_idx = _as_json_types(self.attn_layer_idx)
         self.validate()
 
     @property

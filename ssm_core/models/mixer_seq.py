@@ -46,7 +46,7 @@ def create_block(config: MambaConfig, layer_idx: int, device=None, dtype=None) -
         mixer = ssm_cls(d, layer_idx=layer_idx, **ssm_kwargs, **factory)
         if config.bidirectional:
             rev = None if config.bidirectional_weight_tie else ssm_cls(d, layer_idx=layer_idx, **ssm_kwargs, **factory)
-            mixer = Bidirectional(mixer, rev, merge=config.bidirectional_strategy, d_model=d)
+            mixer = Bidirectional(mixer, rev, merge=config.bidirectional_strategy, d_model=d, **factory)
     mlp = norm2 = None
     if config.d_intermediate > 0:
         mlp = GatedMLP(d, hidden_features=config.d_intermediate, out_features=d, **factory)

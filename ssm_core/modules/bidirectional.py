@@ -28,7 +28,7 @@ class Bidirectional(nn.Module):
     """
 
     def __init__(self, mixer: nn.Module, mixer_rev: nn.Module | None = None, merge: str = "add",
-                 d_model: int | None = None):
+                 d_model: int | None = None, device=None, dtype=None):
         super().__init__()
         if merge not in MERGES:
             raise ValueError(f"Bidirectional: merge must be one of {MERGES}, got {merge!r}")
@@ -37,7 +37,7 @@ class Bidirectional(nn.Module):
             d_model = d_model or getattr(mixer, "d_model", None)
             if d_model is None:
                 raise ValueError("Bidirectional: merge='concat' needs d_model")
-            self.merge_proj = nn.Linear(2 * d_model, d_model, bias=False)
+            self.merge_proj = nn.Linear(2 * d_model, d_model, bias=False, device=device, dtype=dtype)
 
     @property
     def weight_tie(self) -> bool:
