@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, fields
 
-import torch
 from torch import Tensor
+
+from ._io import atomic_write
 
 __all__ = ["SSMState", "AttentionState", "ModelState", "save_state", "load_state"]
 
@@ -79,15 +79,7 @@ def save_state(path: str | os.PathLike, state: ModelState, config) -> None:
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors().items()}
     meta = {"format": _FORMAT, "config": config.to_json(), "seqlen_offset": str(state.seqlen_offset)}
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_state(path: str | os.PathLike, config, device=None) -> ModelState:

@@ -19,7 +19,6 @@ from ssm_core.ops import (
     selective_state_update,
     ssd_ref,
 )
-
 from ssm_core.ops import selective_scan as _selective_scan
 
 selective_scan = functools.partial(_selective_scan, backend="ref")  # the PyTorch path; kernels have their own tests

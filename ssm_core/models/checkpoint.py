@@ -7,31 +7,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .._io import atomic_write
 from .config import MambaConfig
 
 __all__ = ["save_pretrained", "load_pretrained", "load_weights", "config_from_hf"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same directory, then rename: no half-written checkpoints.
-    The temp file is created by ``write`` itself (not mkstemp, whose 0600 mode would survive the
-    rename), so the checkpoint gets the usual umask permissions."""
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_pretrained(model, save_directory: str | os.PathLike) -> None:
@@ -43,8 +30,8 @@ def save_pretrained(model, save_directory: str | os.PathLike) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(model.config.to_json()))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(model.config.to_json()))
 
 
 def _json_float(v) -> float:
@@ -84,7 +71,8 @@ def config_from_hf(cfg: dict) -> MambaConfig:
             "headdim": cfg["head_dim"], "ngroups": cfg.get("n_groups", 1), "chunk_size": cfg.get("chunk_size", 256),
             "bias": cfg.get("use_bias", False), "conv_bias": cfg.get("use_conv_bias", True),
             "dt_min": cfg.get("time_step_min", 0.001), "dt_max": cfg.get("time_step_max", 0.1),
-            "dt_init_floor": cfg.get("time_step_floor", 1e-4), "dt_limit": [_json_float(limit[0]), _json_float(limit[1])],
+            "dt_init_floor": cfg.get("time_step_floor", 1e-4),
+            "dt_limit": [_json_float(limit[0]), _json_float(limit[1])],
         }
         if d_ssm != expand * cfg["hidden_size"]:
             ssm["d_ssm"] = d_ssm

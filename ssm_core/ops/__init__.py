@@ -2,7 +2,12 @@
 
 from .conv import causal_conv1d, causal_conv1d_update
 from .norm import RMSNorm, RMSNormGated, rms_norm, rms_norm_gated
-from .selective_scan import selective_scan, selective_scan_ref, selective_state_update, selective_state_update_ref
+from .selective_scan import (
+    selective_scan,
+    selective_scan_ref,
+    selective_state_update,
+    selective_state_update_ref,
+)
 from .ssd import mamba_chunk_scan_combined, ssd_ref
 
 __all__ = [

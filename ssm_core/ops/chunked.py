@@ -108,7 +108,9 @@ class _ChunkedRecurrence(torch.autograd.Function):
                     None if x is None else _slice(x, d, s, e).detach().requires_grad_(need)
                     for x, d, need in zip(seq, ctx.seq_dims, needs[:n_seq])
                 ]
-                par_c = [None if p is None else p.detach().requires_grad_(need) for p, need in zip(params, needs[n_seq:])]
+                par_c = [
+                    None if p is None else p.detach().requires_grad_(need) for p, need in zip(params, needs[n_seq:])
+                ]
                 h_in = boundaries[i].detach().requires_grad_(i > 0 or need_h0)
                 y, h = ctx.step(seq_c, par_c, h_in)
                 leaves = [(k, t) for k, t in enumerate(seq_c + par_c) if t is not None and t.requires_grad]
