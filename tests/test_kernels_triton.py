@@ -29,7 +29,7 @@ triton = pytest.importorskip("triton")
 import kernels.triton as kt  # noqa: E402
 from ssm_core.ops.conv import causal_conv1d, causal_conv1d_update  # noqa: E402
 from ssm_core.ops.selective_scan import selective_scan_ref, selective_state_update_ref  # noqa: E402
-from ssm_core.ops.ssd import ssd_ref  # noqa: E402
+from ssm_core.ops.ssd import mamba_chunk_scan_combined, ssd_ref  # noqa: E402
 
 if not kt.available():  # pragma: no cover - triton imports but neither CUDA nor the interpreter
     pytest.skip("Triton kernels unavailable (no CUDA and TRITON_INTERPRET unset)", allow_module_level=True)
@@ -219,9 +219,10 @@ def _ssd_inputs(b, L, H, P, G, N, opts, seed=0, seq=None):
 
 def _ssd_fns(cs, softplus, limit):
     def fast(x, dt, A, B, C, D, z, bias, h0, seq_idx):
-        return mamba_chunk_scan_combined_triton(
+        # the Triton forward with ssm_core's recompute backward (the kernel itself is forward-only)
+        return mamba_chunk_scan_combined(
             x, dt, A, B, C, cs, D=D, z=z, dt_bias=bias, initial_states=h0, seq_idx=seq_idx,
-            dt_softplus=softplus, dt_limit=limit, return_final_states=True,
+            dt_softplus=softplus, dt_limit=limit, return_final_states=True, backend="triton",
         )
 
     def ref(x, dt, A, B, C, D, z, bias, h0, seq_idx):

@@ -1,4 +1,4 @@
-"""Mamba-2 chunked SSD (state-space duality): Triton forward, PyTorch backward.
+"""Mamba-2 chunked SSD (state-space duality): Triton forward kernels.
 
 Semantics are those of ``ssm_core.ops.ssd.mamba_chunk_scan_combined`` (mamba_ssm's layouts)::
 
@@ -24,12 +24,11 @@ Forward (all Triton, four kernels, fp32 accumulation / fp64 for fp64 inputs):
 The one PyTorch step in the forward is bookkeeping for ``seq_idx``: a cumulative count of resets
 (segment id per position), so the kernels test "no reset between s and t" as an equality of ids.
 
-Backward (PyTorch): gradients are computed by recomputing the output with ssm_core's chunked SSD
-(``ssm_core.ops.ssd.mamba_chunk_scan_combined`` with ``backend="ref"``, which itself recomputes
-piece by piece, so backward memory stays bounded whatever L) under
-autograd and back-propagating ``(dy, d final_states)`` through it. They are therefore exactly the
-reference gradients, for every input including ``initial_states``; the price is a PyTorch
-recomputation of the forward during backward. There is no Triton backward kernel for SSD.
+Backward: there is no Triton backward kernel for SSD. ``mamba_chunk_scan_combined_triton`` is a
+forward-only function (no autograd graph); ``ssm_core.ops.ssd.mamba_chunk_scan_combined`` wraps it
+and, when gradients are needed, recomputes the output with its own PyTorch chunked SSD under
+autograd in backward. Gradients are therefore exactly the reference's; the price is a PyTorch
+recomputation of the forward during backward. (kernels never imports ssm_core: that glue lives there.)
 """
 
 from __future__ import annotations
@@ -303,62 +302,6 @@ def _ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
     return y, final
 
 
-class MambaChunkScanCombinedTritonFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus,
-                dt_limit):
-        y, final = _ssd_forward(
-            x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit
-        )
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
-        ctx.cfg = (chunk_size, dt_softplus, dt_limit)
-        ctx.set_materialize_grads(False)
-        return y, final
-
-    @staticmethod
-    def backward(ctx, dy, dfinal):
-        import inspect
-
-        from ssm_core.ops.ssd import mamba_chunk_scan_combined
-
-        # ssm_core dispatches to these kernels on CUDA: force its PyTorch path (no recursion).
-        params = inspect.signature(mamba_chunk_scan_combined).parameters
-        extra = {"backend": "ref"} if "backend" in params else {}
-        saved = ctx.saved_tensors
-        chunk_size, dt_softplus, dt_limit = ctx.cfg
-        needs = ctx.needs_input_grad[:9]
-        with torch.enable_grad():
-            leaves = [
-                None if t is None else (t.detach().requires_grad_(bool(need)) if t.is_floating_point() else t)
-                for t, need in zip(saved[:9], needs)
-            ]
-            x, dt, A, B, C, D, z, dt_bias, h0 = leaves
-            y, final = mamba_chunk_scan_combined(
-                x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=h0, seq_idx=saved[9],
-                dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=True, **extra,
-            )
-            outs, grads_out = [], []
-            if dy is not None:
-                outs.append(y)
-                grads_out.append(dy)
-            if dfinal is not None:
-                outs.append(final)
-                grads_out.append(dfinal)
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            if not outs or not wanted:
-                return (None,) * 13
-            got = torch.autograd.grad(outs, wanted, grads_out, allow_unused=True)
-        it = iter(got)
-        res = []
-        for t in leaves:
-            if t is not None and t.requires_grad:
-                g = next(it)
-                res.append(torch.zeros_like(t) if g is None else g)
-            else:
-                res.append(None)
-        return (*res, None, None, None, None)
-
-
 def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size):
     name = "mamba_chunk_scan_combined_triton"
     if x.dim() != 4:
@@ -418,11 +361,12 @@ def mamba_chunk_scan_combined_triton(
     (batch, L, ngroups, dstate); D: (nheads,) or (nheads, headdim); initial_states:
     (batch, nheads, headdim, dstate); seq_idx: (batch, L) int. Returns y (batch, L, nheads, headdim) in
     x's dtype and, with ``return_final_states``, the final states fp32 (fp64 for fp64 x).
-    Forward in Triton; backward recomputes with ssm_core's PyTorch SSD under autograd (see module doc).
+    Forward only: the result carries no autograd graph (ssm_core adds the backward, see module doc).
     """
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size)
-    y, final = MambaChunkScanCombinedTritonFn.apply(
-        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, int(chunk_size), bool(dt_softplus),
-        (float(dt_limit[0]), float(dt_limit[1])),
-    )
+    with torch.no_grad():
+        y, final = _ssd_forward(
+            x, dt, A, B, C, int(chunk_size), D, z, dt_bias, initial_states, seq_idx, bool(dt_softplus),
+            (float(dt_limit[0]), float(dt_limit[1])),
+        )
     return (y, final) if return_final_states else y
