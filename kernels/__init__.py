@@ -1,0 +1,17 @@
+"""hiss.kernels: optional compiled fast paths (built on first use, never at import).
+
+``kernels.cpu`` holds the C++ CPU selective scan; ``kernels.cpu.available()`` tells whether it
+could be built here. Nothing heavy is imported until a submodule is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["cpu"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,216 @@
+"""Compiled CPU selective scan (Mamba-1), forward and backward.
+
+The C++ source ``csrc/selective_scan_cpu.cpp`` is compiled with ``torch.utils.cpp_extension.load``
+the first time it is needed and cached under ``$HISS_KERNEL_CACHE`` (default
+``~/.cache/hiss/kernels``) in a folder named by a hash of the source, the flags, torch's and
+Python's versions, so a later process just loads the built module. Importing this module never
+compiles and never raises: ``available()`` tries the build once and, on failure (no compiler, no
+ninja, a compile error, ``HISS_DISABLE_KERNELS=1``), returns False and keeps the reason in
+``unavailable_reason()``.
+
+``selective_scan_cpu`` has the signature, semantics and return values of
+``ssm_core.ops.selective_scan.selective_scan`` and is differentiable in every input (the initial
+state included) and through the returned last state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "load",
+    "build_dir",
+    "selective_scan_cpu",
+    "DEFAULT_CHUNK",
+]
+
+_SRC = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
+# No -ffast-math / -march=native: exp and softplus keep IEEE semantics, and the cached build is not
+# tied to the build host's CPU. The AVX2+FMA variant is selected at run time inside the module.
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-fno-math-errno"]
+_LDFLAGS = ["-fopenmp"]
+
+# Time steps between saved states: memory for backward is (batch, dim, L / DEFAULT_CHUNK, N).
+DEFAULT_CHUNK = 64
+
+_lock = threading.Lock()
+_ext = None
+_reason: str | None = None
+_tried = False
+
+
+def _key() -> str:
+    h = hashlib.sha256()
+    h.update(_SRC.read_bytes())
+    for part in (torch.__version__, sys.version, platform.machine(), " ".join(_CFLAGS + _LDFLAGS)):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    """Folder holding the built module for this source / torch / Python."""
+    base = os.environ.get("HISS_KERNEL_CACHE") or os.path.join(Path.home(), ".cache", "hiss", "kernels")
+    return Path(base) / _key()
+
+
+def _build():
+    if os.environ.get("HISS_DISABLE_KERNELS", "").strip() not in ("", "0"):
+        raise RuntimeError("disabled by HISS_DISABLE_KERNELS")
+    if not _SRC.is_file():
+        raise RuntimeError(f"kernel source missing: {_SRC}")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler found (looked for {cxx!r}; set CXX or install g++)")
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is required to build the kernels (pip install ninja)")
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=f"hiss_selective_scan_cpu_{folder.name}",
+        sources=[str(_SRC)],
+        extra_cflags=list(_CFLAGS),
+        extra_ldflags=list(_LDFLAGS),
+        build_directory=str(folder),
+        with_cuda=False,
+        verbose=os.environ.get("HISS_KERNEL_VERBOSE", "") not in ("", "0"),
+    )
+
+
+def load():
+    """The compiled module (building it on first use); raises RuntimeError with the reason if it can't."""
+    global _ext, _reason, _tried
+    if _ext is not None:
+        return _ext
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _ext = _build()
+            except BaseException as exc:  # noqa: BLE001 - any failure means "not available"
+                if isinstance(exc, KeyboardInterrupt):
+                    _tried = False
+                    raise
+                msg = f"{type(exc).__name__}: {exc}".strip()
+                _reason = msg if len(msg) <= 4000 else "..." + msg[-4000:]
+    if _ext is None:
+        raise RuntimeError(f"hiss CPU kernels unavailable: {_reason}")
+    return _ext
+
+
+def available() -> bool:
+    """True when the compiled kernels can be used here (builds them on first call)."""
+    try:
+        load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` returned False (None if it returned True or was never asked)."""
+    return _reason
+
+
+def _comp_dtype(u: Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _cvt(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.detach().to(dtype).contiguous()
+
+
+def _back(g: Tensor | None, meta: tuple | None) -> Tensor | None:
+    return None if (g is None or meta is None) else g.to(meta[0])
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+        ext = load()
+        comp = _comp_dtype(u)
+        B4 = B if B.dim() == 4 else B.unsqueeze(1)
+        C4 = C if C.dim() == 4 else C.unsqueeze(1)
+        args = [_cvt(t, comp) for t in (u, delta, A, B4, C4, D, z, delta_bias)]
+        h0 = _cvt(initial_state, comp)
+        out, last, cst = ext.fwd(*args, delta_softplus, h0, chunk)
+        ctx.save_for_backward(*args, cst)
+        ctx.delta_softplus, ctx.chunk, ctx.comp = delta_softplus, chunk, comp
+        # (dtype, rank) of each input, to hand gradients back in the caller's dtypes and shapes
+        ctx.meta = tuple(
+            None if t is None else (t.dtype, t.dim()) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        )
+        return out.to(u.dtype), last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        ext = load()
+        *args, cst = ctx.saved_tensors
+        comp = ctx.comp
+        dout = torch.zeros_like(args[0]) if dout is None else dout.to(comp).contiguous()
+        dlast = None if dlast is None else dlast.to(comp).contiguous()
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = ext.bwd(
+            *args, ctx.delta_softplus, cst, dout, dlast, ctx.chunk
+        )
+        u, delta, A, B, C, D, z, bias, h0 = ctx.meta
+        if B[1] == 3:
+            dB = dB.squeeze(1)
+        if C[1] == 3:
+            dC = dC.squeeze(1)
+        grads = (
+            _back(du, u), _back(ddelta, delta), _back(dA, A), _back(dB, B), _back(dC, C),
+            _back(dD, D), _back(dz, z), _back(dbias, bias), _back(dh0, h0),
+        )
+        grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:9]))
+        return (*grads, None, None)
+
+
+def selective_scan_cpu(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Tensor | None = None,
+    *,
+    chunk_len: int | None = None,
+):
+    """Compiled CPU twin of ``ssm_core.ops.selective_scan.selective_scan`` (same arguments, same results).
+
+    Computes in fp32 (fp64 for fp64 ``u``); ``out`` comes back in u's dtype, ``last_state`` in the
+    compute dtype. ``chunk_len`` is the spacing of the states saved for backward.
+    Raises RuntimeError if the kernels can't be built here (check ``available()`` first).
+    """
+    # ssm_core validates every argument before dispatching here; direct callers get the basic checks
+    if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1] or B.dim() not in (3, 4):
+        raise ValueError(
+            f"selective_scan_cpu: expected u, delta (batch, dim, L), A (dim, N), B/C (batch, [G,] N, L); got "
+            f"{tuple(u.shape)}, {tuple(delta.shape)}, {tuple(A.shape)}, {tuple(B.shape)}"
+        )
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        raise ValueError("selective_scan_cpu: all tensors must be on the CPU")
+    chunk = int(chunk_len or DEFAULT_CHUNK)
+    if chunk <= 0:
+        raise ValueError(f"selective_scan_cpu: chunk_len must be positive, got {chunk_len}")
+    out, last = _SelectiveScanCPU.apply(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk
+    )
+    return (out, last) if return_last_state else out

@@ -1,0 +1,874 @@
+// Mamba-1 selective scan, CPU forward + backward (hiss kernels).
+//
+//   dt_t  = softplus(delta_t + bias)            (when delta_softplus; torch's threshold 20)
+//   h_t   = exp(dt_t A) * h_{t-1} + dt_t u_t B_t   (per batch b, channel d, state n)
+//   y_t   = <C_t, h_t> + D u_t ;  y_t *= silu(z_t) when z is given
+//
+// Layout inside the kernel: u/delta/z/out (batch, dim, L); B/C are re-laid out by the entry points
+// to (batch, G, L, Np) (time-major, N padded with zeros to a multiple of the SIMD width W) so the
+// inner loop over the state dimension is unit-stride and whole vectors; A is padded to (dim, Np).
+// Padded lanes carry A=0, B=C=0, h=0 and never leak into results.
+//
+// Parallelism: at::parallel_for over the batch*dim channels; each task owns a contiguous channel
+// range and walks time chunk by chunk, visiting every channel of its range inside a chunk, so the
+// chunk's B/C rows (and dB/dC rows in backward) stay in L1/L2 while the channels of a group reuse
+// them. Per-channel carries (state in forward, adjoint in backward) live in a (range, Np) buffer.
+//
+// Forward saves only the state at the start of each chunk: chunk_states (batch, dim, nchunks, Np).
+// Backward walks chunks in reverse; per channel it recomputes the chunk's states (and decays) from
+// the saved chunk-start state into a (chunk+1, Np) scratch, then runs the adjoint recurrence back
+// through the chunk.  Reductions:
+//   * dA, dD, dbias: per-channel fp64 partials (batch, dim, ...) written without races, summed over
+//     batch afterwards (deterministic).
+//   * dB, dC (batch, G, L, Np): a task writes straight into the output rows of every (batch, group)
+//     whose channels it owns entirely; for a group shared with another task (at most two per task,
+//     at the ends of its range) it accumulates into a private (L, Np) buffer, and the buffers are
+//     added in after the parallel region in task order (deterministic for a fixed thread count).
+// No (batch, dim, L, N) tensor is ever formed.
+//
+// SIMD: GCC vector extensions (32-byte vectors: 8 floats / 4 doubles) with our own exp/softplus
+// (Cephes-style range reduction + polynomial, ~1-2 ulp), compiled twice: for the baseline x86-64
+// target and with target("avx2,fma"), picked at run time (set_isa() overrides, for tests). No
+// -ffast-math: IEEE semantics are kept; only fp contraction (fma) is allowed.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define HISS_INLINE inline __attribute__((always_inline))
+
+namespace hiss {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+typedef uint64_t v4ul __attribute__((vector_size(32)));
+
+template <typename T>
+struct VT;
+template <>
+struct VT<float> {
+  typedef v8f V;
+  typedef v8i VI;
+  static constexpr int W = 8;
+};
+template <>
+struct VT<double> {
+  typedef v4d V;
+  typedef v4l VI;
+  static constexpr int W = 4;
+};
+
+// Unaligned loads/stores through element-aligned vector types. (Not memcpy: that is a char access
+// that may alias anything, which made GCC reload the argument struct after every store.)
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
+typedef double v4d_u __attribute__((vector_size(32), aligned(8)));
+template <typename V>
+struct Unaligned;
+template <>
+struct Unaligned<v8f> {
+  typedef v8f_u type;
+};
+template <>
+struct Unaligned<v4d> {
+  typedef v4d_u type;
+};
+template <typename V, typename P>
+HISS_INLINE V vload(const P* p) {
+  return *reinterpret_cast<const typename Unaligned<V>::type*>(p);
+}
+template <typename V, typename P>
+HISS_INLINE void vstore(P* p, V v) {
+  *reinterpret_cast<typename Unaligned<V>::type*>(p) = v;
+}
+template <typename V>
+struct Splat;
+template <>
+struct Splat<v8f> {
+  static HISS_INLINE v8f make(float s) {
+    v8f x = {};
+    x[0] = s;
+    return __builtin_shufflevector(x, x, 0, 0, 0, 0, 0, 0, 0, 0);  // GCC turns {s,...,s} into inserts
+  }
+};
+template <>
+struct Splat<v4d> {
+  static HISS_INLINE v4d make(double s) {
+    v4d x = {};
+    x[0] = s;
+    return __builtin_shufflevector(x, x, 0, 0, 0, 0);
+  }
+};
+// broadcast a scalar (converted to the lane type) to all lanes
+template <typename V, typename S>
+HISS_INLINE V splat(S s) {
+  typedef std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>> E;
+  return Splat<V>::make(static_cast<E>(s));
+}
+
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v2d __attribute__((vector_size(16)));
+
+// Horizontal sums as halving shuffles (extract + add, movhl + add, shuffle + add).
+HISS_INLINE float hsum(v8f v) {
+  v4f s = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  s = s + __builtin_shufflevector(s, s, 2, 3, 2, 3);
+  return s[0] + s[1];
+}
+HISS_INLINE double hsum(v4d v) {
+  v2d s = __builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3);
+  return s[0] + s[1];
+}
+
+// ---- exp ---------------------------------------------------------------------------------------
+// Range reduction x = n ln2 + r (|r| <= ln2/2, ln2 split in two so n*C1 is exact), n rounded with
+// the 1.5*2^p "magic" add (its low mantissa bits then hold n), polynomial for exp(r), scale by 2^n
+// built in the exponent bits. Results below the smallest normal flush to 0; overflow gives +inf
+// (slightly early: above 88.376 in fp32, 709.09 in fp64); NaN propagates. Arguments outside
+// [lo, hi] are not clamped: their lanes produce garbage (possibly NaN/inf, never denormals) that the
+// final selects replace, which is cheaper than clamping first.
+HISS_INLINE v8f vexp(v8f x) {
+  const v8f hi = splat<v8f>(88.3762626647949f), lo = splat<v8f>(-87.3365447505531f);
+  const v8f magic = splat<v8f>(12582912.0f);  // 1.5 * 2^23
+  const v8f xc = x;  // no clamp: lanes outside [lo, hi] compute garbage that the selects below replace
+  v8f fm = xc * 1.44269504088896341f + magic;
+  v8f fx = fm - magic;
+  v8f r = xc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  v8f p = splat<v8f>(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r + 1.0f;  // 1 + r + r^2 P(r), Horner with fma
+  p = p * r + 1.0f;
+  v8u n = (v8u)fm - (v8u)magic;  // two's complement n in 32 bits
+  v8u bits = (n + 127u) << 23;
+  v8f res = p * (v8f)bits;
+  res = x < lo ? splat<v8f>(0.0f) : res;
+  res = x > hi ? splat<v8f>(std::numeric_limits<float>::infinity()) : res;
+  return res;
+}
+
+HISS_INLINE v4d vexp(v4d x) {
+  const v4d hi = splat<v4d>(709.08956571282405), lo = splat<v4d>(-708.39641853226408);
+  const v4d magic = splat<v4d>(6755399441055744.0);  // 1.5 * 2^52
+  const v4d xc = x;
+  v4d fm = xc * 1.4426950408889634073599 + magic;
+  v4d fx = fm - magic;
+  v4d r = xc - fx * 6.93145751953125E-1;
+  r = r - fx * 1.42860682030941723212E-6;
+  // Taylor to degree 13: truncation < 5e-18 for |r| <= ln2/2.
+  v4d p = splat<v4d>(1.0 / 6227020800.0);
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  v4ul n = (v4ul)fm - (v4ul)magic;
+  v4ul bits = (n + (uint64_t)1023) << 52;
+  v4d res = p * (v4d)bits;
+  res = x < lo ? splat<v4d>(0.0) : res;
+  res = x > hi ? splat<v4d>(std::numeric_limits<double>::infinity()) : res;
+  return res;
+}
+
+// log1p(e) for e in [0, 1] as 2 atanh(s), s = e / (2 + e) in [0, 1/3]: odd series in s, no log needed.
+template <typename V>
+HISS_INLINE V log1p_unit(V e);
+template <>
+HISS_INLINE v8f log1p_unit(v8f e) {
+  v8f s = e / (2.0f + e);
+  v8f s2 = s * s;
+  v8f p = splat<v8f>(1.0f / 15.0f);
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+template <>
+HISS_INLINE v4d log1p_unit(v4d e) {
+  v4d s = e / (2.0 + e);
+  v4d s2 = s * s;
+  v4d p = splat<v4d>(1.0 / 35.0);
+  for (int k = 16; k >= 0; --k) p = p * s2 + 1.0 / (2 * k + 1);
+  return 2.0 * s * p;
+}
+
+// torch.nn.functional.softplus (beta 1, threshold 20): x > 20 ? x : log1p(exp(x)).
+template <typename V>
+HISS_INLINE V vsoftplus(V x) {
+  V zero = {};
+  V ax = x < zero ? -x : x;
+  V e = vexp(-ax);
+  V r = (x > zero ? x : zero) + log1p_unit(e);
+  return x > splat<V>(20) ? x : r;
+}
+// logistic sigmoid, stable on both sides.
+template <typename V>
+HISS_INLINE V vsigmoid(V x) {
+  V zero = {};
+  V ax = x < zero ? -x : x;
+  V e = vexp(-ax);
+  V one = splat<V>(1);
+  V inv = one / (one + e);
+  return x >= zero ? inv : e * inv;
+}
+// d softplus / dx as torch computes it: 1 above the threshold, sigmoid below.
+template <typename V>
+HISS_INLINE V vsoftplus_grad(V x) {
+  return x > splat<V>(20) ? splat<V>(1) : vsigmoid(x);
+}
+
+// ---- arguments ---------------------------------------------------------------------------------
+template <typename T>
+struct BwdPartial {
+  int64_t begin = 0, bg = 0;
+  std::vector<T> dB, dC;
+};
+
+template <typename T>
+struct Args {
+  int64_t batch = 0, dim = 0, L = 0, N = 0, Np = 0, G = 0, dpg = 0, chunk = 0, nchunks = 0, nv = 0, Tp = 0;
+  bool softplus = false;
+  const T *u = nullptr, *delta = nullptr, *A = nullptr, *B = nullptr, *C = nullptr, *D = nullptr;
+  const T *z = nullptr, *bias = nullptr, *h0 = nullptr;
+  T *out = nullptr, *last = nullptr, *cst = nullptr;
+  // backward
+  const T *dout = nullptr, *dlast = nullptr;
+  T *du = nullptr, *ddelta = nullptr, *dz = nullptr, *dinit = nullptr, *dB = nullptr, *dC = nullptr;
+  double *dA_c = nullptr, *dD_c = nullptr, *dbias_c = nullptr;  // per channel (batch*dim[, Np])
+  std::vector<BwdPartial<T>>* partials = nullptr;
+  std::mutex* mu = nullptr;
+};
+
+// Load len values (zero padded to Tp) into a scratch buffer.
+template <typename T>
+HISS_INLINE void load_padded(T* dst, const T* src, int64_t len, int64_t Tp) {
+  std::memcpy(dst, src, sizeof(T) * len);
+  for (int64_t i = len; i < Tp; ++i) dst[i] = T(0);
+}
+
+// dt and dt*u for one chunk of one channel, vectorized over time.
+template <typename T>
+HISS_INLINE void discretize(int64_t Tp, bool softplus, const T* xd, const T* xu, T bias, T* dt, T* dtu) {
+  typedef typename VT<T>::V V;
+  constexpr int W = VT<T>::W;
+  for (int64_t i = 0; i < Tp; i += W) {
+    V x = vload<V>(xd + i) + bias;
+    if (softplus) x = vsoftplus(x);
+    vstore(dt + i, x);
+    vstore(dtu + i, x * vload<V>(xu + i));
+  }
+}
+
+// ---- forward -----------------------------------------------------------------------------------
+template <typename T, int NV>
+HISS_INLINE void fwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
+  typedef typename VT<T>::V V;
+  constexpr int W = VT<T>::W;
+  constexpr bool S = NV > 0;
+  const int nv = S ? NV : (int)a.nv;
+  const int64_t Np = a.Np, L = a.L, Tp = a.Tp, nch = end - begin;
+  // flags and pointers as locals: provably unchanged by the stores in the loops
+  const bool sp = a.softplus;
+  const T *const zp = a.z, *const Dp = a.D, *const biasp = a.bias;
+
+  std::vector<T> hst((size_t)(nch * Np));
+  for (int64_t c = begin; c < end; ++c) {
+    T* h = hst.data() + (c - begin) * Np;
+    if (a.h0)
+      std::memcpy(h, a.h0 + c * Np, sizeof(T) * Np);
+    else
+      std::fill(h, h + Np, T(0));
+  }
+  std::vector<T> buf((size_t)(6 * Tp));
+  T *xu = buf.data(), *xd = xu + Tp, *xz = xd + Tp, *dt = xz + Tp, *dtu = dt + Tp, *yb = dtu + Tp;
+
+  for (int64_t k = 0; k < a.nchunks; ++k) {
+    const int64_t t0 = k * a.chunk, len = std::min(a.chunk, L - t0);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t d = c % a.dim, bg = c / a.dpg;
+      T* hmem = hst.data() + (c - begin) * Np;
+      std::memcpy(a.cst + (c * a.nchunks + k) * Np, hmem, sizeof(T) * Np);
+      load_padded(xu, a.u + c * L + t0, len, Tp);
+      load_padded(xd, a.delta + c * L + t0, len, Tp);
+      discretize(Tp, sp, xd, xu, biasp ? biasp[d] : T(0), dt, dtu);
+
+      const T* Ar = a.A + d * Np;
+      const T* Bt = a.B + (bg * L + t0) * Np;
+      const T* Ct = a.C + (bg * L + t0) * Np;
+      V hl[S ? NV : 1], Al[S ? NV : 1];
+      if (S)
+        for (int j = 0; j < nv; ++j) {
+          hl[j] = vload<V>(hmem + j * W);
+          Al[j] = vload<V>(Ar + j * W);
+        }
+      for (int64_t t = 0; t < len; ++t) {
+        const V dtv = splat<V>(dt[t]), duv = splat<V>(dtu[t]);
+        V yacc = {};
+        for (int j = 0; j < nv; ++j) {
+          V Aj = S ? Al[j] : vload<V>(Ar + j * W);
+          V hj = S ? hl[j] : vload<V>(hmem + j * W);
+          V dA = vexp(dtv * Aj);
+          hj = dA * hj + duv * vload<V>(Bt + t * Np + j * W);
+          yacc += vload<V>(Ct + t * Np + j * W) * hj;
+          if (S)
+            hl[j] = hj;
+          else
+            vstore(hmem + j * W, hj);
+        }
+        yb[t] = hsum(yacc);
+      }
+      if (S)
+        for (int j = 0; j < nv; ++j) vstore(hmem + j * W, hl[j]);
+
+      // y = (y + D u) * silu(z), vectorized over time
+      const T Dd = Dp ? Dp[d] : T(0);
+      if (zp) load_padded(xz, zp + c * L + t0, len, Tp);
+      for (int64_t i = 0; i < Tp; i += W) {
+        V y = vload<V>(yb + i) + Dd * vload<V>(xu + i);
+        if (zp) {
+          V zz = vload<V>(xz + i);
+          y = y * (zz * vsigmoid(zz));
+        }
+        vstore(yb + i, y);
+      }
+      std::memcpy(a.out + c * L + t0, yb, sizeof(T) * len);
+    }
+  }
+  std::memcpy(a.last + begin * Np, hst.data(), sizeof(T) * nch * Np);
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+template <typename T, int NV>
+HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
+  typedef typename VT<T>::V V;
+  constexpr int W = VT<T>::W;
+  constexpr bool S = NV > 0;
+  const int nv = S ? NV : (int)a.nv;
+  const int64_t Np = a.Np, L = a.L, Tp = a.Tp, nch = end - begin;
+  // flags and pointers as locals: provably unchanged by the stores in the loops
+  const bool sp = a.softplus;
+  const T *const zp = a.z, *const Dp = a.D, *const biasp = a.bias;
+
+  // dB/dC targets per (batch, group) touched by this range.
+  const int64_t bg0 = begin / a.dpg, bg1 = (end - 1) / a.dpg;
+  std::vector<BwdPartial<T>> mine;
+  std::vector<T*> tB((size_t)(bg1 - bg0 + 1)), tC((size_t)(bg1 - bg0 + 1));
+  mine.reserve(2);
+  for (int64_t bg = bg0; bg <= bg1; ++bg) {
+    const bool full = bg * a.dpg >= begin && (bg + 1) * a.dpg <= end;
+    if (full) {
+      tB[bg - bg0] = a.dB + bg * L * Np;
+      tC[bg - bg0] = a.dC + bg * L * Np;
+    } else {
+      mine.emplace_back();
+      BwdPartial<T>& p = mine.back();
+      p.begin = begin;
+      p.bg = bg;
+      p.dB.assign((size_t)(L * Np), T(0));
+      p.dC.assign((size_t)(L * Np), T(0));
+      tB[bg - bg0] = p.dB.data();
+      tC[bg - bg0] = p.dC.data();
+    }
+  }
+
+  std::vector<T> gst((size_t)(nch * Np));  // adjoint carries dL/dh
+  for (int64_t c = begin; c < end; ++c) {
+    T* g = gst.data() + (c - begin) * Np;
+    if (a.dlast)
+      std::memcpy(g, a.dlast + c * Np, sizeof(T) * Np);
+    else
+      std::fill(g, g + Np, T(0));
+  }
+  std::vector<T> buf((size_t)(12 * Tp + (2 * Tp + 1) * Np));
+  T *xu = buf.data(), *xd = xu + Tp, *xz = xd + Tp, *xo = xz + Tp, *dt = xo + Tp, *dtu = dt + Tp;
+  T *yb = dtu + Tp, *dy = yb + Tp, *sgB = dy + Tp, *sqA = sgB + Tp, *o1 = sqA + Tp, *o2 = o1 + Tp;
+  T* hs = o2 + Tp;       // (Tp + 1, Np): h_{t-1} at row t
+  T* as = hs + (Tp + 1) * Np;  // (Tp, Np): exp(dt_t A)
+
+  for (int64_t k = a.nchunks - 1; k >= 0; --k) {
+    const int64_t t0 = k * a.chunk, len = std::min(a.chunk, L - t0);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t d = c % a.dim, bg = c / a.dpg;
+      const T bias = biasp ? biasp[d] : T(0);
+      const T Dd = Dp ? Dp[d] : T(0);
+      load_padded(xu, a.u + c * L + t0, len, Tp);
+      load_padded(xd, a.delta + c * L + t0, len, Tp);
+      load_padded(xo, a.dout + c * L + t0, len, Tp);
+      if (zp) load_padded(xz, zp + c * L + t0, len, Tp);
+      discretize(Tp, sp, xd, xu, bias, dt, dtu);
+
+      const T* Ar = a.A + d * Np;
+      const T* Bt = a.B + (bg * L + t0) * Np;
+      const T* Ct = a.C + (bg * L + t0) * Np;
+      T* dBt = tB[bg - bg0] + t0 * Np;
+      T* dCt = tC[bg - bg0] + t0 * Np;
+      V Al[S ? NV : 1];
+      if (S)
+        for (int j = 0; j < nv; ++j) Al[j] = vload<V>(Ar + j * W);
+
+      // 1. recompute the chunk's states from the saved chunk-start state
+      std::memcpy(hs, a.cst + (c * a.nchunks + k) * Np, sizeof(T) * Np);
+      {
+        V hl[S ? NV : 1];
+        if (S)
+          for (int j = 0; j < nv; ++j) hl[j] = vload<V>(hs + j * W);
+        for (int64_t t = 0; t < len; ++t) {
+          const V dtv = splat<V>(dt[t]), duv = splat<V>(dtu[t]);
+          V yacc = {};
+          for (int j = 0; j < nv; ++j) {
+            V Aj = S ? Al[j] : vload<V>(Ar + j * W);
+            V hj = S ? hl[j] : vload<V>(hs + t * Np + j * W);
+            V dA = vexp(dtv * Aj);
+            hj = dA * hj + duv * vload<V>(Bt + t * Np + j * W);
+            vstore(as + t * Np + j * W, dA);
+            vstore(hs + (t + 1) * Np + j * W, hj);
+            if (zp) yacc += vload<V>(Ct + t * Np + j * W) * hj;
+            if (S) hl[j] = hj;
+          }
+          if (zp) yb[t] = hsum(yacc);
+        }
+      }
+
+      // 2. output gate and skip, vectorized over time (padded lanes have dout = 0)
+      {
+        V dDacc = {};
+        for (int64_t i = 0; i < Tp; i += W) {
+          V go = vload<V>(xo + i), uu = vload<V>(xu + i);
+          V g = go;
+          if (zp) {
+            V zz = vload<V>(xz + i), sg = vsigmoid(zz);
+            V yy = vload<V>(yb + i) + Dd * uu;
+            g = go * (zz * sg);
+            V one = splat<V>(1);
+            vstore(o1 + i, go * yy * (sg * (one + zz * (one - sg))));  // dz
+          }
+          vstore(dy + i, g);
+          dDacc += g * uu;
+        }
+        if (zp) std::memcpy(a.dz + c * L + t0, o1, sizeof(T) * len);
+        if (Dp) a.dD_c[c] += (double)hsum(dDacc);
+      }
+
+      // 3. adjoint recurrence backward through the chunk
+      {
+        T* gmem = gst.data() + (c - begin) * Np;
+        V gl[S ? NV : 1], dAl[S ? NV : 1];
+        std::vector<T> dAdyn;  // dynamic-N accumulators (only when !S); plain T: no over-aligned allocs
+        if (S) {
+          for (int j = 0; j < nv; ++j) {
+            gl[j] = vload<V>(gmem + j * W);
+            dAl[j] = V{};
+          }
+        } else {
+          dAdyn.assign((size_t)(nv * W), T(0));
+        }
+        for (int64_t t = len - 1; t >= 0; --t) {
+          const V dyv = splat<V>(dy[t]), duv = splat<V>(dtu[t]), dtv = splat<V>(dt[t]);
+          V vgb = {}, vqa = {};
+          for (int j = 0; j < nv; ++j) {
+            const int64_t o = t * Np + j * W;
+            V gj = S ? gl[j] : vload<V>(gmem + j * W);
+            V Aj = S ? Al[j] : vload<V>(Ar + j * W);
+            gj += dyv * vload<V>(Ct + o);
+            vstore(dCt + o, vload<V>(dCt + o) + dyv * vload<V>(hs + Np + o));
+            vstore(dBt + o, vload<V>(dBt + o) + gj * duv);
+            vgb += gj * vload<V>(Bt + o);
+            V aj = vload<V>(as + o);
+            V q = gj * aj * vload<V>(hs + o);
+            if (S)
+              dAl[j] += q * dtv;
+            else
+              vstore(dAdyn.data() + j * W, vload<V>(dAdyn.data() + j * W) + q * dtv);
+            vqa += q * Aj;
+            gj = aj * gj;
+            if (S)
+              gl[j] = gj;
+            else
+              vstore(gmem + j * W, gj);
+          }
+          sgB[t] = hsum(vgb);
+          sqA[t] = hsum(vqa);
+        }
+        for (int64_t t = len; t < Tp; ++t) sgB[t] = sqA[t] = T(0);
+        double* dAc = a.dA_c + c * Np;
+        for (int j = 0; j < nv; ++j) {
+          V v = S ? dAl[j] : vload<V>(dAdyn.data() + j * W);
+          for (int l = 0; l < W; ++l) dAc[j * W + l] += (double)v[l];
+          if (S) vstore(gmem + j * W, gl[j]);
+        }
+      }
+
+      // 4. du, ddelta (through softplus), dbias, vectorized over time
+      {
+        V dbacc = {};
+        for (int64_t i = 0; i < Tp; i += W) {
+          V gb = vload<V>(sgB + i);
+          V ddt = vload<V>(sqA + i) + vload<V>(xu + i) * gb;
+          vstore(o1 + i, vload<V>(dy + i) * Dd + vload<V>(dt + i) * gb);
+          if (sp) ddt = ddt * vsoftplus_grad(vload<V>(xd + i) + bias);
+          vstore(o2 + i, ddt);
+          dbacc += ddt;
+        }
+        std::memcpy(a.du + c * L + t0, o1, sizeof(T) * len);
+        std::memcpy(a.ddelta + c * L + t0, o2, sizeof(T) * len);
+        if (biasp) a.dbias_c[c] += (double)hsum(dbacc);
+      }
+    }
+  }
+  std::memcpy(a.dinit + begin * Np, gst.data(), sizeof(T) * nch * Np);
+  if (!mine.empty()) {
+    std::lock_guard<std::mutex> lock(*a.mu);
+    for (auto& p : mine) a.partials->push_back(std::move(p));
+  }
+}
+
+// ---- ISA variants ------------------------------------------------------------------------------
+template <typename T>
+HISS_INLINE void fwd_range_nv(const Args<T>& a, int64_t b, int64_t e) {
+  switch (a.nv) {
+    case 1: fwd_range_impl<T, 1>(a, b, e); break;
+    case 2: fwd_range_impl<T, 2>(a, b, e); break;
+    case 4: fwd_range_impl<T, 4>(a, b, e); break;
+    default: fwd_range_impl<T, 0>(a, b, e);
+  }
+}
+template <typename T>
+HISS_INLINE void bwd_range_nv(const Args<T>& a, int64_t b, int64_t e) {
+  switch (a.nv) {
+    case 1: bwd_range_impl<T, 1>(a, b, e); break;
+    case 2: bwd_range_impl<T, 2>(a, b, e); break;
+    case 4: bwd_range_impl<T, 4>(a, b, e); break;
+    default: bwd_range_impl<T, 0>(a, b, e);
+  }
+}
+
+void fwd_base_f32(const Args<float>& a, int64_t b, int64_t e) { fwd_range_nv<float>(a, b, e); }
+void fwd_base_f64(const Args<double>& a, int64_t b, int64_t e) { fwd_range_nv<double>(a, b, e); }
+void bwd_base_f32(const Args<float>& a, int64_t b, int64_t e) { bwd_range_nv<float>(a, b, e); }
+void bwd_base_f64(const Args<double>& a, int64_t b, int64_t e) { bwd_range_nv<double>(a, b, e); }
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HISS_HAVE_AVX2 1
+__attribute__((target("avx2,fma"))) void fwd_avx2_f32(const Args<float>& a, int64_t b, int64_t e) {
+  fwd_range_nv<float>(a, b, e);
+}
+__attribute__((target("avx2,fma"))) void fwd_avx2_f64(const Args<double>& a, int64_t b, int64_t e) {
+  fwd_range_nv<double>(a, b, e);
+}
+__attribute__((target("avx2,fma"))) void bwd_avx2_f32(const Args<float>& a, int64_t b, int64_t e) {
+  bwd_range_nv<float>(a, b, e);
+}
+__attribute__((target("avx2,fma"))) void bwd_avx2_f64(const Args<double>& a, int64_t b, int64_t e) {
+  bwd_range_nv<double>(a, b, e);
+}
+#else
+#define HISS_HAVE_AVX2 0
+#endif
+
+static std::string g_isa_request = "auto";
+
+static bool cpu_has_avx2() {
+#if HISS_HAVE_AVX2
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+std::string isa() {
+  if (g_isa_request == "base") return "base";
+  return cpu_has_avx2() ? "avx2" : "base";
+}
+
+void set_isa(const std::string& name) {
+  TORCH_CHECK(name == "auto" || name == "base" || name == "avx2", "set_isa: expected auto, base or avx2, got ", name);
+  TORCH_CHECK(name != "avx2" || cpu_has_avx2(), "set_isa: this CPU lacks AVX2/FMA");
+  g_isa_request = name;
+}
+
+template <typename T>
+using RangeFn = void (*)(const Args<T>&, int64_t, int64_t);
+
+template <typename T>
+RangeFn<T> pick(bool backward);
+template <>
+RangeFn<float> pick<float>(bool backward) {
+#if HISS_HAVE_AVX2
+  if (isa() == "avx2") return backward ? bwd_avx2_f32 : fwd_avx2_f32;
+#endif
+  return backward ? bwd_base_f32 : fwd_base_f32;
+}
+template <>
+RangeFn<double> pick<double>(bool backward) {
+#if HISS_HAVE_AVX2
+  if (isa() == "avx2") return backward ? bwd_avx2_f64 : fwd_avx2_f64;
+#endif
+  return backward ? bwd_base_f64 : fwd_base_f64;
+}
+
+// ---- entry points ------------------------------------------------------------------------------
+static int64_t simd_width(at::ScalarType st) { return st == at::kDouble ? 4 : 8; }
+
+struct Prepared {
+  int64_t batch, dim, L, N, Np, G, chunk, nchunks;
+  at::Tensor u, delta, A, B, C, D, z, bias;
+};
+
+static at::Tensor opt_check(const c10::optional<at::Tensor>& t, at::ScalarType st, const char* name,
+                            at::IntArrayRef shape) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->scalar_type() == st, name, ": dtype ", t->scalar_type(), " != ", st);
+  TORCH_CHECK(t->sizes() == shape, name, ": shape ", t->sizes(), " != ", shape);
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+  return t->contiguous();
+}
+
+static Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                        const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                        const c10::optional<at::Tensor>& bias, int64_t chunk) {
+  TORCH_CHECK(u.dim() == 3, "u must be (batch, dim, L)");
+  const auto st = u.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble, "selective_scan_cpu: float32 or float64 only, got ", st);
+  Prepared p;
+  p.batch = u.size(0);
+  p.dim = u.size(1);
+  p.L = u.size(2);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == p.dim, "A must be (dim, N)");
+  p.N = A.size(1);
+  TORCH_CHECK(B.dim() == 4 && C.dim() == 4, "B and C must be (batch, G, N, L)");
+  p.G = B.size(1);
+  TORCH_CHECK(p.G > 0 && p.dim % p.G == 0, "G must divide dim");
+  for (const at::Tensor* X : {&B, &C})
+    TORCH_CHECK(X->size(0) == p.batch && X->size(1) == p.G && X->size(2) == p.N && X->size(3) == p.L,
+                "B/C must be (batch, G, N, L) = (", p.batch, ", ", p.G, ", ", p.N, ", ", p.L, "), got ", X->sizes());
+  TORCH_CHECK(p.L > 0 && p.N > 0, "empty sequence or state");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  for (const at::Tensor* X : {&u, &delta, &A, &B, &C}) {
+    TORCH_CHECK(X->scalar_type() == st, "all inputs must share u's dtype ", st, ", got ", X->scalar_type());
+    TORCH_CHECK(X->device().is_cpu(), "inputs must be CPU tensors");
+  }
+  TORCH_CHECK(delta.sizes() == u.sizes(), "delta must match u");
+  const int64_t W = simd_width(st);
+  p.Np = (p.N + W - 1) / W * W;
+  p.chunk = std::min(chunk, p.L);
+  p.nchunks = (p.L + p.chunk - 1) / p.chunk;
+  p.u = u.contiguous();
+  p.delta = delta.contiguous();
+  p.A = at::constant_pad_nd(A, {0, p.Np - p.N}).contiguous();
+  // (batch, G, N, L) -> (batch, G, L, Np): time-major rows, zero padded state lanes.
+  p.B = at::constant_pad_nd(B.transpose(2, 3), {0, p.Np - p.N}).contiguous();
+  p.C = at::constant_pad_nd(C.transpose(2, 3), {0, p.Np - p.N}).contiguous();
+  p.D = opt_check(D, st, "D", {p.dim});
+  p.z = opt_check(z, st, "z", u.sizes());
+  p.bias = opt_check(bias, st, "delta_bias", {p.dim});
+  return p;
+}
+
+template <typename T>
+static Args<T> make_args(const Prepared& p, bool softplus) {
+  Args<T> a;
+  a.batch = p.batch;
+  a.dim = p.dim;
+  a.L = p.L;
+  a.N = p.N;
+  a.Np = p.Np;
+  a.G = p.G;
+  a.dpg = p.dim / p.G;
+  a.chunk = p.chunk;
+  a.nchunks = p.nchunks;
+  a.nv = p.Np / VT<T>::W;
+  a.Tp = (p.chunk + VT<T>::W - 1) / VT<T>::W * VT<T>::W;
+  a.softplus = softplus;
+  a.u = p.u.data_ptr<T>();
+  a.delta = p.delta.data_ptr<T>();
+  a.A = p.A.data_ptr<T>();
+  a.B = p.B.data_ptr<T>();
+  a.C = p.C.data_ptr<T>();
+  a.D = p.D.defined() ? p.D.data_ptr<T>() : nullptr;
+  a.z = p.z.defined() ? p.z.data_ptr<T>() : nullptr;
+  a.bias = p.bias.defined() ? p.bias.data_ptr<T>() : nullptr;
+  return a;
+}
+
+static at::Tensor pad_state(const c10::optional<at::Tensor>& s, const Prepared& p, at::ScalarType st, const char* name) {
+  if (!s.has_value() || !s->defined()) return at::Tensor();
+  TORCH_CHECK(s->scalar_type() == st, name, ": dtype ", s->scalar_type(), " != ", st);
+  TORCH_CHECK(s->dim() == 3 && s->size(0) == p.batch && s->size(1) == p.dim && s->size(2) == p.N, name,
+              " must be (batch, dim, N)");
+  return at::constant_pad_nd(*s, {0, p.Np - p.N}).contiguous();
+}
+
+static int64_t grain(const Prepared& p) {
+  // one task per thread in practice; at least a few channels each
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(1, (p.batch * p.dim + nthreads - 1) / nthreads);
+}
+
+std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                            const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                            const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
+                            bool delta_softplus, const c10::optional<at::Tensor>& initial_state, int64_t chunk) {
+  Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias, chunk);
+  const auto st = u.scalar_type();
+  at::Tensor h0 = pad_state(initial_state, p, st, "initial_state");
+  auto opts = u.options().dtype(st);
+  at::Tensor out = at::empty({p.batch, p.dim, p.L}, opts);
+  at::Tensor last = at::empty({p.batch, p.dim, p.Np}, opts);
+  at::Tensor cst = at::empty({p.batch, p.dim, p.nchunks, p.Np}, opts);
+  AT_DISPATCH_FLOATING_TYPES(st, "hiss_selective_scan_fwd", [&] {
+    Args<scalar_t> a = make_args<scalar_t>(p, delta_softplus);
+    a.h0 = h0.defined() ? h0.data_ptr<scalar_t>() : nullptr;
+    a.out = out.data_ptr<scalar_t>();
+    a.last = last.data_ptr<scalar_t>();
+    a.cst = cst.data_ptr<scalar_t>();
+    RangeFn<scalar_t> fn = pick<scalar_t>(false);
+    at::parallel_for(0, p.batch * p.dim, grain(p), [&](int64_t b, int64_t e) { fn(a, b, e); });
+  });
+  return {out, last.narrow(2, 0, p.N).contiguous(), cst};
+}
+
+std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                            const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                            const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
+                            bool delta_softplus, const at::Tensor& chunk_states, const at::Tensor& dout,
+                            const c10::optional<at::Tensor>& dlast_state, int64_t chunk) {
+  Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias, chunk);
+  const auto st = u.scalar_type();
+  TORCH_CHECK(chunk_states.scalar_type() == st && chunk_states.dim() == 4 && chunk_states.size(0) == p.batch &&
+                  chunk_states.size(1) == p.dim && chunk_states.size(2) == p.nchunks && chunk_states.size(3) == p.Np,
+              "chunk_states does not match the inputs / chunk (pass fwd's third output and the same chunk)");
+  TORCH_CHECK(dout.scalar_type() == st && dout.sizes() == u.sizes(), "dout must match u");
+  at::Tensor cst = chunk_states.contiguous();
+  at::Tensor go = dout.contiguous();
+  at::Tensor gl = pad_state(dlast_state, p, st, "dlast_state");
+  auto opts = u.options().dtype(st);
+  auto dopts = u.options().dtype(at::kDouble);
+  at::Tensor du = at::empty({p.batch, p.dim, p.L}, opts);
+  at::Tensor ddelta = at::empty({p.batch, p.dim, p.L}, opts);
+  at::Tensor dz = p.z.defined() ? at::empty({p.batch, p.dim, p.L}, opts) : at::Tensor();
+  at::Tensor dinit = at::empty({p.batch, p.dim, p.Np}, opts);
+  at::Tensor dB = at::zeros({p.batch, p.G, p.L, p.Np}, opts);
+  at::Tensor dC = at::zeros({p.batch, p.G, p.L, p.Np}, opts);
+  at::Tensor dA_c = at::zeros({p.batch, p.dim, p.Np}, dopts);
+  at::Tensor dD_c = at::zeros({p.batch, p.dim}, dopts);
+  at::Tensor dbias_c = at::zeros({p.batch, p.dim}, dopts);
+  AT_DISPATCH_FLOATING_TYPES(st, "hiss_selective_scan_bwd", [&] {
+    Args<scalar_t> a = make_args<scalar_t>(p, delta_softplus);
+    std::vector<BwdPartial<scalar_t>> partials;
+    std::mutex mu;
+    a.cst = cst.data_ptr<scalar_t>();
+    a.dout = go.data_ptr<scalar_t>();
+    a.dlast = gl.defined() ? gl.data_ptr<scalar_t>() : nullptr;
+    a.du = du.data_ptr<scalar_t>();
+    a.ddelta = ddelta.data_ptr<scalar_t>();
+    a.dz = dz.defined() ? dz.data_ptr<scalar_t>() : nullptr;
+    a.dinit = dinit.data_ptr<scalar_t>();
+    a.dB = dB.data_ptr<scalar_t>();
+    a.dC = dC.data_ptr<scalar_t>();
+    a.dA_c = dA_c.data_ptr<double>();
+    a.dD_c = dD_c.data_ptr<double>();
+    a.dbias_c = dbias_c.data_ptr<double>();
+    a.partials = &partials;
+    a.mu = &mu;
+    RangeFn<scalar_t> fn = pick<scalar_t>(true);
+    at::parallel_for(0, p.batch * p.dim, grain(p), [&](int64_t b, int64_t e) { fn(a, b, e); });
+    // shared (batch, group) rows: add the private partials in task order (deterministic)
+    std::sort(partials.begin(), partials.end(),
+              [](const BwdPartial<scalar_t>& x, const BwdPartial<scalar_t>& y) { return x.begin < y.begin; });
+    const int64_t n = p.L * p.Np;
+    for (const auto& part : partials) {
+      scalar_t* tb = a.dB + part.bg * n;
+      scalar_t* tc = a.dC + part.bg * n;
+      at::parallel_for(0, n, 4096, [&](int64_t b0, int64_t e0) {
+        for (int64_t i = b0; i < e0; ++i) {
+          tb[i] += part.dB[i];
+          tc[i] += part.dC[i];
+        }
+      });
+    }
+  });
+  at::Tensor dA = dA_c.sum(0).narrow(1, 0, p.N).to(st);
+  at::Tensor dBo = dB.narrow(3, 0, p.N).transpose(2, 3).contiguous();
+  at::Tensor dCo = dC.narrow(3, 0, p.N).transpose(2, 3).contiguous();
+  at::Tensor dD = p.D.defined() ? dD_c.sum(0).to(st) : at::Tensor();
+  at::Tensor dbias = p.bias.defined() ? dbias_c.sum(0).to(st) : at::Tensor();
+  return {du, ddelta, dA, dBo, dCo, dD, dz, dbias, dinit.narrow(2, 0, p.N).contiguous()};
+}
+
+// elementwise helpers exposed for accuracy tests: name in {exp, softplus, sigmoid, softplus_grad}
+at::Tensor elementwise(const std::string& name, const at::Tensor& x_) {
+  at::Tensor x = x_.contiguous();
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hiss_elementwise", [&] {
+    typedef typename VT<scalar_t>::V V;
+    constexpr int W = VT<scalar_t>::W;
+    const int64_t n = x.numel();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t tmp[W];
+    for (int64_t i = 0; i < n; i += W) {
+      const int64_t m = std::min<int64_t>(W, n - i);
+      for (int l = 0; l < W; ++l) tmp[l] = l < m ? xp[i + l] : scalar_t(0);
+      V v = vload<V>(tmp), r;
+      if (name == "exp")
+        r = vexp(v);
+      else if (name == "softplus")
+        r = vsoftplus(v);
+      else if (name == "sigmoid")
+        r = vsigmoid(v);
+      else if (name == "softplus_grad")
+        r = vsoftplus_grad(v);
+      else
+        TORCH_CHECK(false, "elementwise: unknown ", name);
+      vstore(tmp, r);
+      for (int l = 0; l < m; ++l) yp[i + l] = tmp[l];
+    }
+  });
+  return y;
+}
+
+}  // namespace hiss
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hiss: Mamba-1 selective scan CPU kernels (forward + backward)";
+  m.def("fwd", &hiss::fwd, "selective scan forward -> (out, last_state, chunk_states)", py::arg("u"),
+        py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
+        py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
+        py::arg("initial_state") = py::none(), py::arg("chunk") = 64);
+  m.def("bwd", &hiss::bwd,
+        "selective scan backward -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)", py::arg("u"),
+        py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
+        py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
+        py::arg("chunk_states"), py::arg("dout"), py::arg("dlast_state") = py::none(), py::arg("chunk") = 64);
+  m.def("isa", &hiss::isa, "instruction set the kernels run with: 'avx2' or 'base'");
+  m.def("set_isa", &hiss::set_isa, "force 'base' or 'avx2', or 'auto' (default)");
+  m.def("elementwise", &hiss::elementwise, "vector exp/softplus/sigmoid/softplus_grad (tests)");
+}
