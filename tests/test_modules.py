@@ -9,14 +9,7 @@ import torch.nn.functional as F
 import ssm_core
 from ssm_core import Bidirectional, Mamba, Mamba2, MambaConfig, MambaLMHeadModel
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and robust on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def softplus_in(bias: torch.Tensor, lo: float, hi: float) -> bool:

@@ -24,13 +24,7 @@ from ssm_core import MambaConfig, MambaLMHeadModel
 TOL = 1e-4  # fp32 logits / outputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and robust on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> None:

@@ -24,13 +24,7 @@ KINDS = list(CONFIGS)
 TOLS = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and robust on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 L = 29
 SPLITS = {
