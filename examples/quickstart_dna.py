@@ -68,6 +68,7 @@ class DNALM(pl.LightningModule):
 @torch.no_grad()
 def bits_per_base(model: MambaLMHeadModel, tokens: torch.Tensor, chunk: int = 4096) -> float:
     """Exact log-likelihood of one long sequence, read in chunks with the state carried across."""
+    was_training = model.training
     model.eval()
     state, nll = None, 0.0
     for s in range(0, len(tokens) - 1, chunk):
@@ -76,6 +77,7 @@ def bits_per_base(model: MambaLMHeadModel, tokens: torch.Tensor, chunk: int = 40
         out = model(x[:, : len(y)], state=state, return_state=True)
         state = out.state
         nll += F.cross_entropy(out.logits[0, :, :5], y, reduction="sum").item()
+    model.train(was_training)
     return nll / (len(tokens) - 1) / math.log(2)
 
 
