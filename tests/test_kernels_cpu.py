@@ -251,3 +251,15 @@ def test_disabled_by_env(monkeypatch):
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HISS_KERNEL_CACHE", str(tmp_path))
     assert kcpu.build_dir().parent == tmp_path
+
+
+@pytest.mark.parametrize("block", [1, 10, 16])
+def test_time_blocks(ext, block):
+    """Loop order (time blocks x channels x chunks) is a tuning knob only: same results for any block."""
+    old = ext.time_block()
+    ext.set_time_block(block)
+    try:
+        x = make(3, 5, 37, 4, 1, torch.float64)
+        compare(x, True, torch.float64, 1e-10, chunk_len=5)  # blocks of 1-3 chunks, a ragged last one
+    finally:
+        ext.set_time_block(old)

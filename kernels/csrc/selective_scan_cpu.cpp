@@ -10,9 +10,10 @@
 // Padded lanes carry A=0, B=C=0, h=0 and never leak into results.
 //
 // Parallelism: at::parallel_for over the batch*dim channels; each task owns a contiguous channel
-// range and walks time chunk by chunk, visiting every channel of its range inside a chunk, so the
-// chunk's B/C rows (and dB/dC rows in backward) stay in L1/L2 while the channels of a group reuse
-// them. Per-channel carries (state in forward, adjoint in backward) live in a (range, Np) buffer.
+// range and walks time in blocks of ~1024 steps (set_time_block), visiting every channel of its
+// range inside a block: the block's B/C rows (and dB/dC rows in backward) stay in L2 while the
+// channels of a group reuse them, and each channel reads its u/delta/z rows as contiguous runs.
+// Per-channel carries (state in forward, adjoint in backward) live in a (range, Np) buffer.
 //
 // Forward saves only the state at the start of each chunk: chunk_states (batch, dim, nchunks, Np).
 // Backward walks chunks in reverse; per channel it recomputes the chunk's states (and decays) from
@@ -255,6 +256,7 @@ struct BwdPartial {
 template <typename T>
 struct Args {
   int64_t batch = 0, dim = 0, L = 0, N = 0, Np = 0, G = 0, dpg = 0, chunk = 0, nchunks = 0, nv = 0, Tp = 0;
+  int64_t kblock = 1;  // chunks per time block (loop order: block, channel, chunk)
   bool softplus = false;
   const T *u = nullptr, *delta = nullptr, *A = nullptr, *B = nullptr, *C = nullptr, *D = nullptr;
   const T *z = nullptr, *bias = nullptr, *h0 = nullptr;
@@ -310,56 +312,59 @@ HISS_INLINE void fwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
   std::vector<T> buf((size_t)(6 * Tp));
   T *xu = buf.data(), *xd = xu + Tp, *xz = xd + Tp, *dt = xz + Tp, *dtu = dt + Tp, *yb = dtu + Tp;
 
-  for (int64_t k = 0; k < a.nchunks; ++k) {
-    const int64_t t0 = k * a.chunk, len = std::min(a.chunk, L - t0);
+  for (int64_t kb = 0; kb < a.nchunks; kb += a.kblock) {  // time blocks
+    const int64_t ke = std::min(a.nchunks, kb + a.kblock);
     for (int64_t c = begin; c < end; ++c) {
-      const int64_t d = c % a.dim, bg = c / a.dpg;
-      T* hmem = hst.data() + (c - begin) * Np;
-      std::memcpy(a.cst + (c * a.nchunks + k) * Np, hmem, sizeof(T) * Np);
-      load_padded(xu, a.u + c * L + t0, len, Tp);
-      load_padded(xd, a.delta + c * L + t0, len, Tp);
-      discretize(Tp, sp, xd, xu, biasp ? biasp[d] : T(0), dt, dtu);
+      for (int64_t k = kb; k < ke; ++k) {
+        const int64_t t0 = k * a.chunk, len = std::min(a.chunk, L - t0);
+        const int64_t d = c % a.dim, bg = c / a.dpg;
+        T* hmem = hst.data() + (c - begin) * Np;
+        std::memcpy(a.cst + (c * a.nchunks + k) * Np, hmem, sizeof(T) * Np);
+        load_padded(xu, a.u + c * L + t0, len, Tp);
+        load_padded(xd, a.delta + c * L + t0, len, Tp);
+        discretize(Tp, sp, xd, xu, biasp ? biasp[d] : T(0), dt, dtu);
 
-      const T* Ar = a.A + d * Np;
-      const T* Bt = a.B + (bg * L + t0) * Np;
-      const T* Ct = a.C + (bg * L + t0) * Np;
-      V hl[S ? NV : 1], Al[S ? NV : 1];
-      if (S)
-        for (int j = 0; j < nv; ++j) {
-          hl[j] = vload<V>(hmem + j * W);
-          Al[j] = vload<V>(Ar + j * W);
+        const T* Ar = a.A + d * Np;
+        const T* Bt = a.B + (bg * L + t0) * Np;
+        const T* Ct = a.C + (bg * L + t0) * Np;
+        V hl[S ? NV : 1], Al[S ? NV : 1];
+        if (S)
+          for (int j = 0; j < nv; ++j) {
+            hl[j] = vload<V>(hmem + j * W);
+            Al[j] = vload<V>(Ar + j * W);
+          }
+        for (int64_t t = 0; t < len; ++t) {
+          const V dtv = splat<V>(dt[t]), duv = splat<V>(dtu[t]);
+          V yacc = {};
+          for (int j = 0; j < nv; ++j) {
+            V Aj = S ? Al[j] : vload<V>(Ar + j * W);
+            V hj = S ? hl[j] : vload<V>(hmem + j * W);
+            V dA = vexp(dtv * Aj);
+            hj = dA * hj + duv * vload<V>(Bt + t * Np + j * W);
+            yacc += vload<V>(Ct + t * Np + j * W) * hj;
+            if (S)
+              hl[j] = hj;
+            else
+              vstore(hmem + j * W, hj);
+          }
+          yb[t] = hsum(yacc);
         }
-      for (int64_t t = 0; t < len; ++t) {
-        const V dtv = splat<V>(dt[t]), duv = splat<V>(dtu[t]);
-        V yacc = {};
-        for (int j = 0; j < nv; ++j) {
-          V Aj = S ? Al[j] : vload<V>(Ar + j * W);
-          V hj = S ? hl[j] : vload<V>(hmem + j * W);
-          V dA = vexp(dtv * Aj);
-          hj = dA * hj + duv * vload<V>(Bt + t * Np + j * W);
-          yacc += vload<V>(Ct + t * Np + j * W) * hj;
-          if (S)
-            hl[j] = hj;
-          else
-            vstore(hmem + j * W, hj);
-        }
-        yb[t] = hsum(yacc);
-      }
-      if (S)
-        for (int j = 0; j < nv; ++j) vstore(hmem + j * W, hl[j]);
+        if (S)
+          for (int j = 0; j < nv; ++j) vstore(hmem + j * W, hl[j]);
 
-      // y = (y + D u) * silu(z), vectorized over time
-      const T Dd = Dp ? Dp[d] : T(0);
-      if (zp) load_padded(xz, zp + c * L + t0, len, Tp);
-      for (int64_t i = 0; i < Tp; i += W) {
-        V y = vload<V>(yb + i) + Dd * vload<V>(xu + i);
-        if (zp) {
-          V zz = vload<V>(xz + i);
-          y = y * (zz * vsigmoid(zz));
+        // y = (y + D u) * silu(z), vectorized over time
+        const T Dd = Dp ? Dp[d] : T(0);
+        if (zp) load_padded(xz, zp + c * L + t0, len, Tp);
+        for (int64_t i = 0; i < Tp; i += W) {
+          V y = vload<V>(yb + i) + Dd * vload<V>(xu + i);
+          if (zp) {
+            V zz = vload<V>(xz + i);
+            y = y * (zz * vsigmoid(zz));
+          }
+          vstore(yb + i, y);
         }
-        vstore(yb + i, y);
+        std::memcpy(a.out + c * L + t0, yb, sizeof(T) * len);
       }
-      std::memcpy(a.out + c * L + t0, yb, sizeof(T) * len);
     }
   }
   std::memcpy(a.last + begin * Np, hst.data(), sizeof(T) * nch * Np);
@@ -413,133 +418,136 @@ HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
   T* hs = o2 + Tp;       // (Tp + 1, Np): h_{t-1} at row t
   T* as = hs + (Tp + 1) * Np;  // (Tp, Np): exp(dt_t A)
 
-  for (int64_t k = a.nchunks - 1; k >= 0; --k) {
-    const int64_t t0 = k * a.chunk, len = std::min(a.chunk, L - t0);
+  for (int64_t kend = a.nchunks; kend > 0; kend -= a.kblock) {  // time blocks, last first
+    const int64_t kb = std::max<int64_t>(0, kend - a.kblock);
     for (int64_t c = begin; c < end; ++c) {
-      const int64_t d = c % a.dim, bg = c / a.dpg;
-      const T bias = biasp ? biasp[d] : T(0);
-      const T Dd = Dp ? Dp[d] : T(0);
-      load_padded(xu, a.u + c * L + t0, len, Tp);
-      load_padded(xd, a.delta + c * L + t0, len, Tp);
-      load_padded(xo, a.dout + c * L + t0, len, Tp);
-      if (zp) load_padded(xz, zp + c * L + t0, len, Tp);
-      discretize(Tp, sp, xd, xu, bias, dt, dtu);
+      for (int64_t k = kend - 1; k >= kb; --k) {
+        const int64_t t0 = k * a.chunk, len = std::min(a.chunk, L - t0);
+        const int64_t d = c % a.dim, bg = c / a.dpg;
+        const T bias = biasp ? biasp[d] : T(0);
+        const T Dd = Dp ? Dp[d] : T(0);
+        load_padded(xu, a.u + c * L + t0, len, Tp);
+        load_padded(xd, a.delta + c * L + t0, len, Tp);
+        load_padded(xo, a.dout + c * L + t0, len, Tp);
+        if (zp) load_padded(xz, zp + c * L + t0, len, Tp);
+        discretize(Tp, sp, xd, xu, bias, dt, dtu);
 
-      const T* Ar = a.A + d * Np;
-      const T* Bt = a.B + (bg * L + t0) * Np;
-      const T* Ct = a.C + (bg * L + t0) * Np;
-      T* dBt = tB[bg - bg0] + t0 * Np;
-      T* dCt = tC[bg - bg0] + t0 * Np;
-      V Al[S ? NV : 1];
-      if (S)
-        for (int j = 0; j < nv; ++j) Al[j] = vload<V>(Ar + j * W);
-
-      // 1. recompute the chunk's states from the saved chunk-start state
-      std::memcpy(hs, a.cst + (c * a.nchunks + k) * Np, sizeof(T) * Np);
-      {
-        V hl[S ? NV : 1];
+        const T* Ar = a.A + d * Np;
+        const T* Bt = a.B + (bg * L + t0) * Np;
+        const T* Ct = a.C + (bg * L + t0) * Np;
+        T* dBt = tB[bg - bg0] + t0 * Np;
+        T* dCt = tC[bg - bg0] + t0 * Np;
+        V Al[S ? NV : 1];
         if (S)
-          for (int j = 0; j < nv; ++j) hl[j] = vload<V>(hs + j * W);
-        for (int64_t t = 0; t < len; ++t) {
-          const V dtv = splat<V>(dt[t]), duv = splat<V>(dtu[t]);
-          V yacc = {};
-          for (int j = 0; j < nv; ++j) {
-            V Aj = S ? Al[j] : vload<V>(Ar + j * W);
-            V hj = S ? hl[j] : vload<V>(hs + t * Np + j * W);
-            V dA = vexp(dtv * Aj);
-            hj = dA * hj + duv * vload<V>(Bt + t * Np + j * W);
-            vstore(as + t * Np + j * W, dA);
-            vstore(hs + (t + 1) * Np + j * W, hj);
-            if (zp) yacc += vload<V>(Ct + t * Np + j * W) * hj;
-            if (S) hl[j] = hj;
-          }
-          if (zp) yb[t] = hsum(yacc);
-        }
-      }
+          for (int j = 0; j < nv; ++j) Al[j] = vload<V>(Ar + j * W);
 
-      // 2. output gate and skip, vectorized over time (padded lanes have dout = 0)
-      {
-        V dDacc = {};
-        for (int64_t i = 0; i < Tp; i += W) {
-          V go = vload<V>(xo + i), uu = vload<V>(xu + i);
-          V g = go;
-          if (zp) {
-            V zz = vload<V>(xz + i), sg = vsigmoid(zz);
-            V yy = vload<V>(yb + i) + Dd * uu;
-            g = go * (zz * sg);
-            V one = splat<V>(1);
-            vstore(o1 + i, go * yy * (sg * (one + zz * (one - sg))));  // dz
+        // 1. recompute the chunk's states from the saved chunk-start state
+        std::memcpy(hs, a.cst + (c * a.nchunks + k) * Np, sizeof(T) * Np);
+        {
+          V hl[S ? NV : 1];
+          if (S)
+            for (int j = 0; j < nv; ++j) hl[j] = vload<V>(hs + j * W);
+          for (int64_t t = 0; t < len; ++t) {
+            const V dtv = splat<V>(dt[t]), duv = splat<V>(dtu[t]);
+            V yacc = {};
+            for (int j = 0; j < nv; ++j) {
+              V Aj = S ? Al[j] : vload<V>(Ar + j * W);
+              V hj = S ? hl[j] : vload<V>(hs + t * Np + j * W);
+              V dA = vexp(dtv * Aj);
+              hj = dA * hj + duv * vload<V>(Bt + t * Np + j * W);
+              vstore(as + t * Np + j * W, dA);
+              vstore(hs + (t + 1) * Np + j * W, hj);
+              if (zp) yacc += vload<V>(Ct + t * Np + j * W) * hj;
+              if (S) hl[j] = hj;
+            }
+            if (zp) yb[t] = hsum(yacc);
           }
-          vstore(dy + i, g);
-          dDacc += g * uu;
         }
-        if (zp) std::memcpy(a.dz + c * L + t0, o1, sizeof(T) * len);
-        if (Dp) a.dD_c[c] += (double)hsum(dDacc);
-      }
 
-      // 3. adjoint recurrence backward through the chunk
-      {
-        T* gmem = gst.data() + (c - begin) * Np;
-        V gl[S ? NV : 1], dAl[S ? NV : 1];
-        std::vector<T> dAdyn;  // dynamic-N accumulators (only when !S); plain T: no over-aligned allocs
-        if (S) {
-          for (int j = 0; j < nv; ++j) {
-            gl[j] = vload<V>(gmem + j * W);
-            dAl[j] = V{};
+        // 2. output gate and skip, vectorized over time (padded lanes have dout = 0)
+        {
+          V dDacc = {};
+          for (int64_t i = 0; i < Tp; i += W) {
+            V go = vload<V>(xo + i), uu = vload<V>(xu + i);
+            V g = go;
+            if (zp) {
+              V zz = vload<V>(xz + i), sg = vsigmoid(zz);
+              V yy = vload<V>(yb + i) + Dd * uu;
+              g = go * (zz * sg);
+              V one = splat<V>(1);
+              vstore(o1 + i, go * yy * (sg * (one + zz * (one - sg))));  // dz
+            }
+            vstore(dy + i, g);
+            dDacc += g * uu;
           }
-        } else {
-          dAdyn.assign((size_t)(nv * W), T(0));
+          if (zp) std::memcpy(a.dz + c * L + t0, o1, sizeof(T) * len);
+          if (Dp) a.dD_c[c] += (double)hsum(dDacc);
         }
-        for (int64_t t = len - 1; t >= 0; --t) {
-          const V dyv = splat<V>(dy[t]), duv = splat<V>(dtu[t]), dtv = splat<V>(dt[t]);
-          V vgb = {}, vqa = {};
-          for (int j = 0; j < nv; ++j) {
-            const int64_t o = t * Np + j * W;
-            V gj = S ? gl[j] : vload<V>(gmem + j * W);
-            V Aj = S ? Al[j] : vload<V>(Ar + j * W);
-            gj += dyv * vload<V>(Ct + o);
-            vstore(dCt + o, vload<V>(dCt + o) + dyv * vload<V>(hs + Np + o));
-            vstore(dBt + o, vload<V>(dBt + o) + gj * duv);
-            vgb += gj * vload<V>(Bt + o);
-            V aj = vload<V>(as + o);
-            V q = gj * aj * vload<V>(hs + o);
-            if (S)
-              dAl[j] += q * dtv;
-            else
-              vstore(dAdyn.data() + j * W, vload<V>(dAdyn.data() + j * W) + q * dtv);
-            vqa += q * Aj;
-            gj = aj * gj;
-            if (S)
-              gl[j] = gj;
-            else
-              vstore(gmem + j * W, gj);
-          }
-          sgB[t] = hsum(vgb);
-          sqA[t] = hsum(vqa);
-        }
-        for (int64_t t = len; t < Tp; ++t) sgB[t] = sqA[t] = T(0);
-        double* dAc = a.dA_c + c * Np;
-        for (int j = 0; j < nv; ++j) {
-          V v = S ? dAl[j] : vload<V>(dAdyn.data() + j * W);
-          for (int l = 0; l < W; ++l) dAc[j * W + l] += (double)v[l];
-          if (S) vstore(gmem + j * W, gl[j]);
-        }
-      }
 
-      // 4. du, ddelta (through softplus), dbias, vectorized over time
-      {
-        V dbacc = {};
-        for (int64_t i = 0; i < Tp; i += W) {
-          V gb = vload<V>(sgB + i);
-          V ddt = vload<V>(sqA + i) + vload<V>(xu + i) * gb;
-          vstore(o1 + i, vload<V>(dy + i) * Dd + vload<V>(dt + i) * gb);
-          if (sp) ddt = ddt * vsoftplus_grad(vload<V>(xd + i) + bias);
-          vstore(o2 + i, ddt);
-          dbacc += ddt;
+        // 3. adjoint recurrence backward through the chunk
+        {
+          T* gmem = gst.data() + (c - begin) * Np;
+          V gl[S ? NV : 1], dAl[S ? NV : 1];
+          std::vector<T> dAdyn;  // dynamic-N accumulators (only when !S); plain T: no over-aligned allocs
+          if (S) {
+            for (int j = 0; j < nv; ++j) {
+              gl[j] = vload<V>(gmem + j * W);
+              dAl[j] = V{};
+            }
+          } else {
+            dAdyn.assign((size_t)(nv * W), T(0));
+          }
+          for (int64_t t = len - 1; t >= 0; --t) {
+            const V dyv = splat<V>(dy[t]), duv = splat<V>(dtu[t]), dtv = splat<V>(dt[t]);
+            V vgb = {}, vqa = {};
+            for (int j = 0; j < nv; ++j) {
+              const int64_t o = t * Np + j * W;
+              V gj = S ? gl[j] : vload<V>(gmem + j * W);
+              V Aj = S ? Al[j] : vload<V>(Ar + j * W);
+              gj += dyv * vload<V>(Ct + o);
+              vstore(dCt + o, vload<V>(dCt + o) + dyv * vload<V>(hs + Np + o));
+              vstore(dBt + o, vload<V>(dBt + o) + gj * duv);
+              vgb += gj * vload<V>(Bt + o);
+              V aj = vload<V>(as + o);
+              V q = gj * aj * vload<V>(hs + o);
+              if (S)
+                dAl[j] += q * dtv;
+              else
+                vstore(dAdyn.data() + j * W, vload<V>(dAdyn.data() + j * W) + q * dtv);
+              vqa += q * Aj;
+              gj = aj * gj;
+              if (S)
+                gl[j] = gj;
+              else
+                vstore(gmem + j * W, gj);
+            }
+            sgB[t] = hsum(vgb);
+            sqA[t] = hsum(vqa);
+          }
+          for (int64_t t = len; t < Tp; ++t) sgB[t] = sqA[t] = T(0);
+          double* dAc = a.dA_c + c * Np;
+          for (int j = 0; j < nv; ++j) {
+            V v = S ? dAl[j] : vload<V>(dAdyn.data() + j * W);
+            for (int l = 0; l < W; ++l) dAc[j * W + l] += (double)v[l];
+            if (S) vstore(gmem + j * W, gl[j]);
+          }
         }
-        std::memcpy(a.du + c * L + t0, o1, sizeof(T) * len);
-        std::memcpy(a.ddelta + c * L + t0, o2, sizeof(T) * len);
-        if (biasp) a.dbias_c[c] += (double)hsum(dbacc);
+
+        // 4. du, ddelta (through softplus), dbias, vectorized over time
+        {
+          V dbacc = {};
+          for (int64_t i = 0; i < Tp; i += W) {
+            V gb = vload<V>(sgB + i);
+            V ddt = vload<V>(sqA + i) + vload<V>(xu + i) * gb;
+            vstore(o1 + i, vload<V>(dy + i) * Dd + vload<V>(dt + i) * gb);
+            if (sp) ddt = ddt * vsoftplus_grad(vload<V>(xd + i) + bias);
+            vstore(o2 + i, ddt);
+            dbacc += ddt;
+          }
+          std::memcpy(a.du + c * L + t0, o1, sizeof(T) * len);
+          std::memcpy(a.ddelta + c * L + t0, o2, sizeof(T) * len);
+          if (biasp) a.dbias_c[c] += (double)hsum(dbacc);
+        }
       }
     }
   }
@@ -593,6 +601,16 @@ __attribute__((target("avx2,fma"))) void bwd_avx2_f64(const Args<double>& a, int
 #endif
 
 static std::string g_isa_request = "auto";
+// Time steps per block: a task walks (block, channel, chunk), so a block's B/C rows (and dB/dC rows)
+// stay in L2 while every channel of the task passes over them, and each channel reads its
+// u/delta/z/dout rows as contiguous runs of up to this many steps.
+static int64_t g_time_block = 1024;
+
+int64_t time_block() { return g_time_block; }
+void set_time_block(int64_t steps) {
+  TORCH_CHECK(steps > 0, "set_time_block: steps must be positive");
+  g_time_block = steps;
+}
 
 static bool cpu_has_avx2() {
 #if HISS_HAVE_AVX2
@@ -707,6 +725,7 @@ static Args<T> make_args(const Prepared& p, bool softplus) {
   a.nv = p.Np / VT<T>::W;
   a.Tp = (p.chunk + VT<T>::W - 1) / VT<T>::W * VT<T>::W;
   a.softplus = softplus;
+  a.kblock = std::max<int64_t>(1, g_time_block / std::max<int64_t>(1, p.chunk));
   a.u = p.u.data_ptr<T>();
   a.delta = p.delta.data_ptr<T>();
   a.A = p.A.data_ptr<T>();
@@ -870,5 +889,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("chunk_states"), py::arg("dout"), py::arg("dlast_state") = py::none(), py::arg("chunk") = 64);
   m.def("isa", &hiss::isa, "instruction set the kernels run with: 'avx2' or 'base'");
   m.def("set_isa", &hiss::set_isa, "force 'base' or 'avx2', or 'auto' (default)");
+  m.def("time_block", &hiss::time_block, "time steps per loop block (tuning knob)");
+  m.def("set_time_block", &hiss::set_time_block, "set time steps per loop block (results are identical)");
   m.def("elementwise", &hiss::elementwise, "vector exp/softplus/sigmoid/softplus_grad (tests)");
 }
