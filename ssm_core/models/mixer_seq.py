@@ -28,7 +28,6 @@ __all__ = ["MixerModel", "MambaLMHeadModel", "LMOutput", "create_block"]
 class LMOutput:
     logits: Tensor  # (batch, L, padded_vocab_size)
     state: ModelState | None = None
-    hidden_states: Tensor | None = None
 
 
 def create_block(config: MambaConfig, layer_idx: int, device=None, dtype=None) -> Block:
