@@ -1,5 +1,7 @@
 from .checkpoint import load_pretrained, save_pretrained
 from .config import MambaConfig
+from .long_context import ChunkedLoss, chunked_lm_loss
 from .mixer_seq import LMOutput, MambaLMHeadModel, MixerModel
 
-__all__ = ["MambaConfig", "MambaLMHeadModel", "MixerModel", "LMOutput", "save_pretrained", "load_pretrained"]
+__all__ = ["MambaConfig", "MambaLMHeadModel", "MixerModel", "LMOutput", "ChunkedLoss", "chunked_lm_loss",
+           "save_pretrained", "load_pretrained"]

@@ -1,0 +1,29 @@
+"""One LightningCLI entry point for every app: ``python -m apps.<app>.train [fit|validate|test] [options]``.
+
+With no subcommand, ``fit`` is implied, so ``python -m apps.genomics.train`` and
+``python -m apps.genomics.train --trainer.max_steps=20`` both train; the app's default YAML config is
+read first and ``--config FILE`` / ``--section.key=value`` override it (LightningCLI conventions).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pytorch_lightning.cli import LightningCLI
+
+__all__ = ["cli_main"]
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def cli_main(model_class, datamodule_class, default_config: str | Path, args: list[str] | None = None,
+             **cli_kwargs) -> LightningCLI:
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        argv = ["fit", *argv]
+    defaults = {"default_config_files": [str(default_config)]}
+    cli_kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    cli_kwargs.setdefault("seed_everything_default", 0)
+    return LightningCLI(model_class, datamodule_class, args=argv,
+                        parser_kwargs={sub: dict(defaults) for sub in SUBCOMMANDS}, **cli_kwargs)

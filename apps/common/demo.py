@@ -1,0 +1,41 @@
+"""Gradio glue every demo shares: local-only binding, analytics off, input caps, checkpoint lookup.
+
+Import this module before gradio (it sets GRADIO_ANALYTICS_ENABLED before gradio reads it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+__all__ = ["HOST", "launch", "cap_text", "find_checkpoint", "gr"]
+
+HOST = "127.0.0.1"
+
+
+def launch(demo: gr.Blocks, port: int | None = None, **kwargs):
+    """Serve on 127.0.0.1 only (never share links); returns what ``Blocks.launch`` returns."""
+    if kwargs.pop("share", False):
+        raise ValueError("hiss demos are local-only; share links are disabled")
+    kwargs.setdefault("max_file_size", "10mb")
+    return demo.queue(max_size=16).launch(server_name=HOST, server_port=port, share=False, **kwargs)
+
+
+def cap_text(text: str, max_chars: int, what: str = "input") -> str:
+    """Refuse over-long inputs with a message the UI shows, instead of hanging the CPU."""
+    if len(text) > max_chars:
+        raise gr.Error(f"{what} is {len(text):,} characters; this demo takes at most {max_chars:,}")
+    return text
+
+
+def find_checkpoint(candidates: list[str | Path], how_to_make: str) -> Path:
+    """The first directory holding a save_pretrained checkpoint (config.json), else a clear error."""
+    for c in candidates:
+        if c and (Path(c) / "config.json").is_file():
+            return Path(c)
+    tried = ", ".join(str(c) for c in candidates if c)
+    raise FileNotFoundError(f"no checkpoint found (looked in: {tried}). {how_to_make}")
