@@ -20,7 +20,7 @@ def count_parameters(config: MambaConfig) -> int:
 
 def transformer_like(config: MambaConfig, num_heads: int | None = None, n_layer: int | None = None) -> MambaConfig:
     """An all-attention config (RoPE on the whole head, causal) whose parameter count is within one MLP
-    step (multiples of 8 hidden units) of ``config``'s. Same d_model, vocabulary and depth by default."""
+    step (GatedMLP sizes are multiples of 128) of ``config``'s. Same d_model, vocabulary and depth by default."""
     d = config.d_model
     heads = num_heads or max(1, d // 64)
     if d % heads:
@@ -30,7 +30,9 @@ def transformer_like(config: MambaConfig, num_heads: int | None = None, n_layer:
                    attn_cfg={"num_heads": heads, "rotary_emb_dim": d // heads, "causal": True},
                    d_intermediate=0, bidirectional=False)
     target = count_parameters(config)
-    without_mlp = count_parameters(base)
-    per_hidden = 3 * d * n  # GatedMLP: fc1 (d -> 2h) + fc2 (h -> d), no biases
-    hidden = max(8, round((target - without_mlp) / per_hidden / 8) * 8)
-    return replace(base, d_intermediate=hidden)
+    # GatedMLP rounds its hidden size up to a multiple of 128: search those sizes for the closest count
+    sizes = range(128, 16 * d + 129, 128)
+    best = min(sizes, key=lambda h: abs(count_parameters(replace(base, d_intermediate=h)) - target))
+    no_mlp = count_parameters(base)
+    return base if abs(no_mlp - target) <= abs(count_parameters(replace(base, d_intermediate=best)) - target) \
+        else replace(base, d_intermediate=best)
