@@ -1,0 +1,432 @@
+"""DNA backbones and task heads on ssm_core: BiMamba, a reverse-complement-equivariant Caduceus-PS style
+variant, a same-size non-causal Transformer baseline; masked-LM, sequence- and per-base classification heads;
+and the LightningModules that train them (masked-LM pretraining, classification fine-tuning).
+
+Backbone kinds (``backbone=``):
+
+* ``"mamba"``       causal Mamba (what the next-base LM, model.DNALM, uses)
+* ``"bimamba"``     ``MambaConfig(bidirectional=True)``: every mixer reads the sequence both ways (weights tied)
+* ``"rcps"``        Caduceus-PS: BiMamba with reverse-complement (RC) parameter sharing, exactly RC-equivariant
+* ``"transformer"`` ``apps.common.transformer_like`` (parameter-matched) with non-causal attention
+
+RC parameter sharing (Schiff et al. 2024, "Caduceus"). Hidden states have 2*d channels: the first d
+describe the forward strand, the last d the reverse strand *stored reversed in length and channels*, so the
+RC of a hidden state is ``flip(h, dims=(L, channels))`` and every layer commutes with it:
+
+* embedding:  h = [E(x), flip_LC(E(rc(x)))]
+* any layer f: RCPS(f)(h) = [f(h1), flip_LC(f(flip_LC(h2)))]   (the same weights on both strands)
+* LM head:    logits[t, v] = W[v] h1[t] + W[comp(v)] flip_C(h2)[t]   so logits(rc x) = rc(logits(x))
+
+RCPS(f) o RCPS(g) = RCPS(f o g), so the per-layer wrappers of Caduceus collapse into one wrap of the whole
+trunk (blocks + final norm): we run the shared trunk once over both strands stacked along the batch.
+Per-base features for heads are ``g = (h1 + flip_C(h2)) / 2``, which satisfy g(rc x) = flip_L(g(x)): per-base
+outputs are RC-equivariant and mean/max-pooled outputs RC-invariant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from apps.common import transformer_like
+from apps.common.lm import param_groups, warmup_cosine
+from apps.genomics.data import A_ID, MASK_ID, N_ID, PAD_ID, T_ID, VOCAB_SIZE, reverse_complement_ids
+from ssm_core import MambaConfig, MixerModel
+from ssm_core._io import atomic_write
+from ssm_core.modules.bidirectional import reverse_padded
+
+__all__ = [
+    "BACKBONES", "POOLINGS", "TASKS", "HeadConfig", "DNABackbone", "DNAModel", "backbone_config",
+    "complement_map", "rc_ids", "mask_tokens", "pool", "load_backbone_weights",
+    "MaskedLMModule", "ClassifierModule",
+]
+
+BACKBONES = ("mamba", "bimamba", "rcps", "transformer")
+POOLINGS = ("mean", "max", "first", "cls", "last")
+TASKS = ("mlm", "sequence", "token")
+HEAD_CONFIG = "head.json"
+WEIGHTS = "model.safetensors"
+LN2 = math.log(2)
+
+
+def complement_map(size: int = VOCAB_SIZE) -> Tensor:
+    """(size,) long: the id of each token's complement (A<->T, C<->G; N, specials and padding ids fixed)."""
+    comp = torch.arange(size)
+    comp[:VOCAB_SIZE] = reverse_complement_ids(torch.arange(VOCAB_SIZE)).flip(0)
+    return comp
+
+
+def rc_ids(ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """Reverse complement of token ids (batch, L), each row within its first ``lengths[b]`` positions."""
+    comp = complement_map().to(ids.device)[ids]
+    return reverse_padded(comp[..., None], lengths)[..., 0]
+
+
+def _rc_hidden(h: Tensor, lengths: Tensor | None) -> Tensor:
+    """RC of a half hidden state (batch, L, d): flip channels and (within lengths) positions."""
+    return reverse_padded(h.flip(-1), lengths)
+
+
+def backbone_config(config: MambaConfig, kind: str) -> MambaConfig:
+    """The ssm_core config a backbone kind runs: ``config`` describes the Mamba size; the Transformer gets a
+    parameter-matched all-attention config with non-causal attention."""
+    if kind not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {kind!r}")
+    if kind == "mamba":
+        return replace(config, bidirectional=False)
+    if kind in ("bimamba", "rcps"):
+        return replace(config, bidirectional=True)
+    t = transformer_like(replace(config, bidirectional=False))
+    return replace(t, attn_cfg={**t.attn_cfg, "causal": False})
+
+
+def _is_causal(config: MambaConfig) -> bool:
+    return not config.bidirectional and (not config.attn_layer_idx or config.attn_cfg.get("causal", True))
+
+
+class DNABackbone(nn.Module):
+    """ssm_core's MixerModel (embedding -> blocks -> final norm), optionally RC-parameter-shared.
+
+    ``forward(ids, lengths)``: ids (batch, L) -> per-base features (batch, L, d_model), position-aligned.
+    ``hidden(ids, lengths)``: (batch, L, d_model), or (batch, L, 2*d_model) in the Caduceus layout when RC.
+    ``lengths`` (batch,) marks right-padded rows; positions past a row's length are ignored by pooling.
+    """
+
+    def __init__(self, config: MambaConfig, rc_equivariant: bool = False):
+        super().__init__()
+        self.config, self.rc_equivariant = config, rc_equivariant
+        self.core = MixerModel(config)
+        self.causal = _is_causal(config)
+        if rc_equivariant and self.causal:
+            raise ValueError("the RC-equivariant backbone reads both strands; use a bidirectional config")
+        self.register_buffer("complement", complement_map(config.padded_vocab_size), persistent=False)
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+    def _trunk(self, x: Tensor, lengths: Tensor | None) -> Tensor:
+        """Blocks + final norm on embeddings x: (batch, L, d) -> (batch, L, d)."""
+        kwargs = {}
+        if lengths is not None:
+            if self.config.attn_layer_idx:  # MHA has no key padding mask: refuse silently-wrong padding
+                if bool((lengths != x.shape[1]).any()):
+                    raise ValueError("the attention backbone has no padding mask; give equal-length sequences")
+            elif self.config.bidirectional:  # the reverse direction must start at each row's own end
+                kwargs["lengths"] = lengths
+        return self.core(inputs_embeds=x, **kwargs)
+
+    def hidden(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+        emb = self.core.embedding
+        if not self.rc_equivariant:
+            return self._trunk(emb(input_ids), lengths)
+        # RCPS embedding + RCPS(trunk): both strands through the shared trunk in one batched pass
+        B = input_ids.shape[0]
+        both = torch.cat([input_ids, rc_ids(input_ids, lengths)], 0)
+        lens2 = None if lengths is None else lengths.repeat(2)
+        h = self._trunk(emb(both), lens2)
+        return torch.cat([h[:B], _rc_hidden(h[B:], lengths)], -1)
+
+    def merge_strands(self, h: Tensor) -> Tensor:
+        """Caduceus layout (batch, L, 2d) -> position-aligned strand-averaged features (batch, L, d)."""
+        d = h.shape[-1] // 2
+        return (h[..., :d] + h[..., d:].flip(-1)) / 2
+
+    def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+        h = self.hidden(input_ids, lengths)
+        return self.merge_strands(h) if self.rc_equivariant else h
+
+
+def pool(features: Tensor, lengths: Tensor | None, how: str) -> Tensor:
+    """features (batch, L, d) -> (batch, d), ignoring positions >= lengths[b]."""
+    B, L, _ = features.shape
+    if lengths is None:
+        lengths = torch.full((B,), L, device=features.device)
+    if how in ("first", "cls"):
+        return features[:, 0]
+    if how == "last":
+        return features[torch.arange(B, device=features.device), lengths - 1]
+    valid = (torch.arange(L, device=features.device)[None, :] < lengths[:, None])[..., None]
+    if how == "mean":
+        return (features * valid).sum(1) / lengths[:, None].to(features.dtype)
+    if how == "max":
+        return features.masked_fill(~valid, float("-inf")).amax(1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {how!r}")
+
+
+@dataclass
+class HeadConfig:
+    """What sits on the backbone. task: "mlm" (logits over the padded vocabulary per base), "sequence" (one
+    label per sequence, pooled), "token" (one label per base). Saved beside config.json as head.json."""
+
+    task: str = "sequence"
+    num_labels: int = 2
+    pooling: str = "mean"
+    backbone: str = "bimamba"
+    labels: list[str] = field(default_factory=list)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"HeadConfig: task must be one of {TASKS}, got {self.task!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"HeadConfig: backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"HeadConfig: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.task != "mlm" and self.num_labels < 1:
+            raise ValueError(f"HeadConfig: num_labels must be >= 1, got {self.num_labels}")
+        if self.labels and len(self.labels) != self.num_labels:
+            raise ValueError(f"HeadConfig: {len(self.labels)} label names for num_labels={self.num_labels}")
+        if self.backbone == "rcps" and self.task == "sequence" and self.pooling in ("first", "cls", "last"):
+            # g[0] of rc(x) is g[L-1] of x: an end position is not strand-symmetric
+            raise ValueError(f"HeadConfig: pooling {self.pooling!r} is not RC-invariant; use 'mean' or 'max' "
+                             "with the rcps backbone")
+        self.labels = list(self.labels)
+
+
+class DNAModel(nn.Module):
+    """Backbone + one head. ``model(ids, lengths)`` returns logits: mlm (batch, L, padded_vocab),
+    sequence (batch, num_labels), token (batch, L, num_labels).
+
+    ``config`` is the backbone's own ssm_core config (see ``backbone_config``). Checkpoints:
+    ``save_pretrained(dir)`` writes config.json + head.json + model.safetensors; ``DNAModel.from_pretrained``.
+    """
+
+    def __init__(self, config: MambaConfig, head: HeadConfig):
+        super().__init__()
+        self.config, self.head_config = config, head
+        self.backbone = DNABackbone(config, rc_equivariant=head.backbone == "rcps")
+        d = config.d_model
+        self.dropout = nn.Dropout(head.dropout)
+        if head.task == "mlm":
+            self.head = nn.Linear(d, config.padded_vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.head.weight = self.backbone.core.embedding.weight
+        else:
+            self.head = nn.Linear(d, head.num_labels)
+
+    @property
+    def rc_equivariant(self) -> bool:
+        return self.backbone.rc_equivariant
+
+    def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+        task = self.head_config.task
+        if task == "mlm":
+            h = self.backbone.hidden(input_ids, lengths)
+            if not self.rc_equivariant:
+                return self.head(h)
+            d = h.shape[-1] // 2  # RCPS LM head: reverse-strand logits through complemented rows of W
+            w = self.head.weight
+            return F.linear(h[..., :d], w) + F.linear(h[..., d:].flip(-1), w[self.backbone.complement])
+        feats = self.dropout(self.backbone(input_ids, lengths))
+        if task == "token":
+            return self.head(feats)
+        return self.head(pool(feats, lengths, self.head_config.pooling))
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.head_config.task == "mlm" and self.config.tie_embeddings:
+            state.pop("head.weight", None)
+        atomic_write(out / WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(out / HEAD_CONFIG, lambda p: Path(p).write_text(json.dumps(asdict(self.head_config), indent=2)))
+        atomic_write(out / "config.json", lambda p: Path(p).write_text(self.config.to_json()))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str = "cpu") -> DNAModel:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / HEAD_CONFIG).is_file():
+            raise FileNotFoundError(f"{path}: no {HEAD_CONFIG}; not a genomics head checkpoint "
+                                    "(a causal LM directory loads with MambaLMHeadModel.from_pretrained)")
+        head_path = path / HEAD_CONFIG
+        try:
+            head = HeadConfig(**json.loads(head_path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{head_path}: invalid head config: {e}") from None
+        model = cls(MambaConfig.load(path / "config.json"), head)
+        state = load_file(str(path / WEIGHTS), device=map_location)
+        if head.task == "mlm" and model.config.tie_embeddings:
+            state["head.weight"] = state["backbone.core.embedding.weight"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path / WEIGHTS}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        return model.eval()
+
+
+def load_backbone_weights(backbone: DNABackbone, path: str | os.PathLike) -> int:
+    """Initialise ``backbone`` from a save_pretrained directory: a causal MambaLMHeadModel (e.g. the pretrained
+    DNALM; its causal mixers become the tied forward/backward mixers of a bidirectional backbone) or a
+    DNAModel. Returns the number of tensors copied; a shape mismatch or a backbone key left unset raises."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    src = load_file(str(path / WEIGHTS))
+    prefix = "backbone.core." if (path / HEAD_CONFIG).is_file() else "backbone."
+    src_cfg = MambaConfig.load(path / "config.json")
+    mapped = {}
+    for k, v in src.items():
+        if not k.startswith(prefix):
+            continue
+        k = k[len(prefix):]
+        if backbone.config.bidirectional and not src_cfg.bidirectional and ".mixer." in k:
+            k = k.replace(".mixer.", ".mixer.mixer.", 1)
+        mapped[k] = v
+    own = backbone.core.state_dict()
+    bad = [k for k, v in mapped.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in mapped]
+    if bad or missing:
+        raise ValueError(f"{path}: cannot initialise this backbone from it: shape mismatch {bad[:5]}, "
+                         f"missing {missing[:5]} (sizes must match: d_model, n_layer, ssm_cfg)")
+    backbone.core.load_state_dict({k: mapped[k] for k in own})
+    return len(own)
+
+
+def mask_tokens(ids: Tensor, mask_prob: float = 0.15, generator: torch.Generator | None = None,
+                lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """BERT masking of the base positions (A, C, G, T, N; never specials or padding).
+
+    ids (batch, L) -> (inputs, labels): of the chosen ``mask_prob`` positions 80% become [MASK], 10% a random
+    base, 10% stay; labels hold the original id there and -100 elsewhere. At least one position per row.
+    """
+    B, L = ids.shape
+    maskable = (ids >= A_ID) & (ids <= N_ID)
+    if lengths is not None:
+        maskable &= torch.arange(L, device=ids.device)[None] < lengths[:, None]
+    u = torch.rand(B, L, generator=generator, device=ids.device)
+    chosen = maskable & (u < mask_prob)
+    # rows that drew nothing get their lowest-u maskable position: every row contributes to the loss
+    first = u.masked_fill(~maskable, 2.0).argmin(1)
+    empty = ~chosen.any(1) & maskable.any(1)
+    chosen[empty, first[empty]] = True
+    labels = ids.masked_fill(~chosen, -100)
+    r = torch.rand(B, L, generator=generator, device=ids.device)
+    inputs = ids.clone()
+    inputs[chosen & (r < 0.8)] = MASK_ID
+    rand = chosen & (r >= 0.8) & (r < 0.9)
+    inputs[rand] = torch.randint(A_ID, T_ID + 1, (int(rand.sum()),), generator=generator, device=ids.device)
+    return inputs, labels
+
+
+def _lengths(batch: dict) -> Tensor | None:
+    if "lengths" in batch:
+        return batch["lengths"]
+    ids = batch["input_ids"]
+    if bool((ids == PAD_ID).any()):
+        return (ids != PAD_ID).sum(1)
+    return None
+
+
+class _Optim:
+    """AdamW with mamba_ssm's decay groups and warm-up + cosine, as CausalLMModule does it."""
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.95))
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else None
+        total = int(total) if total is not None and math.isfinite(total) else None
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class MaskedLMModule(_Optim, pl.LightningModule):
+    """Masked-LM pretraining of a bidirectional backbone ("bimamba" or "rcps"). Batches are dicts with
+    ``input_ids`` (batch, L) (other keys, e.g. causal ``labels``, are ignored); masking happens here.
+    Logs bits per masked base."""
+
+    def __init__(self, config: MambaConfig, backbone: str = "bimamba", mask_prob: float = 0.15, lr: float = 2e-3,
+                 weight_decay: float = 0.1, warmup_steps: int = 50, min_lr_ratio: float = 0.1):
+        super().__init__()
+        self.save_hyperparameters()
+        if backbone not in ("bimamba", "rcps", "transformer"):
+            raise ValueError(f"masked LM needs a bidirectional backbone (bimamba, rcps, transformer), got {backbone!r}")
+        self.model = DNAModel(backbone_config(config, backbone), HeadConfig(task="mlm", backbone=backbone))
+
+    def mlm_loss(self, batch: dict) -> tuple[Tensor, int]:
+        ids, lengths = batch["input_ids"], _lengths(batch)
+        inputs, labels = mask_tokens(ids, self.hparams.mask_prob, lengths=lengths)
+        logits = self.model(inputs, lengths)[..., :VOCAB_SIZE]
+        n = int((labels != -100).sum())
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100), n
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self.mlm_loss(batch)
+        self.log("train/mlm_bits_per_base", loss / LN2, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, n = self.mlm_loss(batch)
+        self.log("val/mlm_bits_per_base", loss / LN2, prog_bar=True, batch_size=n)
+        return loss
+
+
+class ClassifierModule(_Optim, pl.LightningModule):
+    """Fine-tune a backbone + classification head. Batches: ``input_ids`` (batch, L), ``labels`` (batch,)
+    for task "sequence" or (batch, L) with -100 ignored for task "token", optional ``lengths`` (batch,).
+
+    config: the Mamba size (YAML ``model.config``); ``backbone`` picks the kind (the Transformer is built
+    parameter-matched from the same config). ``init_from``: a save_pretrained directory whose backbone
+    weights start the run. Logs train/loss, val/acc, test/acc (accuracy over labelled positions).
+    """
+
+    def __init__(self, config: MambaConfig, num_labels: int, backbone: str = "bimamba", task: str = "sequence",
+                 pooling: str = "mean", labels: list[str] | None = None, dropout: float = 0.1, lr: float = 2e-3,
+                 weight_decay: float = 0.1, warmup_steps: int = 50, min_lr_ratio: float = 0.1,
+                 init_from: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        head = HeadConfig(task=task, num_labels=num_labels, pooling=pooling, backbone=backbone,
+                          labels=list(labels or []), dropout=dropout)
+        self.model = DNAModel(backbone_config(config, backbone), head)
+        if init_from:
+            n = load_backbone_weights(self.model.backbone, init_from)
+            print(f"backbone initialised from {init_from} ({n} tensors)")
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "labels", None)
+        if names is not None and len(names) != self.hparams.num_labels:
+            raise ValueError(f"model.num_labels={self.hparams.num_labels} but the data has {len(names)} classes "
+                             f"({', '.join(names)})")
+        if names is not None and not self.model.head_config.labels:
+            self.model.head_config.labels = list(names)
+
+    def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+        return self.model(input_ids, lengths)
+
+    def _step(self, batch: dict, split: str) -> Tensor:
+        logits = self.model(batch["input_ids"], batch.get("lengths"))
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
+        keep = labels != -100
+        n = int(keep.sum())
+        acc = (logits.argmax(-1)[keep] == labels[keep]).float().mean() if n else logits.new_zeros(())
+        self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=max(n, 1))
+        self.log(f"{split}/acc", acc, prog_bar=split != "train", batch_size=max(n, 1))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        return self.model(batch["input_ids"], batch.get("lengths")).softmax(-1)
