@@ -6,22 +6,39 @@ its ids line up with ours::
     [CLS]=0 [SEP]=1 [BOS]=2 [MASK]=3 [PAD]=4 [RESERVED]=5 [UNK]=6 A=7 C=8 G=9 T=10 N=11
 
 Lower-case (soft-masked) bases get the upper-case ids; IUPAC ambiguity codes (R Y S W K M B D H V) become N.
+
+Training data: BED intervals with HyenaDNA's ``chrom start end split`` columns (or a held-out tail of each
+record), random windows with N filtering and reverse-complement augmentation, a GenBank reader (biopython)
+for annotated tasks, and ``DNADataModule`` with HyenaDNA's sequence-length warm-up. Labels are the next
+base; targets that are not A/C/G/T are ignored (-100), so bits/base is measured over real bases only.
 """
 
 from __future__ import annotations
 
+import gzip
+import math
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfaidx
+import pytorch_lightning as pl
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "VOCAB_SIZE", "CLS_ID", "SEP_ID", "BOS_ID", "MASK_ID", "PAD_ID", "RESERVED_ID", "UNK_ID",
     "A_ID", "C_ID", "G_ID", "T_ID", "N_ID", "BASE_IDS", "SPECIAL_TOKENS", "VOCAB",
-    "encode", "decode", "reverse_complement_ids", "FastaReader",
+    "encode", "decode", "reverse_complement_ids", "FastaReader", "SAMPLE_FASTA", "Interval", "read_bed",
+    "holdout_intervals", "RandomWindows", "TiledWindows", "GenBankRecord", "read_genbank", "feature_mask",
+    "warmup_stage", "DNADataModule",
 ]
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_FASTA = ROOT / "datasets" / "samples" / "ecoli_k12_w3110_300kb.fa.gz"
+IGNORE = -100  # label of a position that is not scored
 
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]")
 CLS_ID, SEP_ID, BOS_ID, MASK_ID, PAD_ID, RESERVED_ID, UNK_ID = range(7)
@@ -103,8 +120,6 @@ def _line_of_header(path: Path, name: str) -> int | None:
 
 def _open_text(path: Path):
     if str(path).endswith(".gz"):
-        import gzip
-
         return gzip.open(path, "rt", encoding="ascii", errors="replace")
     return open(path, encoding="ascii", errors="replace")
 
@@ -121,6 +136,7 @@ class FastaReader:
 
     def __init__(self, path: str | os.PathLike, allow_empty: bool = False):
         self.path = Path(path)
+        self.allow_empty = allow_empty
         if not self.path.is_file():
             raise FileNotFoundError(f"FASTA file not found: {self.path}")
         self._check_start()
@@ -212,6 +228,13 @@ class FastaReader:
     def close(self) -> None:
         self._fa.close()
 
+    # file handles do not pickle: DataLoader workers and spawned processes reopen the file
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "allow_empty": self.allow_empty}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["allow_empty"])
+
     def __enter__(self) -> FastaReader:
         return self
 
@@ -220,3 +243,335 @@ class FastaReader:
 
     def __repr__(self) -> str:
         return f"FastaReader({str(self.path)!r}, {len(self)} records, {sum(self.lengths.values()):,} bases)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Intervals: BED files (HyenaDNA's 4-column convention) or a held-out tail of each record
+
+SPLITS = ("train", "valid", "test")
+_SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Bases [start, end) of record ``chrom`` (0-based, end exclusive, as in BED) in split ``split``."""
+
+    chrom: str
+    start: int
+    end: int
+    split: str = "train"
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def read_bed(path: str | os.PathLike, fasta: FastaReader | None = None,
+             default_split: str | None = None) -> list[Interval]:
+    """Intervals of a BED file: ``chrom start end [split]`` (tab or space separated; extra columns ignored).
+
+    The 4th column names the split (train / valid / test, HyenaDNA's convention; "val" and "validation"
+    also read as valid); files without it need ``default_split``. Comment, ``track`` and ``browser`` lines
+    are skipped. With ``fasta``, every interval must lie inside its record. Errors name the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"BED file not found: {path}")
+    out: list[Interval] = []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip() or line.startswith(("#", "track", "browser")):
+                continue
+            cols = line.split()
+            where = f"{path}:{lineno}"
+            if len(cols) < 3:
+                raise ValueError(f"{where}: expected at least 3 columns (chrom start end [split]), got {len(cols)}")
+            try:
+                start, end = int(cols[1]), int(cols[2])
+            except ValueError:
+                raise ValueError(f"{where}: start and end must be integers, got {cols[1]!r} and {cols[2]!r}") from None
+            if not 0 <= start < end:
+                raise ValueError(f"{where}: need 0 <= start < end, got start={start} end={end}")
+            if len(cols) >= 4:
+                split = _SPLIT_ALIASES.get(cols[3].lower())
+                if split is None:
+                    raise ValueError(f"{where}: split must be one of train/valid/test, got {cols[3]!r}")
+            elif default_split is not None:
+                split = default_split
+            else:
+                raise ValueError(f"{where}: no split column; add one (train/valid/test) or pass default_split")
+            chrom = cols[0]
+            if fasta is not None:
+                if chrom not in fasta:
+                    raise ValueError(f"{where}: chrom {chrom!r} is not a record of {fasta.path} "
+                                     f"(records: {', '.join(fasta.names[:5])}{' ...' if len(fasta) > 5 else ''})")
+                if end > fasta.length(chrom):
+                    raise ValueError(f"{where}: interval {chrom}:{start}-{end} ends past the record "
+                                     f"(length {fasta.length(chrom):,}) in {fasta.path}")
+            out.append(Interval(chrom, start, end, split))
+    if not out:
+        raise ValueError(f"{path}: no intervals")
+    return out
+
+
+def holdout_intervals(fasta: FastaReader, valid_frac: float = 0.05, test_frac: float = 0.05) -> list[Interval]:
+    """Split each record into train | valid | test by position: the last ``test_frac`` of every record is
+    test, the ``valid_frac`` before it valid (contiguous blocks, so windows never straddle two splits)."""
+    if not (0 <= valid_frac < 1 and 0 <= test_frac < 1 and valid_frac + test_frac < 1):
+        raise ValueError(f"holdout fractions must be in [0, 1) and sum below 1, got {valid_frac}, {test_frac}")
+    out = []
+    for name, n in fasta.lengths.items():
+        t0 = n - round(n * test_frac)
+        v0 = t0 - round(n * valid_frac)
+        for split, a, b in (("train", 0, v0), ("valid", v0, t0), ("test", t0, n)):
+            if b > a:
+                out.append(Interval(name, a, b, split))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Window datasets
+
+def _targets(window: Tensor) -> tuple[Tensor, Tensor]:
+    """(input_ids, labels) of a window of L + 1 ids: labels are the next base, non-ACGT targets ignored."""
+    x, y = window[:-1].long(), window[1:].long()
+    y = torch.where((y >= A_ID) & (y <= T_ID), y, torch.full_like(y, IGNORE))
+    return x, y
+
+
+class _TokenSource:
+    """Token ids of intervals: kept in memory as uint8 when small, otherwise read from the FASTA per window."""
+
+    def __init__(self, fasta: FastaReader, intervals: list[Interval], in_memory_max_bases: int):
+        self.fasta, self.intervals = fasta, intervals
+        total = sum(len(iv) for iv in intervals)
+        self.cache: list[Tensor] | None = None
+        if total <= in_memory_max_bases:
+            self.cache = [fasta.tokens(iv.chrom, iv.start, iv.end).to(torch.uint8) for iv in intervals]
+
+    def get(self, k: int, a: int, b: int) -> Tensor:
+        """Ids of bases [a, b) relative to interval k's start."""
+        if self.cache is not None:
+            return self.cache[k][a:b].long()
+        iv = self.intervals[k]
+        return self.fasta.tokens(iv.chrom, iv.start + a, iv.start + b)
+
+
+class RandomWindows(Dataset):
+    """``n`` random windows of ``seq_len`` inputs (+1 for the last target) from ``intervals``.
+
+    Window i of epoch e is drawn from its own generator (seed, epoch, i), so epochs differ, runs repeat,
+    and DDP ranks (which see different i) never duplicate work. Intervals are picked in proportion to how
+    many windows they hold; a window with more than ``max_n_frac`` N is redrawn. With ``rc_aug`` half of
+    the windows are reverse-complemented (both strands are DNA the model should predict).
+    """
+
+    def __init__(self, fasta: FastaReader, intervals: list[Interval], seq_len: int, n: int, rc_aug: bool = False,
+                 max_n_frac: float = 0.1, seed: int = 0, in_memory_max_bases: int = 1 << 28, max_tries: int = 100):
+        if seq_len < 1 or n < 1:
+            raise ValueError(f"RandomWindows: seq_len and n must be positive, got {seq_len}, {n}")
+        usable = [iv for iv in intervals if len(iv) > seq_len]
+        if not usable:
+            longest = max((len(iv) for iv in intervals), default=0)
+            raise ValueError(f"{fasta.path}: no interval holds a window of {seq_len + 1:,} bases "
+                             f"(longest interval: {longest:,}); lower seq_len")
+        self.source = _TokenSource(fasta, usable, in_memory_max_bases)
+        self.seq_len, self.n, self.rc_aug, self.max_n_frac = seq_len, n, rc_aug, max_n_frac
+        self.seed, self.epoch, self.max_tries = seed, 0, max_tries
+        self.weights = torch.tensor([len(iv) - seq_len for iv in usable], dtype=torch.float64)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + i)
+        for _ in range(self.max_tries):
+            k = int(torch.multinomial(self.weights, 1, generator=g))
+            a = int(torch.randint(0, int(self.weights[k]), (1,), generator=g))
+            w = self.source.get(k, a, a + self.seq_len + 1)
+            if float((w == N_ID).float().mean()) <= self.max_n_frac:
+                break
+        else:
+            raise RuntimeError(f"RandomWindows: {self.max_tries} windows in a row had more than "
+                               f"{self.max_n_frac:.0%} N; raise max_n_frac or use a BED without N-rich regions")
+        if self.rc_aug and bool(torch.rand((), generator=g) < 0.5):
+            w = reverse_complement_ids(w)
+        x, y = _targets(w)
+        return {"input_ids": x, "labels": y}
+
+
+class TiledWindows(Dataset):
+    """Every base of ``intervals`` once: consecutive windows of ``seq_len`` inputs overlapping by one base
+    (so each base but an interval's first is a target exactly once); the last window of an interval is
+    padded with [PAD] and ignored labels. For validation and test: deterministic, no augmentation."""
+
+    def __init__(self, fasta: FastaReader, intervals: list[Interval], seq_len: int,
+                 in_memory_max_bases: int = 1 << 28):
+        intervals = [iv for iv in intervals if len(iv) >= 2]
+        self.source = _TokenSource(fasta, intervals, in_memory_max_bases)
+        self.seq_len = seq_len
+        self.index = [(k, a) for k, iv in enumerate(intervals) for a in range(0, len(iv) - 1, seq_len)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        k, a = self.index[i]
+        w = self.source.get(k, a, a + self.seq_len + 1)
+        x, y = _targets(w)
+        pad = self.seq_len - x.shape[0]
+        if pad:
+            x = torch.cat([x, x.new_full((pad,), PAD_ID)])
+            y = torch.cat([y, y.new_full((pad,), IGNORE)])
+        return {"input_ids": x, "labels": y}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GenBank (biopython): sequences with their annotation, for coding / non-coding and similar labels
+
+@dataclass
+class GenBankRecord:
+    id: str
+    sequence: str
+    features: list  # Bio.SeqFeature.SeqFeature objects (type, location, qualifiers)
+
+    def tokens(self, unk: bool = False) -> Tensor:
+        return encode(self.sequence, unk=unk, where=f"GenBank record {self.id}")
+
+
+def read_genbank(path: str | os.PathLike) -> Iterator[GenBankRecord]:
+    """Records of a GenBank file (plain or .gz), one at a time, each with its sequence and features."""
+    from Bio import SeqIO
+    from Bio.Seq import UndefinedSequenceError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GenBank file not found: {path}")
+    n = 0
+    with _open_text(path) as f:
+        try:
+            for rec in SeqIO.parse(f, "genbank"):
+                n += 1
+                try:
+                    seq = str(rec.seq)
+                except UndefinedSequenceError:
+                    raise ValueError(f"{path}: record {rec.id!r} has no sequence (no ORIGIN section)") from None
+                if not seq:
+                    raise ValueError(f"{path}: record {rec.id!r} has an empty sequence")
+                yield GenBankRecord(rec.id, seq, list(rec.features))
+        except ValueError as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise ValueError(f"{path}: malformed GenBank (record {n + 1}): {e}") from None
+    if n == 0:
+        raise ValueError(f"{path}: no GenBank records (expected a LOCUS line)")
+
+
+def feature_mask(record: GenBankRecord, types: tuple[str, ...] = ("CDS",)) -> Tensor:
+    """Bool (len(sequence),): True at bases covered by a feature of one of ``types`` (either strand)."""
+    mask = torch.zeros(len(record.sequence), dtype=torch.bool)
+    for feat in record.features:
+        if feat.type in types:
+            for part in feat.location.parts:  # joins (spliced / origin-spanning) are several parts
+                mask[int(part.start) : int(part.end)] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The LightningDataModule, with HyenaDNA's sequence-length warm-up
+
+def warmup_stage(epoch: int, seq_len: int, batch_size: int, min_len: int | None, every_epochs: int) -> tuple[int, int]:
+    """(seq_len, batch_size) of an epoch under HyenaDNA's doubling warm-up: start at ``min_len`` and double
+    every ``every_epochs`` epochs until ``seq_len``; the batch grows by the same factor (tokens per batch
+    stay at seq_len * batch_size) so the optimiser sees comparable gradient noise throughout."""
+    if not min_len or min_len >= seq_len:
+        return seq_len, batch_size
+    length = min(seq_len, min_len * 2 ** (epoch // max(every_epochs, 1)))
+    return length, max(1, batch_size * seq_len // length)
+
+
+def _repo_path(path: str) -> Path:
+    """``path`` as given, or under the repository root when it is a repo-relative path like the configs'
+    ``datasets/samples/...`` and the command runs from another folder."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (ROOT / p).exists():
+        return ROOT / p
+    return p
+
+
+class DNADataModule(pl.LightningDataModule):
+    """Next-base batches ``{"input_ids", "labels"}`` (batch, seq_len) from a FASTA file.
+
+    Splits come from ``bed`` (``chrom start end split``) or, without one, from the last ``valid_frac`` /
+    ``test_frac`` of every record. Training draws ``samples_per_epoch`` random windows per epoch (N-filtered,
+    reverse-complement augmented); validation and test tile their intervals exactly once.
+
+    Sequence-length warm-up (``warmup_min_len``): epoch e trains on windows of
+    min(seq_len, warmup_min_len * 2^(e // warmup_every_epochs)) bases with the batch scaled to keep tokens
+    per batch (and per epoch) constant. The train loader is rebuilt every epoch for it.
+    """
+
+    def __init__(self, fasta: str = str(SAMPLE_FASTA), bed: str | None = None, seq_len: int = 1024,
+                 batch_size: int = 8, samples_per_epoch: int = 1024, valid_frac: float = 0.05,
+                 test_frac: float = 0.05, rc_aug: bool = True, max_n_frac: float = 0.1,
+                 warmup_min_len: int | None = None, warmup_every_epochs: int = 1, num_workers: int = 0,
+                 seed: int = 0, in_memory_max_bases: int = 1 << 28, eval_batch_size: int | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        if warmup_min_len is not None and (warmup_min_len < 1 or warmup_min_len > seq_len):
+            raise ValueError(f"DNADataModule: warmup_min_len must be in [1, seq_len={seq_len}], got {warmup_min_len}")
+        self.fasta: FastaReader | None = None
+        self.intervals: list[Interval] = []
+        self._train: RandomWindows | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.fasta is not None:
+            return
+        hp = self.hparams
+        self.fasta = FastaReader(_repo_path(hp.fasta))
+        if hp.bed:
+            self.intervals = read_bed(_repo_path(hp.bed), self.fasta)
+        else:
+            self.intervals = holdout_intervals(self.fasta, hp.valid_frac, hp.test_frac)
+        if hp.warmup_min_len and self.trainer is not None:
+            # the warm-up changes window length per epoch: Lightning must call train_dataloader() each epoch
+            self.trainer.reload_dataloaders_every_n_epochs = 1
+
+    def split(self, name: str) -> list[Interval]:
+        out = [iv for iv in self.intervals if iv.split == name]
+        if not out:
+            src = self.hparams.bed or f"{self.hparams.fasta} (held-out fractions)"
+            raise ValueError(f"{src}: no intervals in split {name!r}")
+        return out
+
+    def current_stage(self) -> tuple[int, int]:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        hp = self.hparams
+        return warmup_stage(epoch, hp.seq_len, hp.batch_size, hp.warmup_min_len, hp.warmup_every_epochs)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        hp = self.hparams
+        length, batch = self.current_stage()
+        n = max(batch, math.ceil(hp.samples_per_epoch * hp.seq_len / length))  # constant tokens per epoch
+        ds = RandomWindows(self.fasta, self.split("train"), length, n, rc_aug=hp.rc_aug, max_n_frac=hp.max_n_frac,
+                           seed=hp.seed, in_memory_max_bases=hp.in_memory_max_bases)
+        ds.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        self._train = ds
+        return DataLoader(ds, batch_size=batch, shuffle=False, drop_last=True, num_workers=hp.num_workers,
+                          persistent_workers=False)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        self.setup()
+        hp = self.hparams
+        ds = TiledWindows(self.fasta, self.split(split), hp.seq_len, hp.in_memory_max_bases)
+        return DataLoader(ds, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
+                          num_workers=hp.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
