@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,7 @@ class FastaReader:
                     if not line.startswith(">"):
                         raise ValueError(f"{self.path}:{i}: expected a '>' header line, found {line[:40]!r}")
                     return
+        raise ValueError(f"{self.path}: no FASTA records (the file is empty)")
 
     def _validate_index(self, fai: Path) -> None:
         """An index that points past the end of an uncompressed file belongs to another version of it."""
@@ -443,7 +445,7 @@ class GenBankRecord:
 
 def read_genbank(path: str | os.PathLike) -> Iterator[GenBankRecord]:
     """Records of a GenBank file (plain or .gz), one at a time, each with its sequence and features."""
-    from Bio import SeqIO
+    from Bio import BiopythonParserWarning, SeqIO
     from Bio.Seq import UndefinedSequenceError
 
     path = Path(path)
@@ -451,20 +453,30 @@ def read_genbank(path: str | os.PathLike) -> Iterator[GenBankRecord]:
         raise FileNotFoundError(f"GenBank file not found: {path}")
     n = 0
     with _open_text(path) as f:
-        try:
-            for rec in SeqIO.parse(f, "genbank"):
-                n += 1
+        records = SeqIO.parse(f, "genbank")
+        while True:
+            # biopython only warns about a truncated record; a silently short sequence would corrupt labels
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", BiopythonParserWarning)
                 try:
-                    seq = str(rec.seq)
-                except UndefinedSequenceError:
-                    raise ValueError(f"{path}: record {rec.id!r} has no sequence (no ORIGIN section)") from None
-                if not seq:
-                    raise ValueError(f"{path}: record {rec.id!r} has an empty sequence")
-                yield GenBankRecord(rec.id, seq, list(rec.features))
-        except ValueError as e:
-            if str(e).startswith(str(path)):
-                raise
-            raise ValueError(f"{path}: malformed GenBank (record {n + 1}): {e}") from None
+                    rec = next(records)
+                except StopIteration:
+                    break
+                except ValueError as e:
+                    raise ValueError(f"{path}: malformed GenBank (record {n + 1}): {e}") from None
+            n += 1
+            for w in caught:
+                msg = str(w.message)
+                if "Expected sequence length" in msg or "Premature end" in msg:
+                    raise ValueError(f"{path}: GenBank record {n} ({rec.id}) is truncated: {msg}")
+                warnings.warn(f"{path}: record {n}: {msg}", BiopythonParserWarning, stacklevel=2)
+            try:
+                seq = str(rec.seq)
+            except UndefinedSequenceError:
+                raise ValueError(f"{path}: record {rec.id!r} has no sequence (no ORIGIN section)") from None
+            if not seq:
+                raise ValueError(f"{path}: record {rec.id!r} has an empty sequence")
+            yield GenBankRecord(rec.id, seq, list(rec.features))
     if n == 0:
         raise ValueError(f"{path}: no GenBank records (expected a LOCUS line)")
 
