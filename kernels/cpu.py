@@ -1,6 +1,9 @@
-"""Compiled CPU selective scan (Mamba-1), forward and backward.
+"""Compiled CPU kernels: selective scan (Mamba-1) fwd + bwd, causal conv1d fwd + bwd + decode step,
+and the decode-step selective state update (Mamba-1 and Mamba-2 layouts).
 
-The C++ source ``csrc/selective_scan_cpu.cpp`` is compiled with ``torch.utils.cpp_extension.load``
+One extension module, so the ~60 s parse of ``torch/extension.h`` is paid once: the C++ translation
+unit ``csrc/selective_scan_cpu.cpp`` includes ``csrc/causal_conv1d_cpu.h`` and ``csrc/state_update_cpu.h``
+(SIMD helpers in ``csrc/simd.h``). It is compiled with ``torch.utils.cpp_extension.load``
 the first time it is needed and cached under ``$HISS_KERNEL_CACHE`` (default
 ``~/.cache/hiss/kernels``) in a folder named by a hash of the source, the flags, torch's and
 Python's versions, so a later process just loads the built module. Importing this module never
@@ -8,9 +11,10 @@ compiles and never raises: ``available()`` tries the build once and, on failure 
 ninja, a compile error, ``HISS_DISABLE_KERNELS=1``), returns False and keeps the reason in
 ``unavailable_reason()``.
 
-``selective_scan_cpu`` has the signature, semantics and return values of
-``ssm_core.ops.selective_scan.selective_scan`` and is differentiable in every input (the initial
-state included) and through the returned last state.
+Each public function has the signature, semantics and return values of its ``ssm_core.ops`` twin:
+``selective_scan_cpu`` (differentiable in every input, the initial state included, and through the
+last state), ``causal_conv1d_cpu`` (differentiable, through the final state too),
+``causal_conv1d_update_cpu`` and ``selective_state_update_cpu`` (decode steps, in place, no autograd).
 """
 
 from __future__ import annotations
@@ -26,16 +30,22 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._checks import check_conv, check_conv_update, check_scan, check_state_update, per_token
+
 __all__ = [
     "available",
     "unavailable_reason",
     "load",
     "build_dir",
     "selective_scan_cpu",
+    "causal_conv1d_cpu",
+    "causal_conv1d_update_cpu",
+    "selective_state_update_cpu",
     "DEFAULT_CHUNK",
 ]
 
-_SRC = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SRC = _CSRC / "selective_scan_cpu.cpp"  # the one translation unit; it includes the headers beside it
 # No -ffast-math / -march=native: exp and softplus keep IEEE semantics, and the cached build is not
 # tied to the build host's CPU. The AVX2+FMA variant is selected at run time inside the module.
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-fno-math-errno"]
@@ -52,7 +62,8 @@ _tried = False
 
 def _key() -> str:
     h = hashlib.sha256()
-    h.update(_SRC.read_bytes())
+    for f in sorted(_CSRC.glob("*.[ch]*")):  # the .cpp and every header it includes
+        h.update(f.name.encode() + f.read_bytes())
     for part in (torch.__version__, sys.version, platform.machine(), " ".join(_CFLAGS + _LDFLAGS)):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -198,15 +209,8 @@ def selective_scan_cpu(
     compute dtype. ``chunk_len`` is the spacing of the states saved for backward.
     Raises RuntimeError if the kernels can't be built here (check ``available()`` first).
     """
-    # ssm_core validates every argument before dispatching here; direct callers get the basic checks
-    if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1] or B.dim() not in (3, 4):
-        raise ValueError(
-            f"selective_scan_cpu: expected u, delta (batch, dim, L), A (dim, N), B/C (batch, [G,] N, L); got "
-            f"{tuple(u.shape)}, {tuple(delta.shape)}, {tuple(A.shape)}, {tuple(B.shape)}"
-        )
-    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if any(t is not None and t.device.type != "cpu" for t in tensors):
-        raise ValueError("selective_scan_cpu: all tensors must be on the CPU")
+    check_scan("selective_scan_cpu", u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check_cpu("selective_scan_cpu", u, delta, A, B, C, D, z, delta_bias, initial_state)
     chunk = int(chunk_len or DEFAULT_CHUNK)
     if chunk <= 0:
         raise ValueError(f"selective_scan_cpu: chunk_len must be positive, got {chunk_len}")
@@ -214,3 +218,124 @@ def selective_scan_cpu(
         u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk
     )
     return (out, last) if return_last_state else out
+
+
+def _check_cpu(name: str, *tensors: Tensor | None) -> None:
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        raise ValueError(f"{name}: all tensors must be on the CPU")
+
+
+class _CausalConv1dCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, initial_states, silu):
+        ext = load()
+        comp = _comp_dtype(x)
+        args = [_cvt(t, comp) for t in (x, weight, bias)]
+        seq = None if seq_idx is None else seq_idx.detach().to(torch.int64).contiguous()
+        init = _cvt(initial_states, comp)
+        out, final = ext.conv_fwd(*args, seq, init, silu)
+        ctx.save_for_backward(*args, seq, init)
+        ctx.silu = silu
+        ctx.meta = tuple(None if t is None else t.dtype for t in (x, weight, bias, initial_states))
+        ctx.set_materialize_grads(False)
+        return out.to(x.dtype), final.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        ext = load()
+        x, weight, bias, seq, init = ctx.saved_tensors
+        dout = torch.zeros_like(x) if dout is None else dout.to(x.dtype).contiguous()
+        dfinal = None if dfinal is None else dfinal.to(x.dtype).contiguous()
+        dx, dw, db, dinit = ext.conv_bwd(x, weight, bias, seq, init, ctx.silu, dout, dfinal)
+        tx, tw, tb, ti = ctx.meta
+        need = ctx.needs_input_grad
+        return (
+            dx.to(tx) if need[0] else None,
+            dw.to(tw) if need[1] else None,
+            db.to(tb) if tb is not None and need[2] else None,
+            None,
+            dinit.to(ti) if ti is not None and need[4] else None,
+            None,
+        )
+
+
+def causal_conv1d_cpu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+    activation: str | None = None,
+):
+    """Compiled CPU twin of ``ssm_core.ops.conv.causal_conv1d`` (silu fused, seq_idx, carried state).
+
+    Computes in fp32 (fp64 for fp64 x); out and final state come back in x's dtype. Differentiable in
+    x, weight, bias and initial_states, and through the final state.
+    """
+    name = "causal_conv1d_cpu"
+    check_conv(name, x, weight, bias, seq_idx, initial_states, activation)
+    _check_cpu(name, x, weight, bias, seq_idx, initial_states)
+    out, final = _CausalConv1dCPU.apply(x, weight, bias, seq_idx, initial_states, activation is not None)
+    return (out, final) if return_final_states else out
+
+
+def causal_conv1d_update_cpu(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+) -> Tensor:
+    """One decode step, in place, like ``causal_conv1d_update(inplace=True)``: returns out (batch, dim)."""
+    name = "causal_conv1d_update_cpu"
+    check_conv_update(name, x, conv_state, weight, bias, activation)
+    _check_cpu(name, x, conv_state, weight, bias)
+    comp = _comp_dtype(x)
+    direct = conv_state.dtype == comp and conv_state.is_contiguous()
+    st = conv_state if direct else conv_state.to(comp).contiguous()
+    out = load().conv_update(_cvt(x, comp), st, _cvt(weight, comp), _cvt(bias, comp), activation is not None)
+    if not direct:  # the kernel needs a contiguous compute-dtype state: update a copy, write it back
+        conv_state.copy_(st)
+    return out.to(x.dtype)
+
+
+def selective_state_update_cpu(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> Tensor:
+    """Advance ``state`` in place by one token (or T tokens); returns out in x's dtype.
+
+    Layouts and semantics of ssm_core's ``selective_state_update`` with ``inplace=True`` (Mamba-1:
+    state (batch, dim, N); Mamba-2: state (batch, nheads, headdim, N); B/C grouped). Not differentiable.
+    """
+    name = "selective_state_update_cpu"
+    several = check_state_update(name, state, x, dt, A, B, C, D, z, dt_bias)
+    _check_cpu(name, state, x, dt, A, B, C, D, z, dt_bias)
+    ext, comp = load(), _comp_dtype(x)
+    # Per-call overhead dominates a decode step: no views, no copies unless a dtype or layout needs one
+    # (stride-0 broadcasts such as Mamba-2's expanded A / dt are read in place by the kernel).
+    direct = state.dtype == comp and state.stride(-1) == 1
+    st = state if direct else state.to(comp).contiguous()
+
+    def c(t):
+        return t if t is None or t.dtype == comp else t.to(comp)
+
+    A_, D_, bias_ = c(A), c(D), c(dt_bias)
+
+    def step(xt, dtt, Bt, Ct, zt):
+        return ext.state_update(st, c(xt), c(dtt), A_, c(Bt), c(Ct), D_, c(zt), bias_, bool(dt_softplus))
+
+    with torch.no_grad():
+        out = per_token(several, step, x, dt, B, C, z)
+        if not direct:
+            state.copy_(st)
+    return out if out.dtype == x.dtype else out.to(x.dtype)

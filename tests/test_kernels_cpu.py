@@ -1,4 +1,5 @@
-"""The compiled CPU selective scan (kernels.cpu) against the reference recurrence.
+"""The compiled CPU kernels (kernels.cpu) against their ssm_core reference twins: selective scan,
+causal conv1d (+ decode step) and the decode-step selective state update.
 
 The first test to need the kernel builds it (about 1.5 min with 2 cores on a cold cache; cached
 afterwards under ~/.cache/hiss/kernels or $HISS_KERNEL_CACHE). Everything skips, with the reason,
@@ -19,7 +20,10 @@ except ImportError:  # running pytest without the repo root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import kernels.cpu as kcpu
 
-from ssm_core.ops.selective_scan import selective_scan_ref
+from ssm_core.ops import causal_conv1d, causal_conv1d_update, selective_state_update
+from ssm_core.ops.selective_scan import selective_scan_ref, selective_state_update_ref
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +199,10 @@ def test_input_validation(ext):
     x = make(1, 3, 9, 4, 0, torch.float32, h0=False)
     with pytest.raises(ValueError):
         kcpu.selective_scan_cpu(x["u"], x["delta"][..., :5], x["A"], x["B"], x["C"])
-    with pytest.raises(RuntimeError, match="B/C must be"):  # the C++ side checks what Python does not
+    with pytest.raises(ValueError, match="B must be"):
         kcpu.selective_scan_cpu(x["u"], x["delta"], x["A"], x["B"][:, :2], x["C"])
+    with pytest.raises(RuntimeError, match="float32 or float64"):  # the C++ side checks dtypes
+        kcpu.load().fwd(*(x[k].half() for k in ("u", "delta", "A")), x["B"][:, None].half(), x["C"][:, None].half())
     with pytest.raises(ValueError):
         kcpu.selective_scan_cpu(x["u"], x["delta"], x["A"], x["B"], x["C"], chunk_len=-1)
 
@@ -263,3 +269,254 @@ def test_time_blocks(ext, block):
         compare(x, True, torch.float64, 1e-10, chunk_len=5)  # blocks of 1-3 chunks, a ragged last one
     finally:
         ext.set_time_block(old)
+
+
+# ---- decode-step selective state update ---------------------------------------------------------
+
+def _step_inputs(b, layout, G, dtype, *, D=True, z=True, bias=True, T=None, seed=0):
+    """Mamba-1 layout: rows = (dim,); Mamba-2: (nheads, headdim) with per-head A, dt, D broadcast as
+    the Mamba2 module passes them (stride-0 expanded views). G=0: B/C without the group axis."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+    tok = () if T is None else (T,)
+    if layout[0] == 1:
+        (dim,), N = layout[1:-1], layout[-1]
+        rows = (dim,)
+        A = -(torch.rand(dim, N, generator=g, dtype=torch.float64) * 3 + 0.2).to(dtype)
+        dt = r(b, *tok, dim, scale=0.5, shift=-1.0)
+        Dv, bv = (r(dim) if D else None), (r(dim, scale=0.3) if bias else None)
+    else:
+        H, P, N = layout[1:]
+        rows = (H, P)
+        A = (-(torch.rand(H, generator=g, dtype=torch.float64) * 3 + 0.2)).to(dtype)[:, None, None].expand(H, P, N)
+        dt = r(b, *tok, H, scale=0.5, shift=-1.0)[..., None].expand(b, *tok, H, P)
+        Dv = r(H)[:, None].expand(H, P) if D else None
+        bv = r(H, scale=0.3)[:, None].expand(H, P) if bias else None
+    bc = (b, *tok, N) if G == 0 else (b, *tok, G, N)
+    return dict(state=r(b, *rows, N), x=r(b, *tok, *rows), dt=dt, A=A, B=r(*bc), C=r(*bc), D=Dv,
+                z=r(b, *tok, *rows) if z else None, dt_bias=bv)
+
+
+def _ref_tokens(x, softplus):
+    """Reference: selective_state_update_ref token by token (out, final state)."""
+    if x["x"].dim() == x["A"].dim():
+        return selective_state_update_ref(**x, dt_softplus=softplus)
+    h, outs = x["state"], []
+    for t in range(x["x"].shape[1]):
+        def pick(k, t=t):
+            return None if x[k] is None else x[k][:, t]
+
+        o, h = selective_state_update_ref(h, pick("x"), pick("dt"), x["A"], pick("B"), pick("C"), x["D"],
+                                          pick("z"), x["dt_bias"], softplus)
+        outs.append(o)
+    return torch.stack(outs, 1), h
+
+
+# (batch, layout, G, D, z, bias, softplus, T); layout (1, dim, N) or (2, nheads, headdim, N)
+STEP_CASES = [
+    (1, (1, 5, 16), 0, True, True, True, True, None),
+    (3, (1, 12, 7), 3, False, False, True, True, None),   # grouped B/C, N not a multiple of 8
+    (2, (1, 6, 1), 2, True, False, False, False, None),
+    (2, (2, 4, 3, 16), 2, True, True, True, True, None),
+    (1, (2, 3, 5, 11), 1, False, True, False, True, None),
+    (2, (2, 6, 2, 9), 3, True, False, True, False, None),
+    (2, (1, 6, 5), 0, True, True, True, True, 3),         # several tokens
+    (1, (2, 4, 3, 8), 2, True, True, True, True, 2),
+]
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "b{}L{}G{}T{}".format(c[0], "x".join(map(str, c[1])),
+                                                                                 c[2], c[7]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_state_update_matches_reference(ext, case, dtype):
+    b, layout, G, D, z, bias, softplus, T = case
+    x = _step_inputs(b, layout, G, dtype, D=D, z=z, bias=bias, T=T)
+    want_out, want_state = _ref_tokens(x, softplus)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    for isa in _isas(ext):
+        ext.set_isa(isa)
+        state = x["state"].clone()
+        out = kcpu.selective_state_update_cpu(**{**x, "state": state}, dt_softplus=softplus)
+        assert out.dtype == dtype and out.shape == want_out.shape
+        assert_close(out, want_out, rtol, "out")
+        assert_close(state, want_state, rtol, "state (in place)")
+    ext.set_isa("auto")
+
+
+def test_state_update_dispatch(ext):
+    """ssm_core dispatches to the compiled step (in place, or functional without autograd) and keeps the
+    PyTorch path when gradients are needed; all three agree."""
+    x = _step_inputs(2, (2, 4, 3, 16), 2, torch.float32)
+    want_out, want_state = selective_state_update_ref(**x, dt_softplus=True)
+    state = x["state"].clone()
+    out = selective_state_update(**{**x, "state": state}, dt_softplus=True, backend="cpu")
+    assert_close(out, want_out, 1e-5, "out")
+    assert_close(state, want_state, 1e-5, "state")
+    with torch.no_grad():
+        out2, new = selective_state_update(**x, dt_softplus=True, inplace=False, backend="cpu")
+    assert new.data_ptr() != x["state"].data_ptr()
+    assert_close(new, want_state, 1e-5, "functional state")
+    xs = {k: (v if v is None or k != "x" else v.clone().requires_grad_()) for k, v in x.items()}
+    out3, _ = selective_state_update(**xs, dt_softplus=True, inplace=False, backend="cpu")
+    assert out3.requires_grad  # the differentiable PyTorch path
+    assert_close(out3.detach(), want_out, 1e-6, "grad path")
+
+
+def test_state_update_bf16_and_strided_state(ext):
+    x = _step_inputs(2, (1, 8, 16), 1, torch.float32)
+    want_out, want_state = selective_state_update_ref(**x, dt_softplus=True)
+    big = torch.zeros(2, 8, 32)
+    big[..., ::2] = x["state"]
+    state = big[..., ::2]  # not unit stride over N: updated through a copy, written back
+    out = kcpu.selective_state_update_cpu(**{**x, "state": state}, dt_softplus=True)
+    assert_close(out, want_out, 1e-5, "out")
+    assert_close(big[..., ::2], want_state, 1e-5, "strided state")
+    xb = {k: (v if v is None or k == "state" else v.bfloat16()) for k, v in x.items()}
+    st = x["state"].clone()
+    ob = kcpu.selective_state_update_cpu(**{**xb, "state": st}, dt_softplus=True)
+    wb, ws = selective_state_update_ref(**xb, dt_softplus=True)
+    assert ob.dtype == torch.bfloat16 and st.dtype == torch.float32
+    assert_close(st, ws, 1e-5, "state from bf16 inputs")
+    assert_close(ob.float(), wb.float(), 1e-2, "bf16 out")
+
+
+def test_state_update_validation(ext):
+    x = _step_inputs(2, (1, 6, 4), 0, torch.float32)
+    with pytest.raises(ValueError, match="state must be"):
+        kcpu.selective_state_update_cpu(**{**x, "state": x["state"][:, :, :3]})
+    with pytest.raises(ValueError, match="B must be"):
+        kcpu.selective_state_update_cpu(**{**x, "B": x["B"][:, :3]})
+    with pytest.raises(ValueError, match="G dividing"):
+        kcpu.selective_state_update_cpu(**{**x, "B": torch.zeros(2, 4, 4), "C": torch.zeros(2, 4, 4)})
+    with pytest.raises(ValueError, match="dt must match"):
+        kcpu.selective_state_update_cpu(**{**x, "dt": x["dt"][:1]})
+
+
+# ---- causal conv1d ------------------------------------------------------------------------------
+
+def _conv_inputs(b, d, L, W, dtype, *, bias=True, init=True, seq=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    seq_idx = None
+    if seq:  # two or three packed sequences per row, cut at random places
+        cuts = torch.randint(1, max(L, 2), (b, 2), generator=g)
+        seq_idx = (torch.arange(L)[None, :, None] >= cuts[:, None, :]).sum(-1).to(torch.int32)
+    return dict(x=r(b, d, L), weight=r(d, W), bias=r(d) if bias else None, seq_idx=seq_idx,
+                initial_states=r(b, d, W - 1) if init else None)
+
+
+def _conv_run(fn, x, act, grads=True):
+    leaves = {k: v.detach().clone().requires_grad_(grads) for k, v in x.items()
+              if v is not None and k != "seq_idx"}
+    args = {k: leaves.get(k, x[k]) for k in x}
+    out, final = fn(**args, return_final_states=True, activation=act)
+    if not grads:
+        return out, final, {}
+    g = torch.Generator().manual_seed(7)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    gf = torch.randn(final.shape, generator=g, dtype=torch.float64).to(final.dtype)
+    loss = (out * go).sum() + (final * gf).sum()
+    names = list(leaves)
+    return out, final, dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+
+
+def _conv_ref(**kw):
+    return causal_conv1d(**kw, backend="ref")
+
+
+# (batch, dim, L, width, bias, initial state, seq_idx, activation)
+CONV_CASES = [
+    (1, 1, 1, 4, True, True, False, "silu"),
+    (2, 3, 7, 4, True, False, False, "silu"),
+    (2, 5, 37, 4, False, True, False, None),
+    (1, 4, 130, 3, True, True, False, "silu"),
+    (3, 2, 9, 2, True, True, True, "silu"),
+    (2, 3, 25, 4, True, True, True, None),
+    (1, 2, 5, 1, True, False, False, "silu"),   # width 1: no state
+    (2, 2, 3, 6, False, True, False, "silu"),   # width > L: the state reaches past the start
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "b{}d{}L{}W{}seq{}".format(*c[:4], int(c[6])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_conv_matches_reference(ext, case, dtype):
+    b, d, L, W, bias, init, seq, act = case
+    x = _conv_inputs(b, d, L, W, dtype, bias=bias, init=init and W > 1, seq=seq)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    for isa in _isas(ext):
+        ext.set_isa(isa)
+        o1, f1, g1 = _conv_run(kcpu.causal_conv1d_cpu, x, act)
+        o2, f2, g2 = _conv_run(_conv_ref, x, act)
+        assert o1.dtype == dtype and f1.shape == f2.shape
+        assert_close(o1, o2, rtol, "out")
+        assert torch.equal(f1, f2)
+        assert set(g1) == set(g2)
+        for k in g2:
+            assert g1[k].dtype == dtype and g1[k].shape == x[k].shape
+            assert_close(g1[k], g2[k], rtol, f"grad {k}")
+    ext.set_isa("auto")
+
+
+def test_conv_gradcheck_fp64(ext):
+    for seq in (False, True):
+        x = _conv_inputs(2, 3, 6, 3, torch.float64, seq=seq)
+        names = ["x", "weight", "bias", "initial_states"]
+
+        def f(*ts, seq=x["seq_idx"]):
+            return kcpu.causal_conv1d_cpu(*ts[:3], seq_idx=seq, initial_states=ts[3], return_final_states=True,
+                                          activation="silu")
+
+        assert torch.autograd.gradcheck(f, tuple(x[k].clone().requires_grad_() for k in names), eps=1e-6,
+                                        atol=1e-7, rtol=1e-5)
+
+
+def test_conv_dispatch_and_dtypes(ext):
+    x = _conv_inputs(2, 6, 33, 4, torch.float32)
+    want = causal_conv1d(**x, activation="silu", backend="ref")
+    got = causal_conv1d(**x, activation="silu", backend="cpu")
+    assert_close(got, want, 1e-5, "dispatched out")
+    xb = {k: (v.bfloat16() if v is not None and v.is_floating_point() else v) for k, v in x.items()}
+    ob, fb, gb = _conv_run(kcpu.causal_conv1d_cpu, xb, "silu")
+    orf, _, _ = _conv_run(_conv_ref, {k: (v.float() if v is not None and v.is_floating_point() else v)
+                                      for k, v in xb.items()}, "silu", grads=False)
+    assert ob.dtype == fb.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in gb.values())
+    assert_close(ob.float(), orf, 1e-2, "bf16 out")
+    with pytest.raises(ValueError, match="activation"):
+        kcpu.causal_conv1d_cpu(x["x"], x["weight"], activation="relu")
+    with pytest.raises(ValueError, match="initial_states"):
+        kcpu.causal_conv1d_cpu(x["x"], x["weight"], initial_states=x["initial_states"][..., :2])
+
+
+@pytest.mark.parametrize("W,S", [(4, 3), (4, 5), (2, 1), (3, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_conv_update_matches_reference(ext, W, S, dtype):
+    g = torch.Generator().manual_seed(W * 10 + S)
+    b, d = 3, 5
+    x = torch.randn(b, d, generator=g, dtype=dtype)
+    state = torch.randn(b, d, S, generator=g, dtype=dtype)
+    weight, bias = torch.randn(d, W, generator=g, dtype=dtype), torch.randn(d, generator=g, dtype=dtype)
+    for act in (None, "silu"):
+        want, want_state = causal_conv1d_update(x, state, weight, bias, act, inplace=False, backend="ref")
+        st = state.clone()
+        out = kcpu.causal_conv1d_update_cpu(x, st, weight, bias, act)
+        assert_close(out, want, 1e-6 if dtype == torch.float32 else 1e-13, "out")
+        assert torch.equal(st, want_state)
+        st2 = state.clone()
+        out2 = causal_conv1d_update(x, st2, weight, bias, act, backend="cpu")  # dispatched, in place
+        assert torch.equal(out2, out) and torch.equal(st2, st)
+
+
+def test_conv_update_steps_equal_forward(ext):
+    """Decode steps through the compiled update reproduce the compiled forward and its final state."""
+    x = _conv_inputs(2, 4, 9, 4, torch.float32)
+    full, final = kcpu.causal_conv1d_cpu(**x, return_final_states=True, activation="silu")
+    st = x["initial_states"].clone()
+    outs = [kcpu.causal_conv1d_update_cpu(x["x"][..., t], st, x["weight"], x["bias"], "silu") for t in range(9)]
+    assert_close(torch.stack(outs, -1), full, 1e-6, "steps vs forward")
+    assert torch.equal(st, final)

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._checks import check_state_update, per_token
 from ._common import check_device, dummy, pow2, sum_combine, tl_acc
 
 __all__ = ["selective_state_update_triton"]
@@ -120,48 +121,23 @@ def selective_state_update_triton(
     Same layouts and semantics as ssm_core's ``selective_state_update`` with ``inplace=True``.
     """
     name = "selective_state_update_triton"
-    if A.dim() not in (2, 3) or state.dim() != A.dim() + 1 or state.shape[1:] != A.shape:
-        raise ValueError(
-            f"{name}: state must be (batch, *A.shape)={('batch', *A.shape)}, got {tuple(state.shape)}"
-        )
-    if x.dim() not in (A.dim(), A.dim() + 1):
-        raise ValueError(
-            f"{name}: x must be {('batch', *A.shape[:-1])} for one token or "
-            f"{('batch', 'T', *A.shape[:-1])} for T tokens, got {tuple(x.shape)}"
-        )
+    several = check_state_update(name, state, x, dt, A, B, C, D, z, dt_bias)
     check_device(state, x, dt, A, B, C, D, z, dt_bias, name=name)
-    several = x.dim() == A.dim() + 1
-    mamba2 = A.dim() == 3
-    b = state.shape[0]
     rows = A.shape[0]
 
-    def bc(X: Tensor) -> Tensor:  # one token's B/C -> (batch, G, N)
-        if X.dim() == 2:
-            X = X.unsqueeze(1)
-        if X.dim() != 3 or X.shape[0] != b or X.shape[2] != A.shape[-1] or rows % X.shape[1]:
-            raise ValueError(f"{name}: B/C must be (batch, N) or (batch, G, N) with G dividing {rows}")
-        return X
+    def step(xt, dtt, Bt, Ct, zt):
+        if Bt.dim() == 2:  # no group axis: one group
+            Bt, Ct = Bt.unsqueeze(1), Ct.unsqueeze(1)
+        if A.dim() == 3:
+            return _update_one(state, xt, dtt, A, Bt, Ct, D, zt, dt_bias, dt_softplus)
+        G = Bt.shape[1]  # Mamba-1: G heads of dim / G rows, one group per head
 
-    tokens = x.shape[1] if several else 1
-    outs = []
-    for t in range(tokens):
-        def pick(X, t=t):
-            return None if X is None else (X[:, t] if several else X)
+        def split(X, lead):
+            return None if X is None else X.unflatten(lead, (G, rows // G))
 
-        xt, dtt, zt, Bt, Ct = pick(x), pick(dt), pick(z), bc(pick(B)), bc(pick(C))
-        if Bt.shape[1] != Ct.shape[1]:
-            raise ValueError(f"{name}: B and C must have the same number of groups")
-        if mamba2:
-            out = _update_one(state, xt, dtt, A, Bt, Ct, D, zt, dt_bias, dt_softplus)
-        else:  # Mamba-1: G heads of dim / G rows, one group per head
-            G = Bt.shape[1]
+        return _update_one(
+            split(state, 1), split(xt, 1), split(dtt, 1), split(A, 0), Bt, Ct,
+            split(D, 0), split(zt, 1), split(dt_bias, 0), dt_softplus,
+        ).flatten(1)
 
-            def split(X, lead, G=G):
-                return None if X is None else X.unflatten(lead, (G, rows // G))
-
-            out = _update_one(
-                split(state, 1), split(xt, 1), split(dtt, 1), split(A, 0), Bt, Ct,
-                split(D, 0), split(zt, 1), split(dt_bias, 0), dt_softplus,
-            ).flatten(1)
-        outs.append(out)
-    return torch.stack(outs, dim=1) if several else outs[0]
+    return per_token(several, step, x, dt, B, C, z)

@@ -83,18 +83,28 @@ def causal_conv1d_update(
     activation: str | None = None,
     *,
     inplace: bool = True,
+    backend: str | None = None,
 ):
     """One decode step. x: (batch, dim); conv_state: (batch, dim, S) with S >= width - 1.
 
     In place (mamba_ssm's behaviour) it shifts the state and returns out: (batch, dim); with
-    ``inplace=False`` it returns (out, new_state) and is differentiable.
+    ``inplace=False`` it returns (out, new_state) and is differentiable. ``backend`` as in
+    ``causal_conv1d``; the compiled step runs unless autograd needs the graph.
     """
     width = weight.shape[1]
-    if conv_state.shape[-1] < width - 1 or conv_state.shape[:2] != x.shape:
+    if conv_state.shape[-1] < max(width - 1, 1) or conv_state.shape[:2] != x.shape:
         raise ValueError(
-            f"causal_conv1d_update: conv_state must be (batch, dim, >= {width - 1}) matching x "
+            f"causal_conv1d_update: conv_state must be (batch, dim, >= {max(width - 1, 1)}) matching x "
             f"{tuple(x.shape)}, got {tuple(conv_state.shape)}"
         )
+    _activate(x[:0], activation)  # validates the name
+    needs_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, conv_state, weight, bias))
+    kernel = None if needs_graph else fast_path(backend, x.device, "causal_conv1d_update")
+    if kernel is not None:
+        target = conv_state if inplace else conv_state.detach().clone()
+        out = kernel(x, target, weight, bias, activation)
+        return out if inplace else (out, target)
     window = torch.cat([conv_state[..., conv_state.shape[-1] - (width - 1) :].to(x.dtype), x.unsqueeze(-1)], dim=-1)
     out = (window * weight.to(x.dtype)).sum(-1)
     if bias is not None:

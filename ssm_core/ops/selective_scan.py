@@ -239,6 +239,10 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
     return out.to(x.dtype), new_state
 
 
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def selective_state_update(
     state: Tensor,
     x: Tensor,
@@ -252,6 +256,7 @@ def selective_state_update(
     dt_softplus: bool = False,
     *,
     inplace: bool = True,
+    backend: str | None = None,
 ):
     """Advance the SSM state by one token (or T tokens), like mamba_ssm's ``selective_state_update``.
 
@@ -259,8 +264,19 @@ def selective_state_update(
     B, C carry the same T axis after batch). With ``inplace`` (mamba_ssm's behaviour) the state
     tensor is overwritten and ``out`` returned; with ``inplace=False`` it returns ``(out, new_state)``
     and is differentiable in every input, the state included.
+
+    ``backend`` as in ``selective_scan``: the compiled CPU / Triton step runs unless autograd needs
+    the graph (then this PyTorch code does, which is what makes ``inplace=False`` differentiable).
     """
     several = _check_update_inputs(state, x, A)
+    tensors = (state, x, dt, A, B, C, D, z, dt_bias)
+    kernel = None
+    if not _wants_grad(*tensors):
+        kernel = fast_path(backend, x.device, "selective_state_update")
+    if kernel is not None:
+        target = state if inplace else state.detach().to(acc_dtype(x), copy=True)
+        out = kernel(target, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return out if inplace else (out, target)
     if several:
         outs, h = [], state
         for t in range(x.shape[1]):
