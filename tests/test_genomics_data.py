@@ -31,6 +31,7 @@ from apps.genomics.data import (
     encode,
     feature_mask,
     holdout_intervals,
+    pad_collate,
     read_bed,
     read_genbank,
     reverse_complement_ids,
@@ -243,8 +244,9 @@ def test_tiled_windows_score_every_base_once(nrich):
     n_targets = sum(int((ds[i]["labels"] != IGNORE).sum()) for i in range(len(ds)))
     expected = sum(sum(c in "ACGT" for c in seq[iv.start + 1 : iv.end]) for iv in ivs)
     assert n_targets == expected
-    last = ds[7]
-    assert last["input_ids"][-1] == PAD_ID and last["labels"][-1] == IGNORE
+    last = pad_collate([ds[7], ds[6]])
+    assert last["input_ids"].shape == (2, 128) and ds[7]["input_ids"].shape == (999 - 7 * 128,)
+    assert last["input_ids"][0, -1] == PAD_ID and last["labels"][0, -1] == IGNORE
 
 
 # ---- GenBank ------------------------------------------------------------------------------------------------

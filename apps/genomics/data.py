@@ -33,8 +33,8 @@ __all__ = [
     "VOCAB_SIZE", "CLS_ID", "SEP_ID", "BOS_ID", "MASK_ID", "PAD_ID", "RESERVED_ID", "UNK_ID",
     "A_ID", "C_ID", "G_ID", "T_ID", "N_ID", "BASE_IDS", "SPECIAL_TOKENS", "VOCAB",
     "encode", "decode", "reverse_complement_ids", "FastaReader", "SAMPLE_FASTA", "Interval", "read_bed",
-    "holdout_intervals", "RandomWindows", "TiledWindows", "GenBankRecord", "read_genbank", "feature_mask",
-    "warmup_stage", "DNADataModule",
+    "holdout_intervals", "RandomWindows", "TiledWindows", "pad_collate", "GenBankRecord", "read_genbank",
+    "feature_mask", "warmup_stage", "DNADataModule",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -406,8 +406,9 @@ class RandomWindows(Dataset):
 
 class TiledWindows(Dataset):
     """Every base of ``intervals`` once: consecutive windows of ``seq_len`` inputs overlapping by one base
-    (so each base but an interval's first is a target exactly once); the last window of an interval is
-    padded with [PAD] and ignored labels. For validation and test: deterministic, no augmentation."""
+    (so each base but an interval's first is a target exactly once). An interval's last window is shorter;
+    ``pad_collate`` pads a batch to its longest window with [PAD] and ignored labels. For validation and
+    test: deterministic, no augmentation."""
 
     def __init__(self, fasta: FastaReader, intervals: list[Interval], seq_len: int,
                  in_memory_max_bases: int = 1 << 28):
@@ -421,13 +422,19 @@ class TiledWindows(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         k, a = self.index[i]
-        w = self.source.get(k, a, a + self.seq_len + 1)
-        x, y = _targets(w)
-        pad = self.seq_len - x.shape[0]
-        if pad:
-            x = torch.cat([x, x.new_full((pad,), PAD_ID)])
-            y = torch.cat([y, y.new_full((pad,), IGNORE)])
+        x, y = _targets(self.source.get(k, a, a + self.seq_len + 1))
         return {"input_ids": x, "labels": y}
+
+
+def pad_collate(batch: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack windows of different lengths, right-padding inputs with [PAD] and labels with -100 (ignored)."""
+    n = max(b["input_ids"].shape[0] for b in batch)
+    x = torch.full((len(batch), n), PAD_ID, dtype=torch.long)
+    y = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    for i, b in enumerate(batch):
+        x[i, : b["input_ids"].shape[0]] = b["input_ids"]
+        y[i, : b["labels"].shape[0]] = b["labels"]
+    return {"input_ids": x, "labels": y}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -580,7 +587,7 @@ class DNADataModule(pl.LightningDataModule):
         hp = self.hparams
         ds = TiledWindows(self.fasta, self.split(split), hp.seq_len, hp.in_memory_max_bases)
         return DataLoader(ds, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
-                          num_workers=hp.num_workers)
+                          num_workers=hp.num_workers, collate_fn=pad_collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("valid")
