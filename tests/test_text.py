@@ -1,0 +1,364 @@
+"""apps/text: byte data, training (chunked, TBPTT across batches), exact evaluation, UTF-8-safe streaming,
+state cartridges, speculative decoding (exact distribution), MambaByte (mamba_ssm format) checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apps.text.data import (
+    BOS,
+    EOS,
+    SAMPLE_DIR,
+    ByteCorpus,
+    Doc,
+    Streams,
+    encode,
+    enwik8_splits,
+    list_files,
+    pg19_splits,
+    split_files,
+)
+from apps.text.evaluate import evaluate_files
+from apps.text.generate import (
+    Utf8Stream,
+    byte_surprisal,
+    load_cartridge,
+    load_model,
+    prefill,
+    save_cartridge,
+    stream_bytes,
+    stream_text,
+)
+from apps.text.model import TextLMModule
+from apps.text.speculative import (
+    SpecStats,
+    accept_or_resample,
+    acceptance_probability,
+    residual_distribution,
+    speculative_stream,
+    warp_probs,
+)
+from ssm_core import MambaConfig, MambaLMHeadModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny(vocab: int = 256, d: int = 32, n: int = 2, seed: int = 0) -> MambaLMHeadModel:
+    torch.manual_seed(seed)
+    return MambaLMHeadModel(MambaConfig(d_model=d, n_layer=n, vocab_size=vocab, ssm_cfg={"d_state": 8})).eval()
+
+
+def sharpen(model: MambaLMHeadModel, scale: float = 8.0) -> MambaLMHeadModel:
+    """Random tiny models are near-uniform; scaling the tied embedding makes their outputs peaked, so greedy
+    paths have no near-ties and distributions are far from uniform (a stronger test)."""
+    with torch.no_grad():
+        model.backbone.embedding.weight.mul_(scale)
+    return model
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+
+def write_corpus(root: Path, n: int = 6) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        f = root / f"doc{i}.txt"
+        f.write_bytes((f"document {i}: héllo wörld ✓ " * (20 + i)).encode() + bytes([0xFF, 0xFE, i]))
+        files.append(f)
+    (root / ".hidden").write_text("skip me")
+    return files
+
+
+def test_bundled_sample_is_real_and_small():
+    files = list_files([SAMPLE_DIR], "*.rst.txt")
+    assert len(files) >= 20
+    assert sum(f.stat().st_size for f in files) < 2_000_000
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE" in (SAMPLE_DIR / "LICENSE").read_text()
+    train, valid, test = split_files(files)
+    assert set(train).isdisjoint(valid) and set(train).isdisjoint(test) and set(valid).isdisjoint(test)
+    assert sorted(train + valid + test) == sorted(files)
+
+
+def test_files_folders_split_and_errors(tmp_path):
+    files = write_corpus(tmp_path / "c")
+    assert list_files([tmp_path / "c"]) == files  # sorted, hidden files skipped
+    with pytest.raises(FileNotFoundError, match="nope"):
+        list_files([tmp_path / "nope"])
+    with pytest.raises(FileNotFoundError, match=r"no files matching '\*.md'"):
+        list_files([tmp_path / "c"], "*.md")
+    a = split_files(files, 0.2, 0.2)
+    assert a == split_files(list(reversed(files)), 0.2, 0.2)  # by name, not by listing order
+    assert all(len(s) >= 1 for s in a)
+    with pytest.raises(ValueError, match="at least 3 files"):
+        split_files(files[:2])
+
+
+def test_corpus_reads_bytes_and_frames_documents(tmp_path):
+    files = write_corpus(tmp_path / "c", 3)
+    raw = [f.read_bytes() for f in files]
+    plain = ByteCorpus([Doc(f) for f in files])
+    assert plain.read(0, len(plain)).tolist() == list(b"".join(raw))  # invalid UTF-8 is just bytes
+    framed = ByteCorpus([Doc(f) for f in files], specials=True)
+    want = [t for r in raw for t in [BOS, *r, EOS]]
+    assert len(framed) == len(want)
+    for start, n in [(0, len(want)), (1, 5), (len(raw[0]) - 3, 10), (len(raw[0]) + 1, 3), (len(want) - 4, 10)]:
+        assert framed.read(start, n).tolist() == want[start : start + n]
+    assert framed.doc_tokens(1).tolist() == [BOS, *raw[1], EOS]
+
+
+def test_pg19_and_enwik8_layouts(tmp_path):
+    for split in ("train", "validation", "test"):
+        write_corpus(tmp_path / "pg19" / split, 2)
+    s = pg19_splits(tmp_path / "pg19")
+    assert [len(s[k]) for k in ("train", "valid", "test")] == [2, 2, 2]
+    assert s["valid"][0].path.parent.name == "validation"
+    with pytest.raises(FileNotFoundError, match="validation"):
+        pg19_splits(tmp_path / "pg19" / "train")
+    data = bytes(range(256)) * 40
+    (tmp_path / "enwik8").write_bytes(data)
+    e = enwik8_splits(tmp_path / "enwik8", n_valid=1000, n_test=500)
+    got = [ByteCorpus(e[k]).read(0, 10**6).tolist() for k in ("train", "valid", "test")]
+    assert got == [list(data[:-1500]), list(data[-1500:-500]), list(data[-500:])]
+
+
+def test_streams_are_consecutive_batches(tmp_path):
+    files = write_corpus(tmp_path / "c", 3)
+    corpus = ByteCorpus([Doc(f) for f in files])
+    ds = Streams(corpus, seq_len=16, batch_size=3)
+    b0, b1 = ds[0], ds[1]
+    assert b0["reset"] and not b1["reset"]
+    assert torch.equal(b0["labels"][:, -1], b1["input_ids"][:, 0])  # batch 1 continues batch 0, row by row
+    assert torch.equal(b0["input_ids"][1, 0], corpus.read(ds.row_len, 1)[0])
+
+
+def test_tbptt_carries_state_across_batches(tmp_path):
+    """Two consecutive stream batches with the carried state give the same second-batch loss as reading both
+    batches' rows in one pass (the state is the exact recurrence; detach only cuts gradients)."""
+    files = write_corpus(tmp_path / "c", 3)
+    ds = Streams(ByteCorpus([Doc(f) for f in files]), seq_len=24, batch_size=2)
+    module = TextLMModule(MambaConfig(d_model=16, n_layer=1, vocab_size=256, ssm_cfg={"d_state": 4}), chunk_len=8)
+    module.log = lambda *a, **k: None  # no trainer attached
+    b0, b1 = ds[0], ds[1]
+    module.training_step(b0, 0)
+    loss1 = module.training_step(b1, 1)
+    ids = torch.cat([b0["input_ids"], b1["input_ids"]], 1)
+    labels = torch.cat([b0["labels"], b1["labels"]], 1)
+    logits = module.model(ids).logits[:, 24:, :256]
+    want = F.cross_entropy(logits.flatten(0, 1), labels[:, 24:].flatten())
+    torch.testing.assert_close(loss1, want, rtol=1e-5, atol=1e-5)
+    fresh = module.training_step({**b1, "reset": True}, 0)
+    assert not torch.allclose(fresh, want)  # without the carried state the loss differs
+
+
+# --- training and evaluation --------------------------------------------------------------------------------
+
+
+def test_train_cli_smoke_then_evaluate(tmp_path, capsys):
+    from apps.text.train import main
+
+    write_corpus(tmp_path / "c", 5)
+    root = tmp_path / "run"
+    cli = main(["fit", f"--data.paths=[{tmp_path / 'c'}]", "--data.pattern=*.txt", "--data.seq_len=64",
+                "--data.batch_size=2", "--data.val_tokens=256", "--data.tbptt=true", "--model.chunk_len=16",
+                "--model.config.d_model=16", "--model.config.n_layer=1", "--trainer.max_steps=3",
+                "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.max_time=null",
+                f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+                "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.global_step == 3
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+    pretrained = log_dir / "pretrained"
+    held = json.loads((log_dir / "heldout.json").read_text())
+    assert 0 < held["bits_per_byte"] < 9 and held["protocol"].startswith("whole files")
+    # evaluate: the CLI's number equals a one-shot forward over each held-out file
+    test_files = held["files"]
+    result = evaluate_files(pretrained, test_files, chunk_len=7)
+    model = load_model(pretrained)
+    bits, n = 0.0, 0
+    for f in test_files:
+        ids = encode(Path(f).read_bytes())
+        nll = F.cross_entropy(model(ids[None, :-1]).logits[0, :, :256], ids[1:], reduction="sum")
+        bits, n = bits + float(nll) / math.log(2), n + len(ids) - 1
+    assert result["total"] == pytest.approx(bits / n, rel=1e-4)
+    assert result["total"] == pytest.approx(held["bits_per_byte"], rel=1e-4)
+    from apps.text.evaluate import main as eval_main
+
+    eval_main(["--ckpt", str(pretrained), "--files", *test_files])
+    assert "bits/byte" in capsys.readouterr().out
+
+
+# --- generation ---------------------------------------------------------------------------------------------
+
+
+def test_utf8_stream_never_emits_half_a_character():
+    text = "aé✓😀z"
+    data = text.encode()
+    dec = Utf8Stream()
+    pieces = [dec.feed([b]) for b in data]
+    assert "".join(pieces) + dec.flush() == text
+    assert pieces[1] == "" and pieces[2] == "é"  # the first byte of é is held back
+    assert all("\ufffd" not in p for p in pieces)
+    dec = Utf8Stream()
+    out = dec.feed([0x61, 0xFF, 0x62, 0xE2, 0x9C]) + dec.feed([BOS]) + dec.flush()
+    assert out == "a\ufffdb\ufffd"  # invalid byte -> U+FFFD, dangling partial character at the end -> U+FFFD
+
+
+def test_stream_text_is_whole_characters_and_matches_bytes():
+    model = tiny()
+    pieces = list(stream_text(model, "héllo", 60, temperature=1.0, seed=3))
+    raw = bytes(stream_bytes(model, "héllo", 60, temperature=1.0, seed=3))
+    assert "".join(pieces) == raw.decode("utf-8", errors="replace")
+    for p in pieces:
+        p.encode("utf-8")  # each piece is valid text on its own (no surrogates / split characters)
+
+
+def test_cartridge_continuation_equals_one_go(tmp_path):
+    model = tiny(seed=1)
+    doc, more = ("The quick brown fox " * 30).encode(), b"jumps"
+    path = tmp_path / "doc.state"
+    save_cartridge(path, model, doc, chunk_len=64)
+    state = load_cartridge(path, model)
+    assert state.seqlen_offset == len(doc)
+    a = list(stream_bytes(model, more, 40, temperature=0.9, top_k=50, seed=7, state=state))
+    b = list(stream_bytes(model, doc + more, 40, temperature=0.9, top_k=50, seed=7))
+    assert a == b
+    s = byte_surprisal(model, more, state=state)
+    full = byte_surprisal(model, doc + more)
+    assert math.isnan(s[0]) and s[1:] == pytest.approx(full[-len(more) + 1:], rel=1e-4, abs=1e-4)
+    with pytest.raises(ValueError, match="at least one more"):
+        list(stream_bytes(model, b"", 5, state=state))
+    with pytest.raises(ValueError, match="different model"):
+        load_cartridge(path, tiny(d=16))
+    assert prefill(model, encode(doc), chunk_len=1000).seqlen_offset == len(doc)
+
+
+def test_mambabyte_checkpoint_in_mamba_ssm_format(tmp_path):
+    """A MambaByte-style directory as mamba_ssm writes it: config.json with mamba_ssm's fields (vocab 256,
+    ssm_cfg {}) and pytorch_model.bin with its key names (lm_head.weight saved too, tied)."""
+    torch.manual_seed(0)
+    cfg = {"d_model": 32, "n_layer": 2, "vocab_size": 256, "ssm_cfg": {}, "rms_norm": True,
+           "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8}
+    ref = MambaLMHeadModel(MambaConfig(**cfg)).eval()
+    sd = ref.state_dict()
+    assert {"backbone.embedding.weight", "backbone.layers.0.mixer.in_proj.weight", "backbone.layers.1.mixer.A_log",
+            "backbone.layers.0.mixer.x_proj.weight", "backbone.layers.0.mixer.dt_proj.bias", "backbone.norm_f.weight",
+            "lm_head.weight", "backbone.layers.0.norm.weight", "backbone.layers.0.mixer.conv1d.weight"} <= set(sd)
+    d = tmp_path / "mambabyte"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    torch.save({k: v.clone() for k, v in sd.items()}, d / "pytorch_model.bin")
+    model = load_model(d)
+    ids = encode(b"Hello, MambaByte!")[None]
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+    assert list(stream_bytes(model, "Hi", 20, temperature=0)) == list(stream_bytes(ref, "Hi", 20, temperature=0))
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": 16}))
+    with pytest.raises(ValueError):
+        load_model(d)
+
+
+# --- speculative decoding -----------------------------------------------------------------------------------
+
+
+def test_acceptance_rule_gives_exactly_p():
+    """Exact: P(out = x) = sum_d q(d) [a(d) 1{x=d} + (1 - a(d)) r(x)] equals p(x), for random p, q (incl. zeros)."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        v = 2 + trial % 7
+        p = torch.rand(v, generator=g, dtype=torch.float64) ** 3
+        q = torch.rand(v, generator=g, dtype=torch.float64) ** 3
+        if trial % 3 == 0:
+            p[0] = 0.0
+        if trial % 4 == 0:
+            q[-1] = 0.0
+        p, q = p / p.sum(), q / q.sum()
+        r = residual_distribution(p, q)
+        out = torch.zeros(v, dtype=torch.float64)
+        for d in range(v):
+            if q[d] == 0:
+                continue
+            a = acceptance_probability(p, q, d)
+            out[d] += q[d] * a
+            out += q[d] * (1 - a) * r
+        torch.testing.assert_close(out, p, rtol=0, atol=1e-12)
+    # the sampling function follows the rule: accepted iff u < a (frequency check with a fixed seed)
+    p, q = torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64), torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+    res = [accept_or_resample(p, q, 0, g) for _ in range(4000)]
+    assert sum(ok for ok, _ in res) / 4000 == pytest.approx(0.2, abs=0.03)
+    assert {t for ok, t in res if not ok} == {1}  # the residual max(0, p - q) lives on token 1 only
+
+
+def test_warp_probs_matches_sample_logits():
+    from ssm_core.models.generation import sample_logits
+
+    logits = torch.randn(1, 11, generator=torch.Generator().manual_seed(0)) * 2
+    for kw, support in [({"temperature": 0.7}, 11), ({"temperature": 1.0, "top_k": 3}, 3),
+                        ({"temperature": 1.3, "top_p": 0.8}, None), ({"temperature": 0.0}, 1)]:
+        probs = warp_probs(logits[0], **kw)
+        assert probs.sum() == pytest.approx(1.0)
+        if support is not None:
+            assert int((probs > 0).sum()) == support
+        g = torch.Generator().manual_seed(1)
+        draws = torch.tensor([int(sample_logits(logits, generator=g, **kw)) for _ in range(3000)])
+        assert set(draws.tolist()) <= set(torch.nonzero(probs).flatten().tolist())  # never outside the support
+        freq = torch.bincount(draws, minlength=11).double() / 3000
+        assert (freq - probs).abs().max() < 0.04
+
+
+def test_greedy_speculative_equals_greedy_plain():
+    target, draft = sharpen(tiny(d=48, n=2, seed=0), 6), sharpen(tiny(d=16, n=1, seed=5), 6)
+    prompt = encode(b"def main():\n    ")[None]
+    plain = [int(t) for t in target.stream(prompt, 64, temperature=0, vocab_size=256)]
+    for k in (1, 3, 5):
+        stats = SpecStats()
+        spec = [int(t) for t in speculative_stream(target, draft, prompt, 64, k=k, temperature=0, stats=stats)]
+        assert spec == plain, k
+        assert stats.emitted == 64 and stats.target_calls < 64 + stats.rounds
+    # a draft identical to the target is always accepted: k+1 tokens per target call
+    stats = SpecStats()
+    spec = [int(t) for t in speculative_stream(target, target, prompt, 40, k=4, temperature=0, stats=stats)]
+    assert spec == plain[:40] and stats.acceptance_rate == 1.0 and stats.target_calls == 8
+
+
+def test_speculative_output_distribution_is_the_targets():
+    """Empirical joint distribution of the first 3 tokens over many seeds vs the target's exact distribution
+    (enumerated), tiny vocabulary, a deliberately different draft so rejections (and state rollbacks) happen."""
+    vocab = 3
+    target, draft = sharpen(tiny(vocab, d=16, n=2, seed=0), 3), sharpen(tiny(vocab, d=8, n=1, seed=9), 3)
+    prompt = torch.tensor([[0, 2, 1]])
+    temperature, top_k = 1.0, 0
+
+    @torch.no_grad()
+    def exact_joint() -> dict[tuple, float]:
+        out = {}
+        for seq in [(a, b, c) for a in range(vocab) for b in range(vocab) for c in range(vocab)]:
+            ids = torch.cat([prompt, torch.tensor([seq[:2]])], 1)
+            logp = target(ids).logits[0, -3:, :vocab].double().div(temperature).log_softmax(-1)
+            out[seq] = math.exp(float(logp[0, seq[0]] + logp[1, seq[1]] + logp[2, seq[2]]))
+        return out
+
+    want = exact_joint()
+    assert min(want.values()) > 0.002 and max(want.values()) < 0.5  # a spread-out target: a sharp test
+    n = 1500
+    counts: dict[tuple, int] = dict.fromkeys(want, 0)
+    stats = SpecStats()
+    for seed in range(n):
+        toks = tuple(int(t) for t in speculative_stream(target, draft, prompt, 3, k=2, temperature=temperature,
+                                                        top_k=top_k, seed=seed, vocab_size=vocab, stats=stats))
+        counts[toks] += 1
+    assert 0.2 < stats.acceptance_rate < 0.95  # both branches (accept, reject + rollback) exercised
+    # Pearson chi-square, outcomes expected < 5 times pooled into one bin
+    small = [s for s, p in want.items() if n * p < 5]
+    bins = [(counts[s], n * p) for s, p in want.items() if s not in small]
+    if small:
+        bins.append((sum(counts[s] for s in small), n * sum(want[s] for s in small)))
+    chi2 = sum((c - e) ** 2 / e for c, e in bins)
+    # 0.999 quantile of chi2 with len(bins) - 1 <= 26 degrees of freedom is at most 54.1; the seeds are fixed,
+    # so this is deterministic. A wrong rollback or acceptance rule shifts mass far beyond it (see the docs).
+    assert chi2 < {26: 54.1, 25: 52.6, 24: 51.2, 23: 49.7, 22: 48.3}.get(len(bins) - 1, 45.3), (chi2, bins)
