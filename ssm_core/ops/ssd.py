@@ -136,35 +136,6 @@ def _resets(seq_idx: Tensor | None) -> Tensor | None:
     return reset
 
 
-class _KernelForwardSSD(torch.autograd.Function):
-    """A forward-only SSD kernel (Triton) with the backward of this module's PyTorch path:
-    backward recomputes the output under autograd and back-propagates through it."""
-
-    @staticmethod
-    def forward(ctx, kernel, opts, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
-        y, final = kernel(x, dt, A, B, C, opts["chunk_size"], D=D, z=z, dt_bias=dt_bias,
-                          initial_states=initial_states, seq_idx=seq_idx, dt_softplus=opts["dt_softplus"],
-                          dt_limit=opts["dt_limit"], return_final_states=True)
-        ctx.opts = opts
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
-        return y, final
-
-    @staticmethod
-    def backward(ctx, dy, dfinal):
-        saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:11]
-        with torch.enable_grad():
-            leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(saved[:9], needs)]
-            y, final = mamba_chunk_scan_combined(*leaves[:5], ctx.opts["chunk_size"], D=leaves[5], z=leaves[6],
-                                                 dt_bias=leaves[7], initial_states=leaves[8], seq_idx=saved[9],
-                                                 dt_softplus=ctx.opts["dt_softplus"], dt_limit=ctx.opts["dt_limit"],
-                                                 return_final_states=True, backend="ref")
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            got = iter(torch.autograd.grad((y, final), wanted, (dy, dfinal), allow_unused=True))
-        grads = [next(got) if t is not None and t.requires_grad else None for t in leaves]
-        return (None, None, *grads, None)
-
-
 def mamba_chunk_scan_combined(
     x: Tensor,
     dt: Tensor,
@@ -195,10 +166,10 @@ def mamba_chunk_scan_combined(
     if chunk_size <= 0:
         raise ValueError(f"ssd: chunk_size must be positive, got {chunk_size}")
     kernel = fast_path(backend, x.device, "mamba_chunk_scan_combined")
-    if kernel is not None:
-        opts = {"chunk_size": chunk_size, "dt_softplus": dt_softplus, "dt_limit": tuple(dt_limit)}
-        y, final = _KernelForwardSSD.apply(kernel, opts, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
-        return (y, final) if return_final_states else y
+    if kernel is not None:  # Triton forward + backward
+        return kernel(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+                      seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=tuple(dt_limit),
+                      return_final_states=return_final_states)
     b, L, H, P = x.shape
     N = B.shape[3]
     acc = acc_dtype(x)
