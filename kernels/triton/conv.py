@@ -27,11 +27,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._checks import check_conv, check_conv_update
 from ._common import acc_dtype, check_device, dummy, pow2, sum_combine, tl_acc
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]
-
-_ACTIVATIONS = (None, "silu", "swish")
 
 
 @triton.jit
@@ -281,29 +280,8 @@ def causal_conv1d_triton(
     (batch, dim, width - 1) in x's dtype. Differentiable in x, weight, bias and initial_states, and
     through the final state. Accumulation is fp32 (fp64 for fp64 x).
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"causal_conv1d_triton: activation must be in {_ACTIVATIONS}, got {activation!r}")
-    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
-        raise ValueError(
-            f"causal_conv1d_triton: expected x (batch, dim, L) and weight (dim, width), got {tuple(x.shape)} "
-            f"and {tuple(weight.shape)}"
-        )
-    batch, dim, L = x.shape
-    W = weight.shape[1]
-    if L < 1:
-        raise ValueError("causal_conv1d_triton: sequence length must be positive")
-    if bias is not None and bias.shape != (dim,):
-        raise ValueError(f"causal_conv1d_triton: bias must be (dim={dim},), got {tuple(bias.shape)}")
-    if initial_states is not None and initial_states.shape != (batch, dim, W - 1):
-        raise ValueError(
-            f"causal_conv1d_triton: initial_states must be (batch={batch}, dim={dim}, width-1={W - 1}), "
-            f"got {tuple(initial_states.shape)}"
-        )
-    if seq_idx is not None and seq_idx.shape != (batch, L):
-        raise ValueError(
-            f"causal_conv1d_triton: seq_idx must be (batch={batch}, L={L}), got {tuple(seq_idx.shape)}"
-        )
-    if initial_states is not None and W == 1:
+    check_conv("causal_conv1d_triton", x, weight, bias, seq_idx, initial_states, activation)
+    if initial_states is not None and weight.shape[1] == 1:
         initial_states = None
     check_device(x, weight, bias, seq_idx, initial_states, name="causal_conv1d_triton")
     out, final = CausalConv1dTritonFn.apply(x, weight, bias, seq_idx, initial_states, activation is not None)
@@ -353,23 +331,10 @@ def causal_conv1d_update_triton(
     x: (batch, dim); conv_state: (batch, dim, S) with S >= width - 1, shifted left and x appended in
     place. Returns out (batch, dim) in x's dtype. Not differentiable.
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"causal_conv1d_update_triton: activation must be in {_ACTIVATIONS}, got "
-                         f"{activation!r}")
-    W = weight.shape[1]
-    bad_state = (
-        conv_state.dim() != 3 or conv_state.shape[:2] != x.shape or conv_state.shape[-1] < max(W - 1, 1)
-    )
-    if x.dim() != 2 or bad_state:
-        raise ValueError(
-            f"causal_conv1d_update_triton: conv_state must be (batch, dim, >= {max(W - 1, 1)}) matching x "
-            f"{tuple(x.shape)}, got {tuple(conv_state.shape)}"
-        )
-    if weight.shape[0] != x.shape[1] or (bias is not None and bias.shape != (x.shape[1],)):
-        raise ValueError("causal_conv1d_update_triton: weight must be (dim, width) and bias (dim,)")
+    check_conv_update("causal_conv1d_update_triton", x, conv_state, weight, bias, activation)
     check_device(x, conv_state, weight, bias, name="causal_conv1d_update_triton")
     batch, dim = x.shape
-    S = conv_state.shape[-1]
+    S, W = conv_state.shape[-1], weight.shape[1]
     out = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
     BD = min(pow2(dim), 64)
     _conv_update_kernel[(batch, triton.cdiv(dim, BD))](

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._checks import check_scan
 from ._common import acc_dtype, check_device, dummy, pow2, sum_combine, tl_acc
 
 __all__ = ["selective_scan_triton", "DEFAULT_CHUNK"]
@@ -286,8 +287,6 @@ class SelectiveScanTritonFn(torch.autograd.Function):
         N = A.shape[1]
         B4, C4 = _bc4(B), _bc4(C)
         G = B4.shape[1]
-        if C4.shape[1] != G:
-            raise ValueError("selective_scan_triton: B and C must have the same number of groups")
         cpg = dim // G
         acc = acc_dtype(u)
         nchunks = triton.cdiv(L, chunk)
@@ -376,39 +375,7 @@ class SelectiveScanTritonFn(torch.autograd.Function):
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    if u.dim() != 3:
-        raise ValueError(f"selective_scan_triton: u must be (batch, dim, L), got {tuple(u.shape)}")
-    batch, dim, L = u.shape
-    if L < 1:
-        raise ValueError("selective_scan_triton: sequence length must be positive")
-    if delta.shape != u.shape:
-        raise ValueError(
-            f"selective_scan_triton: delta must match u {tuple(u.shape)}, got {tuple(delta.shape)}"
-        )
-    if A.dim() != 2 or A.shape[0] != dim or A.is_complex():
-        raise ValueError(
-            f"selective_scan_triton: A must be real (dim={dim}, N), got {tuple(A.shape)} {A.dtype}"
-        )
-    N = A.shape[1]
-    for name, X in (("B", B), ("C", C)):
-        ok = (X.dim() == 3 and X.shape == (batch, N, L)) or (
-            X.dim() == 4 and X.shape[0] == batch and X.shape[2:] == (N, L) and dim % X.shape[1] == 0
-        )
-        if not ok:
-            raise ValueError(
-                f"selective_scan_triton: {name} must be (batch={batch}, N={N}, L={L}) or (batch, G, N, L) "
-                f"with G dividing dim={dim}, got {tuple(X.shape)}"
-            )
-    for name, X in (("D", D), ("delta_bias", delta_bias)):
-        if X is not None and X.shape != (dim,):
-            raise ValueError(f"selective_scan_triton: {name} must be (dim={dim},), got {tuple(X.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"selective_scan_triton: z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
-    if initial_state is not None and initial_state.shape != (batch, dim, N):
-        raise ValueError(
-            f"selective_scan_triton: initial_state must be (batch={batch}, dim={dim}, N={N}), "
-            f"got {tuple(initial_state.shape)}"
-        )
+    check_scan("selective_scan_triton", u, delta, A, B, C, D, z, delta_bias, initial_state)
     check_device(u, delta, A, B, C, D, z, delta_bias, initial_state, name="selective_scan_triton")
 
 

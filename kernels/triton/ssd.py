@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._checks import check_ssd
 from ._common import acc_dtype, check_device, dummy, pow2, sum_combine, tl_acc
 
 __all__ = ["mamba_chunk_scan_combined_triton"]
@@ -603,37 +604,7 @@ class _SSDTritonFn(torch.autograd.Function):
 
 def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size):
     name = "mamba_chunk_scan_combined_triton"
-    if x.dim() != 4:
-        raise ValueError(f"{name}: x must be (batch, L, nheads, headdim), got {tuple(x.shape)}")
-    b, L, H, P = x.shape
-    if L < 1:
-        raise ValueError(f"{name}: sequence length must be positive")
-    if dt.shape != (b, L, H):
-        raise ValueError(f"{name}: dt must be (batch={b}, L={L}, nheads={H}), got {tuple(dt.shape)}")
-    if A.shape != (H,):
-        raise ValueError(f"{name}: A must be (nheads={H},), got {tuple(A.shape)}")
-    if B.dim() != 4 or B.shape[:2] != (b, L) or H % B.shape[2] or C.shape != B.shape:
-        raise ValueError(
-            f"{name}: B and C must be (batch={b}, L={L}, ngroups, dstate) with ngroups dividing nheads={H}, "
-            f"got {tuple(B.shape)} and {tuple(C.shape)}"
-        )
-    if D is not None and D.shape not in ((H,), (H, P)):
-        raise ValueError(
-            f"{name}: D must be (nheads,) or (nheads, headdim) = ({H}, {P}), got {tuple(D.shape)}"
-        )
-    if z is not None and z.shape != x.shape:
-        raise ValueError(f"{name}: z must match x {tuple(x.shape)}, got {tuple(z.shape)}")
-    if dt_bias is not None and dt_bias.shape != (H,):
-        raise ValueError(f"{name}: dt_bias must be (nheads={H},), got {tuple(dt_bias.shape)}")
-    N = B.shape[3]
-    if initial_states is not None and initial_states.shape != (b, H, P, N):
-        raise ValueError(
-            f"{name}: initial_states must be ({b}, {H}, {P}, {N}), got {tuple(initial_states.shape)}"
-        )
-    if seq_idx is not None and seq_idx.shape != (b, L):
-        raise ValueError(f"{name}: seq_idx must be (batch={b}, L={L}), got {tuple(seq_idx.shape)}")
-    if int(chunk_size) <= 0:
-        raise ValueError(f"{name}: chunk_size must be positive, got {chunk_size}")
+    check_ssd(name, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size)
     check_device(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, name=name)
 
 
