@@ -28,6 +28,11 @@ class Mamba(nn.Module):
         dt, B, C = x_proj(x)                   # input-dependent (selective) parameters
         y = selective_scan(x, dt_proj(dt), A=-exp(A_log), B, C, D, z)   # y *= silu(z)
         out = out_proj(y)
+
+    ``selective=False`` is the paper's "S4 (LTI)" layer inside the Mamba block (Table 1): Δ, B, C become
+    learned input-independent parameters (Δ = softplus(dt_bias) per channel; B, C per state, shared over
+    time and channels like the selective B, C), so the SSM is a fixed convolution (S4D-real A init);
+    in_proj, conv1d, gating and out_proj are unchanged.
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class Mamba(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         use_fast_path: bool = True,  # accepted for mamba_ssm compatibility; dispatch is in ssm_core.ops
+        selective: bool = True,  # False: the LTI ablation (Δ, B, C do not depend on the input)
         layer_idx: int | None = None,
         device=None,
         dtype=None,
@@ -56,22 +62,31 @@ class Mamba(nn.Module):
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.layer_idx = layer_idx
+        self.layer_idx, self.selective = layer_idx, selective
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
                                 padding=d_conv - 1, bias=conv_bias, **factory)
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
-
-        std = self.dt_rank**-0.5 * dt_scale
-        with torch.no_grad():
-            if dt_init == "constant":
-                nn.init.constant_(self.dt_proj.weight, std)
-            else:
-                nn.init.uniform_(self.dt_proj.weight, -std, std)
-            self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor, device=device))
-        self.dt_proj.bias._no_reinit = True
+        if selective:
+            self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+            self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+            std = self.dt_rank**-0.5 * dt_scale
+            with torch.no_grad():
+                if dt_init == "constant":
+                    nn.init.constant_(self.dt_proj.weight, std)
+                else:
+                    nn.init.uniform_(self.dt_proj.weight, -std, std)
+                self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor,
+                                                            device=device))
+            self.dt_proj.bias._no_reinit = True
+        else:
+            # S4D-style init: B = 1, C ~ N(0, 1); Δ log-uniform in [dt_min, dt_max] as in the selective layer
+            self.dt_bias = nn.Parameter(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor,
+                                                            device=device))
+            self.B = nn.Parameter(torch.ones(d_state, device=device, dtype=torch.float32))
+            self.C = nn.Parameter(torch.randn(d_state, device=device, dtype=torch.float32))
+            for p in (self.dt_bias, self.B, self.C):
+                p._no_weight_decay = True
 
         # S4D-real init, kept in fp32 whatever the module dtype
         A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
@@ -105,15 +120,25 @@ class Mamba(nn.Module):
             x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
             initial_states=state.conv, return_final_states=True, activation="silu",
         )
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # bias goes in as delta_bias, in fp32
+        dt, B, C = self._dt_B_C(x.transpose(1, 2))
         y, ssm_state = selective_scan(
-            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), fp32(self.D), z.transpose(1, 2),
-            delta_bias=fp32(self.dt_proj.bias), delta_softplus=True,
+            x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), fp32(self.D), z.transpose(1, 2),
+            delta_bias=self._dt_bias(), delta_softplus=True,
             return_last_state=True, initial_state=state.ssm,
         )
         out = self.out_proj(y.transpose(1, 2))
         return (out, SSMState(conv_state, ssm_state)) if return_state else out
+
+    def _dt_B_C(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (..., d_inner) -> dt (pre-bias, pre-softplus): (..., d_inner); B, C: (..., d_state)."""
+        if not self.selective:  # LTI: dt = 0 so Δ = softplus(dt_bias); B, C the same at every step
+            shape = x.shape[:-1] + (self.d_state,)
+            return x.new_zeros(x.shape), self.B.to(x.dtype).expand(shape), self.C.to(x.dtype).expand(shape)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return dt @ self.dt_proj.weight.t(), B, C  # the dt bias goes in separately, in fp32
+
+    def _dt_bias(self) -> Tensor:
+        return fp32(self.dt_proj.bias if self.selective else self.dt_bias)
 
     def _step(self, x: Tensor, z: Tensor, A: Tensor, state: SSMState):
         """One token: x, z: (batch, d_inner)."""
@@ -122,10 +147,9 @@ class Mamba(nn.Module):
         if self.conv1d.bias is not None:
             xc = xc + self.conv1d.bias
         xc = F.silu(xc)
-        dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = dt @ self.dt_proj.weight.t()
+        dt, B, C = self._dt_B_C(xc)
         y, ssm = selective_state_update(
-            state.ssm, xc, dt, A, B, C, fp32(self.D), z, dt_bias=fp32(self.dt_proj.bias),
+            state.ssm, xc, dt, A, B, C, fp32(self.D), z, dt_bias=self._dt_bias(),
             dt_softplus=True, inplace=False,
         )
         return y, SSMState(window[..., 1:], ssm)

@@ -1,0 +1,447 @@
+"""The Mamba paper's synthetic tasks on CPU (Gu & Dao 2023, section 4.1): selective copying (Table 1) and
+induction heads with length extrapolation (Table 2).
+
+    python -m benchmarks.synthetic train --task induction --model mamba      # -> benchmarks/checkpoints/induction_mamba
+    python -m benchmarks.synthetic eval  --task induction --model mamba      # accuracy at 2^6 ... 2^20
+    python -m benchmarks.synthetic report                                     # markdown tables + docs/img plots
+
+Models (2 layers, d_model 64, vocabulary 16): ``mamba`` (Mamba-1, S6), ``mamba2`` (SSD), ``lti`` (the Mamba
+block with selection off, ssm_cfg selective=False: the paper's "S4" layer inside the Mamba architecture) and
+``attention`` (a parameter-matched RoPE Transformer, apps.common.baselines.transformer_like).
+
+Both tasks put their targets at the last K positions (K = 1 for induction, 16 for copying), so training and
+evaluation only ever form the last K logits; long sequences are read in pieces with the recurrent state
+(a key/value cache for attention) carried across, so memory stays bounded at L = 2^20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
+
+from apps.common.baselines import transformer_like
+from apps.common.lm import param_groups, warmup_cosine
+from ssm_core import MambaConfig, MambaLMHeadModel
+from ssm_core._io import atomic_write
+
+VOCAB = 16
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
+MODELS = ("mamba", "mamba2", "lti", "attention")
+TASKS = ("induction", "copying")
+EVAL_SEED = 1234  # evaluation sequences come from their own generator, never the training stream
+
+# --- tasks -----------------------------------------------------------------------------------------------
+TRIGGER = 0  # induction heads: token 0 is the trigger, 1..15 content
+NOISE, RECALL, N_DATA = 0, 1, 16  # selective copying: 0 noise, 1 recall marker, 2..15 data; 16 data tokens
+
+
+def induction_batch(batch: int, L: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(ids (batch, L), targets (batch, 1)). Content tokens uniform in 1..15; the trigger at a random p in
+    the first half (p + 1 < L // 2 so the key is in the first half too), the key at p + 1 and the trigger
+    again as the last token, whose target is the key."""
+    if L < 8:
+        raise ValueError(f"induction: L must be >= 8, got {L}")
+    ids = torch.randint(1, VOCAB, (batch, L), generator=gen)
+    p = torch.randint(0, L // 2 - 1, (batch,), generator=gen)
+    rows = torch.arange(batch)
+    ids[rows, p] = TRIGGER
+    ids[:, -1] = TRIGGER
+    return ids, ids[rows, p + 1].unsqueeze(1)
+
+
+def copying_batch(batch: int, L: int, gen: torch.Generator, n_data: int = N_DATA) -> tuple[Tensor, Tensor]:
+    """(ids (batch, L + n_data), targets (batch, n_data)). L noise positions, n_data (16) of them replaced by
+    data tokens (uniform in 2..15) at random distinct positions, then n_data recall markers; the targets at
+    the markers are the data tokens in order of position."""
+    if L < n_data:
+        raise ValueError(f"copying: L must be >= n_data={n_data}, got {L}")
+    pos = torch.rand(batch, L, generator=gen).argsort(dim=1)[:, :n_data].sort(dim=1).values
+    data = torch.randint(RECALL + 1, VOCAB, (batch, n_data), generator=gen)
+    ids = torch.full((batch, L + n_data), NOISE, dtype=torch.long)
+    ids.scatter_(1, pos, data)
+    ids[:, L:] = RECALL
+    return ids, data
+
+
+MAKE_BATCH = {"induction": induction_batch, "copying": copying_batch}
+N_TARGETS = {"induction": 1, "copying": N_DATA}
+
+
+class TaskStream(IterableDataset):
+    """Fresh batches forever from one seeded generator: the training stream is a function of the seed.
+    ``L`` may be changed between batches (the length curriculum); read in the main process (num_workers=0)."""
+
+    def __init__(self, task: str, batch: int, L: int, seed: int):
+        self.task, self.batch, self.L, self.seed = task, batch, L, seed
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield MAKE_BATCH[self.task](self.batch, self.L, gen)
+
+
+# --- models ----------------------------------------------------------------------------------------------
+def model_config(model: str) -> MambaConfig:
+    """2 layers, d_model 64, vocabulary 16 (the paper's synthetic-task size)."""
+    base = MambaConfig(d_model=64, n_layer=2, vocab_size=VOCAB)
+    if model == "mamba":
+        return base
+    if model == "lti":
+        return MambaConfig(d_model=64, n_layer=2, vocab_size=VOCAB, ssm_cfg={"selective": False})
+    if model == "mamba2":
+        return MambaConfig(d_model=64, n_layer=2, vocab_size=VOCAB,
+                           ssm_cfg={"layer": "Mamba2", "headdim": 32, "d_state": 64, "chunk_size": 64})
+    if model == "attention":
+        return transformer_like(base, num_heads=2)
+    raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+
+
+@dataclass
+class TrainSpec:
+    """Per-task defaults (CLI flags override). Copying's L is the noise length; sequences are L + 16.
+    ``warmup_lengths``: a length curriculum before L: each stage runs until the held-out accuracy at its length
+    reaches stop_acc (CPU budget: the last-token signal is sparse, and at L = 256 the plateau before the
+    induction circuit forms is long; at L = 32 it forms in a few hundred steps)."""
+
+    L: int
+    warmup_lengths: tuple[int, ...]
+    batch: int
+    max_steps: int
+    lr: float
+    eval_every: int
+
+
+SPECS = {
+    "induction": TrainSpec(L=256, warmup_lengths=(32,), batch=32, max_steps=3000, lr=3e-3, eval_every=50),
+    "copying": TrainSpec(L=256, warmup_lengths=(64,), batch=32, max_steps=3000, lr=3e-3, eval_every=50),
+}
+
+
+STAGE_ACC = 0.95  # held-out accuracy that ends a curriculum stage (the last stage runs to stop_acc)
+
+
+class SyntheticModule(pl.LightningModule):
+    """Cross-entropy on the last K positions only (the targets); AdamW, linear warm-up then constant lr (the
+    run length is set by early stopping). ``lengths``: the curriculum, the last one the training length."""
+
+    def __init__(self, config: MambaConfig, task: str, lengths: list[int], stream: TaskStream, lr: float,
+                 weight_decay: float = 0.1, warmup_steps: int = 100, eval_every: int = 50, n_val: int = 256,
+                 stop_acc: float = 1.0, patience: int = 2, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["config", "stream"])
+        self.config, self.task, self.K, self.stream = config, task, N_TARGETS[task], stream
+        self.model = MambaLMHeadModel(config)
+        self.curve: list[dict] = []  # {"step", "L", "loss", "val_acc", "time_s"}
+        self._t0, self._loss = None, float("nan")
+        self._set_stage(0)
+
+    def _set_stage(self, i: int) -> None:
+        self.stage, self._good = i, 0
+        L = self.stream.L = self.hparams.lengths[i]
+        gen = torch.Generator().manual_seed(self.hparams.seed + 1_000_003 + L)  # held out: not the train stream
+        self.val_ids, self.val_targets = MAKE_BATCH[self.task](self.hparams.n_val, L, gen)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(ids, num_last_tokens=self.K).logits[..., :VOCAB]
+
+    def training_step(self, batch, batch_idx):
+        ids, targets = batch
+        loss = F.cross_entropy(self(ids).flatten(0, 1).float(), targets.flatten())
+        self._loss = loss.item()
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_start(self):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        step = self.global_step
+        if step % self.hparams.eval_every and step != self.trainer.max_steps:
+            return
+        acc = accuracy(self, self.val_ids, self.val_targets, batch=64)
+        self.curve.append({"step": step, "L": self.stream.L, "loss": self._loss, "val_acc": acc,
+                           "time_s": round(time.perf_counter() - self._t0, 1)})
+        self.log("val_acc", acc, prog_bar=True)
+        print(f"step {step:>5}  L {self.stream.L:>5}  loss {self._loss:.4f}  held-out acc {acc:.4f}  "
+              f"{self.curve[-1]['time_s']:.0f} s", flush=True)
+        # next stage (or stop) once held-out accuracy has stayed at the target for `patience` checks in a row
+        last = self.stage + 1 == len(self.hparams.lengths)
+        self._good = self._good + 1 if acc >= (self.hparams.stop_acc if last else STAGE_ACC) else 0
+        if self._good >= self.hparams.patience:
+            if self.stage + 1 < len(self.hparams.lengths):
+                self._set_stage(self.stage + 1)
+            else:
+                self.trainer.should_stop = True
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, hp.warmup_steps, None, 1.0))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def accuracy(module: SyntheticModule, ids: Tensor, targets: Tensor, batch: int) -> float:
+    was = module.training
+    module.eval()
+    hits = sum(int((module(ids[i:i + batch]).argmax(-1) == targets[i:i + batch]).sum())
+               for i in range(0, len(ids), batch))
+    module.train(was)
+    return hits / targets.numel()
+
+
+def checkpoint_dir(task: str, model: str, root: Path = CHECKPOINTS) -> Path:
+    return root / f"{task}_{model}"
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int | None = None,
+          warmup_lengths: tuple[int, ...] | None = None, batch: int | None = None, max_steps: int | None = None,
+          lr: float | None = None, eval_every: int | None = None, stop_acc: float = 1.0,
+          max_minutes: float | None = None, progress: bool = True) -> dict:
+    """Train one model on one task; writes out/ (save_pretrained) + out/train.json. Returns the record."""
+    spec = SPECS[task]
+    L, batch = L or spec.L, batch or spec.batch
+    warmup_lengths = spec.warmup_lengths if warmup_lengths is None else tuple(warmup_lengths)
+    lengths = [x for x in warmup_lengths if x < L] + [L]
+    max_steps, lr, eval_every = max_steps or spec.max_steps, lr or spec.lr, eval_every or spec.eval_every
+    out = Path(out) if out else checkpoint_dir(task, model)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    config = model_config(model)
+    stream = TaskStream(task, batch, lengths[0], seed)
+    module = SyntheticModule(config, task, lengths, stream, lr, eval_every=eval_every,
+                             warmup_steps=min(100, max_steps // 10), stop_acc=stop_acc, seed=seed)
+    loader = DataLoader(stream, batch_size=None, num_workers=0)
+    trainer = pl.Trainer(
+        max_steps=max_steps, max_time={"minutes": max_minutes} if max_minutes else None,
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, loader)
+    wall = time.perf_counter() - t0
+    module.model.save_pretrained(out)
+    record = {
+        "task": task, "model": model, "seed": seed, "L": L, "curriculum": lengths, "reached_L": stream.L,
+        "batch": batch, "lr": lr, "max_steps": max_steps,
+        "steps": trainer.global_step, "wall_s": round(wall, 1), "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in module.model.parameters()),
+        "final_val_acc": module.curve[-1]["val_acc"] if module.curve else None, "curve": module.curve,
+    }
+    write_json(out / "train.json", record)
+    return record
+
+
+# --- evaluation ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def last_logits(model: MambaLMHeadModel, ids: Tensor, K: int, chunk_len: int) -> Tensor:
+    """Logits of the last K positions, reading ids in pieces of chunk_len with the state carried across:
+    memory is one piece's activations (plus the key/value cache for attention)."""
+    T = ids.shape[1]
+    starts = list(range(0, T, chunk_len))
+    if len(starts) > 1 and T - starts[-1] < K:  # the last piece must hold all K target positions
+        starts.pop()
+    state, logits = None, None
+    for i, s in enumerate(starts):
+        e = starts[i + 1] if i + 1 < len(starts) else T
+        out = model(ids[:, s:e], state=state, return_state=True, num_last_tokens=K)
+        state, logits = out.state, out.logits
+    return logits[..., :VOCAB]
+
+
+def n_eval_sequences(T: int, budget_tokens: int, n_max: int, n_min: int) -> int:
+    """Fewer sequences at long lengths: the cost is sequences x tokens."""
+    return int(max(n_min, min(n_max, budget_tokens // T)))
+
+
+def evaluate(task: str, model_name: str, lengths: list[int], ckpt: Path | None = None, n_max: int = 512,
+             n_min: int = 8, budget_tokens: int = 2**20, batch_tokens: int = 2**16, chunk_len: int = 8192,
+             progress: bool = True) -> dict:
+    """Accuracy of a checkpoint at each length (L is the full length for induction, the noise length for
+    copying). Sequences come from a generator seeded with EVAL_SEED + L, so results are reproducible."""
+    ckpt = Path(ckpt) if ckpt else checkpoint_dir(task, model_name)
+    model = MambaLMHeadModel.from_pretrained(ckpt).eval()
+    K = N_TARGETS[task]
+    results = []
+    for L in lengths:
+        T = L + (N_DATA if task == "copying" else 0)
+        n = n_eval_sequences(T, budget_tokens, n_max, n_min)
+        gen = torch.Generator().manual_seed(EVAL_SEED + L)
+        per_batch = max(1, min(n, batch_tokens // T))
+        hits = total = 0
+        t0 = time.perf_counter()
+        bar = tqdm(total=n, desc=f"{task}/{model_name} L={L}", disable=not progress, leave=False)
+        while total < n * K:
+            b = min(per_batch, n - total // K)
+            ids, targets = MAKE_BATCH[task](b, L, gen)
+            hits += int((last_logits(model, ids, K, chunk_len).argmax(-1) == targets).sum())
+            total += targets.numel()
+            bar.update(b)
+        bar.close()
+        row = {"L": L, "n_seq": n, "acc": hits / total, "time_s": round(time.perf_counter() - t0, 1)}
+        results.append(row)
+        if progress:
+            print(f"{task}/{model_name} L={L:>8}: acc {row['acc']:.4f} on {n} sequences ({row['time_s']} s)",
+                  flush=True)
+    return {"task": task, "model": model_name, "eval_seed": EVAL_SEED, "chunk_len": chunk_len, "results": results}
+
+
+# --- report ----------------------------------------------------------------------------------------------
+def load_records(root: Path = CHECKPOINTS) -> tuple[dict, dict]:
+    train_rec, eval_rec = {}, {}
+    for d in sorted(root.glob("*_*")):
+        if (d / "train.json").exists():
+            train_rec[d.name] = json.loads((d / "train.json").read_text())
+        if (d / "eval.json").exists():
+            eval_rec[d.name] = json.loads((d / "eval.json").read_text())
+    return train_rec, eval_rec
+
+
+def plot_curves(train_rec: dict, task: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for rec in train_rec.values():
+        if rec["task"] != task:
+            continue
+        steps = [c["step"] for c in rec["curve"]]
+        ax_loss.plot(steps, [c["loss"] for c in rec["curve"]], label=rec["model"])
+        ax_acc.plot(steps, [c["val_acc"] for c in rec["curve"]], label=rec["model"])
+    ax_loss.set(xlabel="step", ylabel="train loss (nats)", yscale="log", title=f"{task}: training loss")
+    ax_acc.set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1.02), title=f"{task}: accuracy at train length")
+    ax_acc.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def plot_extrapolation(eval_rec: dict, path: Path, train_L: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for rec in eval_rec.values():
+        if rec["task"] != "induction":
+            continue
+        ax.plot([r["L"] for r in rec["results"]], [r["acc"] for r in rec["results"]], marker="o", label=rec["model"])
+    ax.axvline(train_L, color="grey", linestyle=":", label="train length")
+    ax.set(xscale="log", xlabel="test sequence length", ylabel="accuracy", ylim=(-0.02, 1.02),
+           title="Induction heads: length extrapolation")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def report(root: Path = CHECKPOINTS, img: Path = IMG) -> str:
+    """Markdown tables from the committed train.json / eval.json files; writes the PNGs to docs/img."""
+    train_rec, eval_rec = load_records(root)
+    lines = ["| task | model | params | seed | L | steps | wall (min) | held-out acc at train L |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for rec in train_rec.values():
+        lines.append(f"| {rec['task']} | {rec['model']} | {rec['params']:,} | {rec['seed']} | {rec['L']} | "
+                     f"{rec['steps']} | {rec['wall_s'] / 60:.1f} | {100 * rec['final_val_acc']:.1f}% |")
+    ind = {k: v for k, v in eval_rec.items() if v["task"] == "induction"}
+    if ind:
+        lengths = sorted({r["L"] for v in ind.values() for r in v["results"]})
+        lines += ["", "| model | " + " | ".join(f"2^{int(math.log2(L))}" for L in lengths) + " |",
+                  "| --- |" + " ---: |" * len(lengths)]
+        for v in ind.values():
+            acc = {r["L"]: r["acc"] for r in v["results"]}
+            cells = [f"{100 * acc[L]:.1f}" if L in acc else "-" for L in lengths]
+            lines.append(f"| {v['model']} | " + " | ".join(cells) + " |")
+    if train_rec:
+        for task in TASKS:
+            if any(r["task"] == task for r in train_rec.values()):
+                plot_curves(train_rec, task, img / f"synthetic_{task}_curves.png")
+    if ind:
+        plot_extrapolation(ind, img / "synthetic_induction_extrapolation.png", SPECS["induction"].L)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.synthetic", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("train", "eval"):
+        p = sub.add_parser(name)
+        p.add_argument("--task", choices=TASKS, required=True)
+        p.add_argument("--model", choices=MODELS, required=True)
+        p.add_argument("--ckpt", type=Path, help="checkpoint directory (default benchmarks/checkpoints/TASK_MODEL)")
+        p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    tr = sub.choices["train"]
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--L", type=int, help="training length (copying: noise length)")
+    tr.add_argument("--warmup-lengths", type=int, nargs="*", help="length curriculum before L (default per task)")
+    tr.add_argument("--batch", type=int)
+    tr.add_argument("--steps", type=int, help="maximum optimizer steps")
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--stop-acc", type=float, default=1.0, help="stop after 2 held-out checks in a row at it")
+    tr.add_argument("--max-minutes", type=float, help="wall-clock cap")
+    ev = sub.choices["eval"]
+    ev.add_argument("--lengths", type=int, nargs="+",
+                    help="default: 2^6..2^20 (induction), the training L (copying)")
+    ev.add_argument("--max-len", type=int, help="skip lengths above this (attention is quadratic)")
+    ev.add_argument("--n-max", type=int, default=512, help="sequences per length at short lengths")
+    ev.add_argument("--n-min", type=int, default=8, help="sequences per length at the longest lengths")
+    ev.add_argument("--budget-tokens", type=int, default=2**20, help="about this many tokens per length")
+    ev.add_argument("--chunk-len", type=int, default=8192, help="tokens per piece (state carried across)")
+    sub.add_parser("report", help="print the markdown tables and write docs/img/synthetic_*.png")
+    args = ap.parse_args(argv)
+    if args.cmd == "report":
+        print(report())
+        return
+    torch.set_num_threads(args.threads)
+    ckpt = args.ckpt or checkpoint_dir(args.task, args.model)
+    if args.cmd == "train":
+        rec = train(args.task, args.model, seed=args.seed, out=ckpt, L=args.L, warmup_lengths=args.warmup_lengths,
+                    batch=args.batch,
+                    max_steps=args.steps, lr=args.lr, stop_acc=args.stop_acc, max_minutes=args.max_minutes)
+        print(f"{args.task}/{args.model}: {rec['steps']} steps, {rec['wall_s']} s, held-out acc "
+              f"{rec['final_val_acc']:.4f} -> {ckpt}")
+        return
+    if args.lengths:
+        lengths = args.lengths
+    elif args.task == "induction":
+        lengths = [2**k for k in range(6, 21)]
+    else:
+        lengths = [json.loads((ckpt / "train.json").read_text())["L"]]
+    lengths = [L for L in lengths if args.max_len is None or L <= args.max_len]
+    res = evaluate(args.task, args.model, lengths, ckpt, n_max=args.n_max, n_min=args.n_min,
+                   budget_tokens=args.budget_tokens, chunk_len=args.chunk_len)
+    res["max_len"] = args.max_len
+    path = ckpt / "eval.json"
+    if path.exists():  # merge: keep lengths evaluated earlier that this run did not redo
+        old = {r["L"]: r for r in json.loads(path.read_text())["results"]}
+        old.update({r["L"]: r for r in res["results"]})
+        res["results"] = [old[L] for L in sorted(old)]
+    write_json(path, res)
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
