@@ -36,7 +36,7 @@ def test_train_default_command_end_to_end_and_resume(tmp_path, monkeypatch, caps
     cli = train_main([*TINY, "--trainer.max_steps=6"])
     assert cli.trainer.global_step == 6
     out = capsys.readouterr().out
-    assert "held-out bits/base (test split, 14,999 bases" in out
+    assert "held-out bits/base (test split, 14,999 bases, whole intervals" in out
     assert 1.5 < cli.held_out_bits_per_base < 3.6
     run = tmp_path / "runs" / "genomics" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -116,3 +116,18 @@ def test_chunked_evaluation_is_exact(tmp_path):
     assert load_model(tmp_path / "m").config == model.config
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nothing")
+
+
+def test_transformer_baseline_config_is_transformer_like_of_the_default(tmp_path, monkeypatch):
+    """configs/transformer_baseline.yaml, read over default.yaml by the CLI, builds exactly
+    apps.common.transformer_like(the default Mamba) and trains through the same module."""
+    from apps.common import transformer_like
+    from apps.genomics.model import small_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ROOT / "apps" / "genomics" / "configs" / "transformer_baseline.yaml"
+    cli = train_main(["--config", str(cfg), "--data.seq_len=64", "--data.samples_per_epoch=2",
+                      "--data.warmup_min_len=null", "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
+                      "--trainer.enable_progress_bar=false", "--data.eval_batch_size=64"])
+    assert cli.model.config == transformer_like(small_config())
+    assert (tmp_path / "runs" / "genomics_transformer" / "pretrained" / "config.json").is_file()
