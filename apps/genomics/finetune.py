@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 
 from apps.common.cli import cli_main
@@ -27,6 +28,28 @@ from ssm_core._io import atomic_write
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune_splice.yaml"
 
 
+class CPUTimeBudget(pl.Callback):
+    """Stop fitting once this process has used ``minutes`` of CPU time in training (time.process_time, all threads).
+
+    A wall-clock limit (Trainer.max_time) on a shared machine also counts time spent waiting for the CPU or for a
+    kernel build; CPU seconds are the budget two models can be given equally. Validation is not counted.
+    """
+
+    def __init__(self, minutes: float):
+        self.budget_s = 60.0 * minutes
+        self.used_s = 0.0
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is not None:
+            self.used_s += time.process_time() - self._t0
+        if self.used_s >= self.budget_s:
+            trainer.should_stop = True
+
+
 def main(args: list[str] | None = None):
     t0 = time.perf_counter()
     cli = cli_main(ClassifierModule, LabelledDNADataModule, DEFAULT_CONFIG, args)
@@ -34,6 +57,7 @@ def main(args: list[str] | None = None):
         return cli
     fit_s = time.perf_counter() - t0
     trainer = cli.trainer
+    budget = next((c for c in trainer.callbacks if isinstance(c, CPUTimeBudget)), None)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     test = trainer.test(cli.model, datamodule=cli.datamodule)[0]
     hp = cli.model.hparams
@@ -41,6 +65,7 @@ def main(args: list[str] | None = None):
         "backbone": hp.backbone, "task": hp.task, "pooling": hp.pooling,
         "params": sum(p.numel() for p in cli.model.model.parameters()),
         "test_acc": test.get("test/acc"), "val_acc": val.get("val/acc"), "fit_wall_s": round(fit_s, 1),
+        "train_cpu_s": None if budget is None else round(budget.used_s, 1),
         "optimizer_steps": trainer.global_step, "epochs": trainer.current_epoch,
         "seed": cli.config["fit"].get("seed_everything"), "torch_threads": torch.get_num_threads(),
         "data": str(cli.datamodule.path), "n_train": len(cli.datamodule.sets["train"].ids),

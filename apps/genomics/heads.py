@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apps.common import transformer_like
+from apps.common.baselines import count_parameters
 from apps.common.lm import param_groups, warmup_cosine
 from apps.genomics.data import A_ID, MASK_ID, N_ID, PAD_ID, T_ID, VOCAB_SIZE, reverse_complement_ids
 from ssm_core import MambaConfig, MixerModel
@@ -84,7 +85,14 @@ def backbone_config(config: MambaConfig, kind: str) -> MambaConfig:
         return replace(config, bidirectional=False)
     if kind in ("bimamba", "rcps"):
         return replace(config, bidirectional=True)
-    t = transformer_like(replace(config, bidirectional=False))
+    # GatedMLP widths come in steps of 128, too coarse at small d_model: when the same depth misses the
+    # Mamba's parameter count by more than 5%, take the depth that comes closest
+    base = replace(config, bidirectional=False)
+    target = count_parameters(base)
+    t = transformer_like(base)
+    if abs(count_parameters(t) - target) > 0.05 * target:
+        options = [transformer_like(base, n_layer=n) for n in range(1, 2 * config.n_layer + 1)]
+        t = min(options, key=lambda c: abs(count_parameters(c) - target))
     return replace(t, attn_cfg={**t.attn_cfg, "causal": False})
 
 

@@ -1,0 +1,137 @@
+"""Fine-tuning: the labelled-data reader and datamodule, the bundled splice/genus samples, the finetune CLI end to
+end (it must learn a separable task), masked-LM pretraining and the CPU-time budget."""
+
+import gzip
+import json
+import os
+import random
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from apps.genomics.data import A_ID, PAD_ID, VOCAB_SIZE, decode, encode
+from apps.genomics.finetune import CPUTimeBudget, main
+from apps.genomics.heads import ClassifierModule, DNAModel, MaskedLMModule
+from apps.genomics.tasks import GENUS_SAMPLE, SPLICE_SAMPLE, LabelledDNADataModule, collate, read_labelled_tsv
+from ssm_core import MambaConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread", "ref_backend")
+TINY = MambaConfig(d_model=16, n_layer=1, vocab_size=VOCAB_SIZE, ssm_cfg={"d_state": 4})
+
+
+@pytest.fixture(scope="module")
+def ref_backend():
+    old = os.environ.get("HISS_BACKEND")
+    os.environ["HISS_BACKEND"] = "ref"
+    yield
+    os.environ.pop("HISS_BACKEND") if old is None else os.environ.__setitem__("HISS_BACKEND", old)
+
+
+def write_gc_task(path, n=(160, 40, 40), L=24, seed=0):
+    """AT-rich vs GC-rich sequences (85% of one kind): separable, learnable in a few dozen steps."""
+    rng = random.Random(seed)
+    lines = ["split\tlabel\tid\tsequence"]
+    for split, k in zip(("train", "val", "test"), n):
+        for i in range(k):
+            label = rng.choice(["AT", "GC"])
+            rich, poor = (("AT", "GC") if label == "AT" else ("GC", "AT"))
+            seq = "".join(rng.choice(rich if rng.random() < 0.85 else poor) for _ in range(L))
+            lines.append(f"{split}\t{label}\t{split}{i}\t{seq}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bundled_samples_decode_to_real_splice_sites():
+    sets = read_labelled_tsv(SPLICE_SAMPLE)
+    assert [len(sets[s].ids) for s in ("train", "val", "test")] == [2000, 186, 1000]
+    seqs = {lab: [decode(t) for t, y in zip(sets["train"].tokens, sets["train"].labels) if y == lab]
+            for lab in ("EI", "IE", "N")}
+    assert all(len(s) == 60 for v in seqs.values() for s in v)
+    # donor sites (exon|intron) start the intron with GT, acceptors end it with AG: the one-hot decoding is right
+    assert sum(s[30:32] == "GT" for s in seqs["EI"]) / len(seqs["EI"]) > 0.97
+    assert sum(s[28:30] == "AG" for s in seqs["IE"]) / len(seqs["IE"]) > 0.97
+    genus = read_labelled_tsv(GENUS_SAMPLE)
+    strains = {s: {i.split(":")[0] for i in genus[s].ids} for s in ("train", "test")}
+    assert len(strains["test"]) == 4 and not strains["test"] & strains["train"]  # held-out strains
+    assert sorted(set(genus["test"].labels)) == ["Escherichia", "Helicobacter", "Staphylococcus", "Vibrio"]
+
+
+def test_tsv_errors(tmp_path):
+    p = tmp_path / "x.tsv"
+    p.write_text("split\tlabel\tsequence\n")
+    with pytest.raises(ValueError, match="x.tsv:1: header"):
+        read_labelled_tsv(p)
+    p.write_text("split\tlabel\tid\tsequence\ntrain\tA\tr1\tACGT\ndev\tA\tr2\tACGT\n")
+    with pytest.raises(ValueError, match="x.tsv:3: split 'dev'"):
+        read_labelled_tsv(p)
+    p.write_text("split\tlabel\tid\tsequence\ntrain\tA\tr1\tACJT\n")
+    with pytest.raises(ValueError, match="x.tsv:2: character 'J' at position 2"):
+        read_labelled_tsv(p)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_labelled_tsv(tmp_path / "absent.tsv.gz")
+
+
+def test_datamodule_padding_crop_and_labels(tmp_path):
+    p = tmp_path / "d.tsv.gz"
+    with gzip.open(p, "wt") as f:
+        f.write("split\tlabel\tid\tsequence\ntrain\tb\tr1\tACGTACGTAC\ntrain\ta\tr2\tGGG\nval\ta\tr3\tAACCGGTTAA\n"
+                "test\tb\tr4\tA\n")
+    dm = LabelledDNADataModule(str(p), batch_size=2, crop=6)
+    assert dm.labels == ["a", "b"]
+    batch = next(iter(dm.val_dataloader()))
+    assert decode(batch["input_ids"][0]) == "CCGGTT"  # centre crop in evaluation
+    b = collate([(encode("ACG"), 1), (encode("A"), 0)])
+    assert batch["labels"].tolist() == [0] and b["lengths"].tolist() == [3, 1]
+    assert b["input_ids"][1].tolist() == [A_ID, PAD_ID, PAD_ID]
+    with pytest.raises(ValueError, match="not among"):
+        LabelledDNADataModule(str(p), labels=["a"]).setup()
+
+
+def test_finetune_cli_learns_and_exports(tmp_path):
+    data = write_gc_task(tmp_path / "gc.tsv")
+    cls_dir = tmp_path / "classifier"
+    cli = main(["--data.path", str(data), "--data.batch_size", "16", "--model.num_labels", "2",
+                "--model.config.d_model", "16", "--model.config.n_layer", "1", "--model.config.ssm_cfg",
+                "{d_state: 4}", "--model.backbone", "rcps", "--model.lr", "0.01", "--model.warmup_steps", "5",
+                "--trainer.max_steps", "40", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.callbacks.dirpath", str(cls_dir), "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false"])
+    result = json.loads((tmp_path / "lightning_logs" / "version_0" / "finetune_result.json").read_text())
+    assert result["backbone"] == "rcps" and result["optimizer_steps"] == 40 and result["seed"] == 0
+    assert result["test_acc"] >= 0.9, result
+    model = DNAModel.from_pretrained(cls_dir)
+    assert model.head_config.labels == ["AT", "GC"]
+    with torch.no_grad():
+        pred = model(torch.stack([encode("ATTATAATTTATATAATTAAATAT"), encode("GCGGCCGCGCGGCCGCGGGCCGCG")]))
+    assert pred.argmax(-1).tolist() == [0, 1]
+    assert cli.model.model.rc_equivariant
+
+
+def test_cpu_time_budget_stops_training(tmp_path):
+    data = write_gc_task(tmp_path / "gc.tsv", n=(64, 8, 8))
+    budget = CPUTimeBudget(minutes=1e-6)
+    trainer = pl.Trainer(max_steps=50, callbacks=[budget], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(ClassifierModule(TINY, num_labels=2), datamodule=LabelledDNADataModule(str(data), batch_size=8))
+    assert trainer.global_step == 1 and budget.used_s > 0
+
+
+def test_masked_lm_pretraining_learns_a_repeat(tmp_path):
+    torch.manual_seed(0)
+    unit = encode("ACGGTCAT")
+    rows = [{"input_ids": unit.repeat(3).roll(int(s))} for s in torch.randint(0, 8, (64,))]
+    loader = DataLoader(rows, batch_size=16, shuffle=True)
+    module = MaskedLMModule(TINY, backbone="bimamba", lr=0.03, warmup_steps=5)
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows[:16]])}
+    with torch.no_grad():
+        before = float(module.mlm_loss(batch)[0])
+    trainer = pl.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    with torch.no_grad():
+        after = float(module.mlm_loss(batch)[0])
+    assert before > 2.0 and after < 0.5 * before, (before, after)
+    with pytest.raises(ValueError, match="bidirectional"):
+        MaskedLMModule(TINY, backbone="mamba")
