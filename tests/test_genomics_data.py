@@ -299,3 +299,36 @@ def test_datamodule_batches_and_splits():
     assert val["input_ids"].shape == (4, 256)
     with pytest.raises(ValueError, match="warmup_min_len"):
         DNADataModule(seq_len=64, warmup_min_len=128)
+
+
+# ---- datasets/recipes/genomes.py (a script in a folder, loaded by path) ------------------------------------
+
+def load_recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "datasets" / "recipes" / "genomes.py"
+    spec = importlib.util.spec_from_file_location("genomes_recipe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_genome_recipe_converts_gzip_and_url_to_indexed_bgzip_with_splits(tmp_path):
+    recipe = load_recipe()
+    seq_a = "ACGTacgtNN" * 37 + "ACG"
+    src = tmp_path / "in.fa.gz"
+    with gzip.open(src, "wt") as f:  # plain gzip, ragged lines: not readable by pyfaidx as is
+        f.write(f">chrA some description\n{seq_a[:50]}\n{seq_a[50:53]}\n{seq_a[53:]}\n\n>chrB\nTTTTGGGGCC\n")
+    recipe.main(["local", str(src), "--name", "toy", "--out", str(tmp_path / "out"), "--test-frac", "0.1"])
+    fa = FastaReader(tmp_path / "out" / "toy.fa.gz")
+    assert fa.lengths == {"chrA": 373, "chrB": 10} and fa.fetch("chrA") == seq_a  # case kept (soft-masking)
+    ivs = read_bed(tmp_path / "out" / "toy.bed", fa)
+    assert ivs[:3] == [Interval("chrA", 0, 317, "train"), Interval("chrA", 317, 336, "valid"),
+                       Interval("chrA", 336, 373, "test")]
+    recipe.main(["url", src.as_uri(), "--out", str(tmp_path / "out2")])  # what the hg38 download does
+    assert FastaReader(tmp_path / "out2" / "in.fa.gz").fetch("chrB") == "TTTTGGGGCC"
+    bad = write(tmp_path / "bad.fa", "ACGT\n>a\nAC\n")
+    with pytest.raises(ValueError, match=r"bad\.fa:1: sequence before the first '>'"):
+        recipe.main(["local", str(bad), "--out", str(tmp_path / "out3")])
+    assert not list((tmp_path / "out3").iterdir())  # nothing half-written left behind

@@ -52,8 +52,20 @@ def write_bgzip_fasta(src: Path, dst: Path) -> dict[str, int]:
 
     Upper/lower case is kept (soft-masking); errors name the input line. Written to a temporary file and
     renamed, so an interrupted run never leaves a truncated genome behind."""
-    lengths: dict[str, int] = {}
     tmp = dst.with_name(dst.name + ".part")
+    try:
+        lengths = _stream(src, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(dst)
+    for stale in (Path(str(dst) + ".fai"), Path(str(dst) + ".gzi")):
+        stale.unlink(missing_ok=True)
+    return lengths
+
+
+def _stream(src: Path, tmp: Path) -> dict[str, int]:
+    lengths: dict[str, int] = {}
     name, buf, n = None, "", 0
     with open_text(src) as fin, bgzf.BgzfWriter(str(tmp), "wb") as out:
         for lineno, line in enumerate(fin, 1):
@@ -89,9 +101,6 @@ def write_bgzip_fasta(src: Path, dst: Path) -> dict[str, int]:
         if n == 0:
             raise ValueError(f"{src}: last record {name!r} has no sequence")
         lengths[name] = n
-    tmp.replace(dst)
-    for stale in (Path(str(dst) + ".fai"), Path(str(dst) + ".gzi")):
-        stale.unlink(missing_ok=True)
     return lengths
 
 
