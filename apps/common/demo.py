@@ -12,7 +12,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-__all__ = ["HOST", "launch", "cap_text", "find_checkpoint", "gr"]
+__all__ = ["HOST", "launch", "cap_text", "find_checkpoint", "message_demo", "gr"]
 
 HOST = "127.0.0.1"
 
@@ -39,3 +39,11 @@ def find_checkpoint(candidates: list[str | Path], how_to_make: str) -> Path:
             return Path(c)
     tried = ", ".join(str(c) for c in candidates if c)
     raise FileNotFoundError(f"no checkpoint found (looked in: {tried}). {how_to_make}")
+
+
+def message_demo(title: str, message: str) -> gr.Blocks:
+    """A page that only explains something (a missing checkpoint, an app not built yet): what a demo shows
+    instead of crashing, so a launcher of several demos keeps serving the others."""
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"### {title}\n\n{message}")
+    return demo

@@ -1,0 +1,101 @@
+"""The text demo's handlers (no server) and the demos launcher (tabs, missing apps, missing checkpoints)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import demos
+from apps.common.demo import gr
+from apps.text import demo as text_demo
+from apps.text.demo import TextDemo, build_demo, highlight
+from ssm_core import MambaConfig, MambaLMHeadModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("text_ckpt")
+    MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=256, ssm_cfg={"d_state": 8})).save_pretrained(d)
+    return d
+
+
+def markdown_text(blocks: gr.Blocks) -> str:
+    return "\n".join(str(b.value) for b in blocks.blocks.values() if isinstance(b, gr.Markdown))
+
+
+def test_no_checkpoint_gives_a_clear_page(tmp_path, monkeypatch):
+    monkeypatch.setattr(text_demo, "default_checkpoints", lambda: [])
+    for ckpt in (None, tmp_path / "missing"):
+        page = markdown_text(build_demo(ckpt))
+        assert "No text model available" in page and "python -m apps.text.train" in page
+
+
+def test_generate_streams_and_colours(ckpt):
+    app = TextDemo(ckpt)
+    steps = list(app.generate("Hello wörld", max_bytes=60, temperature=1.0, top_k=20, top_p=0.9, seed=1))
+    text, marks, status = steps[-1]
+    assert "bytes in" in status and "bits/byte" in status
+    assert all(text.startswith(s[0]) for s in steps)  # updates only ever extend the text
+    shown = "".join(ch for ch, _ in marks)
+    assert shown == "Hello wörld" + text  # prompt + continuation, whole characters
+    assert marks[0][1] is None and all(lab in text_demo.COLORS for _, lab in marks[1:])
+    with pytest.raises(gr.Error, match="at most"):
+        list(app.generate("x" * (text_demo.MAX_PROMPT_CHARS + 1)))
+    with pytest.raises(gr.Error, match="type a prompt"):
+        list(app.generate(""))
+
+
+def test_cartridge_round_trip_in_the_demo(ckpt, tmp_path):
+    app = TextDemo(ckpt)
+    doc = "A long document that we read only once. " * 20
+    path, msg = app.save(doc)
+    assert "saved the state" in msg
+    state, msg = app.load(path)
+    assert state.seqlen_offset == len(doc.encode()) and "cartridge loaded" in msg
+    a = list(app.generate(" next", 30, temperature=0.0, cartridge=state))[-1][0]
+    b = list(app.generate(doc + " next", 30, temperature=0.0))[-1][0]
+    assert a == b
+    other = tmp_path / "other"
+    MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=256)).save_pretrained(other)
+    with pytest.raises(gr.Error, match="different model"):
+        TextDemo(other).load(path)
+    assert app.load(None)[0] is None
+
+
+def test_highlight_groups_multibyte_characters():
+    data = "aé".encode() + b"\xff"
+    marks = highlight(data, [math.nan, 0.5, 3.0, 7.0])
+    assert [ch for ch, _ in marks] == ["a", "é", "\ufffd"]
+    assert marks[0][1] is None and marks[1][1] == "2.5-4 bits"  # 0.5 + 3.0 bits for the two bytes of é and marks[2][1] == "> 6 bits"
+
+
+def test_launcher_tabs_and_missing_apps(ckpt, monkeypatch):
+    monkeypatch.setattr(demos, "APPS", {"ghost": ("apps.ghost.demo", "Ghost app"), **demos.APPS})
+    page = markdown_text(demos.build("ghost"))
+    assert "not part of this checkout" in page
+    app = demos.build_all({"text": str(ckpt)})
+    tabs = [b.label for b in app.blocks.values() if isinstance(b, gr.Tab)]
+    assert {"Ghost app", "Byte-level text", "DNA (genomics)"} <= set(tabs)
+    assert "not part of this checkout" in markdown_text(app)
+    with pytest.raises(ValueError, match="unknown demo"):
+        demos.build("nope")
+
+
+def test_launcher_shows_a_failing_demo_instead_of_crashing(monkeypatch):
+    def boom(ckpt=None):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(text_demo, "build_demo", boom)
+    assert "could not start: `RuntimeError: kaput`" in markdown_text(demos.build("text"))
+
+
+def test_launcher_cli_rejects_ckpt_with_all():
+    from demos.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["all", "--ckpt", "x"])
