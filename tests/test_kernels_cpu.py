@@ -8,6 +8,7 @@ when the kernel can't be built here.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -20,7 +21,13 @@ except ImportError:  # running pytest without the repo root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import kernels.cpu as kcpu
 
-from ssm_core.ops import causal_conv1d, causal_conv1d_update, selective_state_update
+from ssm_core.ops import (
+    causal_conv1d,
+    causal_conv1d_update,
+    mamba_chunk_scan_combined,
+    selective_state_update,
+    ssd_ref,
+)
 from ssm_core.ops.selective_scan import selective_scan_ref, selective_state_update_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -520,3 +527,77 @@ def test_conv_update_steps_equal_forward(ext):
     outs = [kcpu.causal_conv1d_update_cpu(x["x"][..., t], st, x["weight"], x["bias"], "silu") for t in range(9)]
     assert_close(torch.stack(outs, -1), full, 1e-6, "steps vs forward")
     assert torch.equal(st, final)
+
+
+def test_benchmark_gpu_section_runs_on_cpu(ext, capsys):
+    """The GPU benchmark code (bandwidth, time vs L, SSD vs Mamba-1) runs here at tiny sizes, so it is not
+    first executed on a lent GPU; nothing is written to the docs in a dry run."""
+    import argparse
+
+    from benchmarks import scan
+
+    doc = scan.DOC.read_text() if scan.DOC.exists() else None
+    scan.gpu_section(argparse.Namespace(quick=True, gpu_dry_run=True))
+    out = capsys.readouterr().out
+    assert "L=2^10: scan" in out and "GB/s" in out and "dry run" in out
+    assert (scan.DOC.read_text() if scan.DOC.exists() else None) == doc
+
+
+# ---- SSD (Mamba-2) through the compiled scan ----------------------------------------------------
+
+# (b, L, H, P, G, N, D shape, z, bias, softplus, h0, dt_limit)
+SSD_CASES = [
+    (2, 37, 4, 3, 2, 5, "H", True, True, True, True, (0.0, math.inf)),
+    (1, 9, 2, 4, 1, 16, "HP", False, False, True, False, (0.05, 0.8)),
+    (2, 1, 3, 2, 3, 8, None, True, True, False, True, (0.0, math.inf)),
+]
+
+
+@pytest.mark.parametrize("case", SSD_CASES, ids=lambda c: "b{}L{}H{}P{}G{}N{}".format(*c[:6]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_ssd_cpu_matches_reference(ext, case, dtype):
+    b, L, H, P, G, N, Dk, z, bias, softplus, h0, limit = case
+    g = torch.Generator().manual_seed(L)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    ins = dict(x=r(b, L, H, P), dt=r(b, L, H) if softplus else r(b, L, H).abs() * 0.5,
+               A=-(torch.rand(H, generator=g, dtype=torch.float64) + 0.3).to(dtype), B=r(b, L, G, N), C=r(b, L, G, N),
+               D={"H": r(H), "HP": r(H, P), None: None}[Dk], z=r(b, L, H, P) if z else None,
+               dt_bias=r(H, scale=0.3) if bias else None, initial_states=r(b, H, P, N) if h0 else None)
+
+    def run(fn):
+        leaves = {k: v.clone().requires_grad_() for k, v in ins.items() if v is not None}
+        y, fin = fn(**{k: leaves.get(k) for k in ins}, dt_softplus=softplus, dt_limit=limit,
+                    return_final_states=True)
+        gg = torch.Generator().manual_seed(1)
+        loss = (y * torch.randn(y.shape, generator=gg, dtype=torch.float64).to(y.dtype)).sum() + \
+            (fin * torch.randn(fin.shape, generator=gg, dtype=torch.float64).to(fin.dtype)).sum()
+        names = list(leaves)
+        return y, fin, dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+
+    y1, f1, g1 = run(lambda **kw: kcpu.mamba_chunk_scan_combined_cpu(**kw, chunk_size=8))
+    y2, f2, g2 = run(lambda **kw: ssd_ref(**kw))
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert y1.dtype == dtype and f1.dtype == dtype
+    assert_close(y1, y2, rtol, "y")
+    assert_close(f1, f2, rtol, "final state")
+    assert set(g1) == set(g2)
+    for k in g2:
+        assert_close(g1[k], g2[k], rtol, f"grad {k}")
+
+
+def test_ssd_dispatch_cpu_and_seq_idx(ext):
+    """backend='cpu' runs the compiled scan; packed sequences (seq_idx) keep ssm_core's chunked path."""
+    g = torch.Generator().manual_seed(0)
+    x, dt = torch.randn(1, 12, 2, 3, generator=g), torch.randn(1, 12, 2, generator=g)
+    A = -torch.rand(2, generator=g) - 0.3
+    B, C = torch.randn(1, 12, 1, 4, generator=g), torch.randn(1, 12, 1, 4, generator=g)
+    seq = torch.tensor([[0] * 5 + [1] * 7])
+    for seq_idx in (None, seq):
+        got = mamba_chunk_scan_combined(x, dt, A, B, C, 4, seq_idx=seq_idx, dt_softplus=True, backend="cpu")
+        want = ssd_ref(x, dt, A, B, C, seq_idx=seq_idx, dt_softplus=True)
+        assert_close(got, want, 1e-5, f"seq_idx={seq_idx is not None}")
+    with pytest.raises(ValueError, match="seq_idx"):
+        kcpu.mamba_chunk_scan_combined_cpu(x, dt, A, B, C, 4, seq_idx=seq)

@@ -157,16 +157,19 @@ def mamba_chunk_scan_combined(
 ):
     """Chunked SSD, drop-in for mamba_ssm's ``mamba_chunk_scan_combined``. Any L (no caller padding).
 
-    ``backend`` as in ``selective_scan`` (on CPU this PyTorch code is the implementation: its
-    einsums are matmuls). The sequence is processed in pieces of ``piece_len`` (a multiple of ``chunk_size``), each
-    recomputed in backward, so backward memory does not grow with (L x chunk) activations.
+    ``backend`` as in ``selective_scan`` (on CPU the fast path is the compiled Mamba-1 scan, which
+    measured faster than these einsums; with ``seq_idx`` this PyTorch code runs). The PyTorch path
+    processes the sequence in pieces of ``piece_len`` (a multiple of ``chunk_size``), each recomputed in
+    backward, so backward memory does not grow with (L x chunk) activations.
     Returns out: (batch, L, nheads, headdim) in x's dtype [, final_states fp32].
     """
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     if chunk_size <= 0:
         raise ValueError(f"ssd: chunk_size must be positive, got {chunk_size}")
     kernel = fast_path(backend, x.device, "mamba_chunk_scan_combined")
-    if kernel is not None:  # Triton forward + backward
+    if kernel is not None and seq_idx is not None and not getattr(kernel, "supports_seq_idx", True):
+        kernel = None  # the CPU kernel (the compiled scan) has no resets: packed sequences take this path
+    if kernel is not None:  # Triton SSD (forward + backward) or, on CPU, the compiled selective scan
         return kernel(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
                       seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=tuple(dt_limit),
                       return_final_states=return_final_states)
