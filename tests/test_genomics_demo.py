@@ -1,6 +1,5 @@
 """apps.genomics.demo: the UI builds without a server, and its handlers work on a tiny saved model."""
 
-import os
 
 import pytest
 import torch
@@ -19,10 +18,10 @@ FASTA = ">a desc\nACGTGGCCAATTGCGC\nGGCATT\n>b\nATATATATGCGCAT\n"
 
 @pytest.fixture(scope="module")
 def ref_backend():
-    old = os.environ.get("HISS_BACKEND")
-    os.environ["HISS_BACKEND"] = "ref"
-    yield
-    os.environ.pop("HISS_BACKEND") if old is None else os.environ.__setitem__("HISS_BACKEND", old)
+    """Tiny models: the pure-PyTorch scan, so no compiled-kernel build happens inside these tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HISS_BACKEND", "ref")
+        yield
 
 
 @pytest.fixture(scope="module")

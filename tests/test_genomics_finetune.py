@@ -3,7 +3,6 @@ end (it must learn a separable task), masked-LM pretraining and the CPU-time bud
 
 import gzip
 import json
-import os
 import random
 
 import pytest
@@ -23,10 +22,10 @@ TINY = MambaConfig(d_model=16, n_layer=1, vocab_size=VOCAB_SIZE, ssm_cfg={"d_sta
 
 @pytest.fixture(scope="module")
 def ref_backend():
-    old = os.environ.get("HISS_BACKEND")
-    os.environ["HISS_BACKEND"] = "ref"
-    yield
-    os.environ.pop("HISS_BACKEND") if old is None else os.environ.__setitem__("HISS_BACKEND", old)
+    """Tiny models: the pure-PyTorch scan, so no compiled-kernel build happens inside these tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HISS_BACKEND", "ref")
+        yield
 
 
 def write_gc_task(path, n=(160, 40, 40), L=24, seed=0):
@@ -135,3 +134,14 @@ def test_masked_lm_pretraining_learns_a_repeat(tmp_path):
     assert before > 2.0 and after < 0.5 * before, (before, after)
     with pytest.raises(ValueError, match="bidirectional"):
         MaskedLMModule(TINY, backbone="mamba")
+
+
+def test_mlm_cli_exports_a_masked_lm(tmp_path):
+    out = tmp_path / "mlm"
+    main(["mlm", "--model.config.d_model", "16", "--model.config.n_layer", "1", "--model.config.ssm_cfg",
+          "{d_state: 4}", "--data.seq_len", "32", "--data.batch_size", "4", "--data.samples_per_epoch", "8",
+          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.callbacks.dirpath", str(out), "--trainer.enable_progress_bar", "false",
+          "--trainer.enable_model_summary", "false"])
+    model = DNAModel.from_pretrained(out)
+    assert model.head_config.task == "mlm" and model.rc_equivariant

@@ -1,7 +1,6 @@
 """apps.genomics.heads and inference: RC equivariance (float64, exact), bidirectionality, padding, pooling, masking,
 checkpoints, backbone initialisation; per-base log-likelihood, variant scores, embeddings, generation."""
 
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -38,14 +37,10 @@ pytestmark = pytest.mark.usefixtures("one_thread", "ref_backend")
 
 @pytest.fixture(scope="module")
 def ref_backend():
-    """Tiny float64 models: the pure-PyTorch scan (no compiled-kernel build inside these tests)."""
-    old = os.environ.get("HISS_BACKEND")
-    os.environ["HISS_BACKEND"] = "ref"
-    yield
-    if old is None:
-        os.environ.pop("HISS_BACKEND")
-    else:
-        os.environ["HISS_BACKEND"] = old
+    """Tiny models: the pure-PyTorch scan, so no compiled-kernel build happens inside these tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HISS_BACKEND", "ref")
+        yield
 
 # residual_in_fp32=False: keep the residual stream in float64 for exact-equivariance checks
 CFG = MambaConfig(d_model=16, n_layer=2, vocab_size=VOCAB_SIZE, ssm_cfg={"d_state": 4}, residual_in_fp32=False)

@@ -5,6 +5,7 @@
     python -m apps.genomics.finetune --model.backbone=transformer        # the same-size Transformer baseline
     python -m apps.genomics.finetune --model.backbone=rcps               # RC-equivariant Caduceus-PS style
     python -m apps.genomics.finetune --model.init_from=runs/genomics/pretrained   # start from a pretrained LM
+    python -m apps.genomics.finetune mlm                                 # masked-LM pretraining (RC model, E. coli)
 
 After ``fit`` the test split is scored with the final weights and ``finetune_result.json`` (test/val accuracy,
 wall time, optimizer steps, parameter count, seed, threads) is written to the run's log folder; the classifier is
@@ -14,6 +15,7 @@ exported in save_pretrained format (config.json + head.json + model.safetensors)
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,11 +23,13 @@ import pytorch_lightning as pl
 import torch
 
 from apps.common.cli import cli_main
-from apps.genomics.heads import ClassifierModule
+from apps.genomics.data import DNADataModule
+from apps.genomics.heads import ClassifierModule, MaskedLMModule
 from apps.genomics.tasks import LabelledDNADataModule
 from ssm_core._io import atomic_write
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune_splice.yaml"
+MLM_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune_mlm.yaml"
 
 
 class CPUTimeBudget(pl.Callback):
@@ -51,8 +55,11 @@ class CPUTimeBudget(pl.Callback):
 
 
 def main(args: list[str] | None = None):
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["mlm"]:  # masked-LM pretraining on the causal LM's FASTA data module
+        return cli_main(MaskedLMModule, DNADataModule, MLM_CONFIG, argv[1:])
     t0 = time.perf_counter()
-    cli = cli_main(ClassifierModule, LabelledDNADataModule, DEFAULT_CONFIG, args)
+    cli = cli_main(ClassifierModule, LabelledDNADataModule, DEFAULT_CONFIG, argv)
     if cli.subcommand != "fit":
         return cli
     fit_s = time.perf_counter() - t0
