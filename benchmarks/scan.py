@@ -1,8 +1,20 @@
-"""Selective-scan speed and memory, hiss's backends beside the pure-PyTorch peers, in one run.
+"""hiss kernel speed (and scan memory) beside the pure-PyTorch peers, each table from one run.
 
-    python -m benchmarks.scan                    # full table -> docs/benchmarks.md
-    python -m benchmarks.scan --quick            # small shapes, 3 repeats, prints only
+    python -m benchmarks.scan                         # every section -> docs/benchmarks.md
+    python -m benchmarks.scan --sections step conv    # some sections (each replaces only its own block)
+    python -m benchmarks.scan --quick                 # small shapes, 3 repeats, prints only
 
+Sections (each writes its own <!-- name:begin --> ... <!-- name:end --> block of docs/benchmarks.md):
+  scan    selective scan, the table below
+  step    decode-step latency: selective_state_update (Mamba-1 and Mamba-2 layouts), causal_conv1d_update
+  conv    causal conv1d (+silu) forward and forward+backward: compiled kernel vs F.conv1d
+  ssd     Mamba-2 SSD on CPU: chunked (matmul) path vs the token-by-token recurrence vs the Mamba-1 scan
+  blocks  Mamba / Mamba2 block tokens/s (forward, forward+backward), hiss vs HF transformers and mambapy
+  model   MambaLMHeadModel tokens/s: prefill, training step, decode (generation), hiss vs the peers
+  gpu     CUDA only (Triton): scan/SSD bandwidth vs peak, time vs L up to 2^20, SSD vs Mamba-1.
+          Without a GPU, --gpu-dry-run runs the same code on CPU at tiny sizes (nothing written).
+
+Scan section:
 Implementations (forward, and forward+backward where they have one):
   hiss-cpu      ssm_core.selective_scan(backend="cpu"): the compiled kernel in kernels/
   hiss-ref      ssm_core.selective_scan(backend="ref"): the chunked PyTorch path
@@ -39,7 +51,6 @@ QUICK_SHAPES = [(2, 256, 512, 16), (1, 64, 4096, 16)]
 IMPLS = ["hiss-cpu", "hiss-ref", "hf-torch", "mambapy", "c-loop"]
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- scan:begin -->", "<!-- scan:end -->"
 
 
 def make_inputs(shape, requires_grad=False, seed=0):
@@ -152,7 +163,24 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--slow-peer-repeats", type=int, default=None,
                    help="repeats for hf-torch / mambapy at shapes with L >= 16384 (they take minutes)")
+    p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
+    p.add_argument("--gpu-dry-run", action="store_true", help="run the gpu section's code on CPU at tiny sizes")
     args = p.parse_args(argv)
+    for name in args.sections:
+        t0 = time.perf_counter()
+        if name == "scan":
+            scan_section(args)
+        elif name == "gpu":
+            gpu_section(args)
+        else:
+            body = SECTION_FNS[name](args)
+            print(body, flush=True)
+            if not args.quick:
+                update_doc(name, SECTION_TITLES[name], body)
+        print(f"[section {name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+
+
+def scan_section(args):
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 3 if args.quick else args.repeats
     rows = []
@@ -173,7 +201,7 @@ def main(argv=None):
     table = render(rows, repeats)
     print(table)
     if not args.quick:
-        update_doc(table)
+        update_doc("scan", "Selective scan, CPU", table)
 
 
 def render(rows, repeats) -> str:
@@ -203,17 +231,533 @@ def render(rows, repeats) -> str:
     return "\n".join(out)
 
 
-def update_doc(table: str) -> None:
+def update_doc(key: str, title: str, body: str) -> None:
+    """Replace (or append) only the ``<!-- key:begin --> ... <!-- key:end -->`` block of docs/benchmarks.md."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     DOC.parent.mkdir(exist_ok=True)
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n## Selective scan, CPU\n\n{table}\n{END}"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    block = f"{begin}\n## {title}\n\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(text)
-    print(f"wrote {DOC}")
+    print(f"wrote {DOC} ({key})")
 
+
+# ---- shared timing ------------------------------------------------------------------------------
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int, device="cpu", inner: int = 1) -> float:
+    """Median seconds per call of ``fn`` over ``repeats`` timed batches of ``inner`` calls (one warm-up batch)."""
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        if i:
+            times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+class backend_env:
+    """Set $HISS_BACKEND for a block (the ops read it at call time), restoring the old value."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.old = os.environ.get("HISS_BACKEND")
+        os.environ["HISS_BACKEND"] = self.name
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("HISS_BACKEND", None)
+        else:
+            os.environ["HISS_BACKEND"] = self.old
+
+
+def _header(repeats: int, cmd: str) -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"Measured {datetime.datetime.now():%Y-%m-%d %H:%M} on {machine()}; medians of {repeats} runs, "
+            f"load average {load:.1f} at the start (shared machine: compare rows of one table, not across "
+            f"tables) (`{cmd}`).")
+
+
+def _fmt_us(t: float) -> str:
+    return f"{t * 1e6:.0f}" if t >= 1e-4 else f"{t * 1e6:.1f}"
+
+
+# ---- step: decode-step latency ------------------------------------------------------------------
+
+def _step_inputs(batch, layout, g):
+    if layout[0] == "mamba1":
+        _, dim, N = layout
+        x = dict(state=torch.randn(batch, dim, N, generator=g), x=torch.randn(batch, dim, generator=g),
+                 dt=torch.randn(batch, dim, generator=g) - 1, A=-torch.rand(dim, N, generator=g) - 0.5,
+                 B=torch.randn(batch, N, generator=g), C=torch.randn(batch, N, generator=g),
+                 D=torch.randn(dim, generator=g), z=torch.randn(batch, dim, generator=g),
+                 dt_bias=torch.randn(dim, generator=g) * 0.1)
+        return x, True
+    _, H, P, N, G = layout  # Mamba2._step's call: dt already softplus'd, per-head A/dt/D broadcast views
+    x = dict(state=torch.randn(batch, H, P, N, generator=g), x=torch.randn(batch, H, P, generator=g),
+             dt=torch.rand(batch, H, generator=g)[..., None].expand(batch, H, P),
+             A=(-torch.rand(H, generator=g) - 0.5)[:, None, None].expand(H, P, N),
+             B=torch.randn(batch, G, N, generator=g), C=torch.randn(batch, G, N, generator=g),
+             D=torch.randn(H, generator=g)[:, None].expand(H, P), z=None, dt_bias=None)
+    return x, False
+
+
+def step_section(args) -> str:
+    from ssm_core.ops import causal_conv1d_update, selective_state_update
+
+    repeats = 3 if args.quick else 7
+    inner = 20 if args.quick else 200
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    layouts = [("mamba1", 1536, 16), ("mamba2", 24, 64, 128, 1)]
+    if not args.quick:
+        layouts = [("mamba1", 768, 16), ("mamba1", 1536, 16), ("mamba2", 24, 64, 128, 1), ("mamba2", 48, 64, 128, 1)]
+    for layout in layouts:
+        for batch in (1, 8):
+            x, softplus = _step_inputs(batch, layout, g)
+            res = {}
+            for be in ("cpu", "ref"):
+                res[be] = median_time(lambda be=be, x=x, sp=softplus: selective_state_update(**x, dt_softplus=sp,
+                                                                                              backend=be),
+                                      repeats, inner=inner)
+            rows.append((f"selective_state_update {layout[0]} {tuple(x['state'].shape)}", res))
+    for dim in (1536, 3072):
+        for batch in (1, 8):
+            xv, st = torch.randn(batch, dim, generator=g), torch.randn(batch, dim, 3, generator=g)
+            w, b = torch.randn(dim, 4, generator=g), torch.randn(dim, generator=g)
+            res = {be: median_time(lambda be=be, a=(xv, st, w, b): causal_conv1d_update(*a, "silu", backend=be),
+                                   repeats, inner=inner) for be in ("cpu", "ref")}
+            rows.append((f"causal_conv1d_update (batch, dim, 3) = {(batch, dim, 3)}", res))
+    out = [_header(repeats, "python -m benchmarks.scan --sections step"), "",
+           f"Per call ({torch.get_num_threads()} threads; the steps fork threads only for large states), {inner} calls "
+           "per timed batch. "
+           "`cpu`: the compiled step in kernels/csrc (dispatched by ssm_core); `ref`: the PyTorch ops in ssm_core.",
+           "", "| op (shape) | cpu µs | ref µs | ref / cpu |", "| --- | ---: | ---: | ---: |"]
+    for name, res in rows:
+        out.append(f"| {name} | {_fmt_us(res['cpu'])} | {_fmt_us(res['ref'])} | {res['ref'] / res['cpu']:.1f}x |")
+    return "\n".join(out)
+
+
+# ---- conv: causal conv1d ------------------------------------------------------------------------
+
+def conv_section(args) -> str:
+    import torch.nn.functional as F
+
+    from ssm_core.ops import causal_conv1d
+
+    repeats = 3 if args.quick else 5
+    shapes = [(2, 256, 512, 4)] if args.quick else [(2, 1536, 1024, 4), (1, 3072, 2048, 4), (1, 256, 65536, 4)]
+    g = torch.Generator().manual_seed(0)
+    out = [_header(repeats, "python -m benchmarks.scan --sections conv"), "",
+           "`cpu`: kernels/csrc/causal_conv1d_cpu.h (silu fused, carried state, fwd+bwd); `ref`: ssm_core's "
+           "PyTorch path (cat state + F.conv1d + silu); `F.conv1d`: a bare depthwise F.conv1d(padding=W-1) + "
+           "silu, no state. fwd+bwd includes a loss on the final state for cpu / ref.", "",
+           "| (batch, dim, L, W) | impl | forward ms | fwd+bwd ms |", "| --- | --- | ---: | ---: |"]
+    for b, d, L, W in shapes:
+        x0 = torch.randn(b, d, L, generator=g)
+        w0, b0, s0 = torch.randn(d, W, generator=g), torch.randn(d, generator=g), torch.randn(b, d, W - 1, generator=g)
+        res = {}
+        for impl in ("cpu", "ref", "F.conv1d"):
+            def run(grad, impl=impl, ins=(x0, w0, b0, s0)):
+                ts = [t.clone().requires_grad_(grad) for t in ins]
+                if impl == "F.conv1d":
+                    W_, L_ = ts[1].shape[1], ts[0].shape[-1]
+                    y = F.silu(F.conv1d(ts[0], ts[1].unsqueeze(1), ts[2], padding=W_ - 1, groups=ts[1].shape[0]))
+                    y = y[..., :L_]
+                    loss = y.sum()
+                else:
+                    y, fin = causal_conv1d(*ts[:3], initial_states=ts[3], return_final_states=True,
+                                           activation="silu", backend=impl)
+                    loss = y.sum() + fin.sum()
+                if grad:
+                    loss.backward()
+            with torch.no_grad():
+                fwd = median_time(lambda run=run: run(False), repeats)
+            res[impl] = (fwd, median_time(lambda run=run: run(True), repeats))
+        for impl, (fwd, fb) in res.items():
+            out.append(f"| {(b, d, L, W)} | {impl} | {fwd * 1e3:.2f} | {fb * 1e3:.2f} |")
+        c, f = res["cpu"], res["F.conv1d"]
+        out.append(f"| {(b, d, L, W)} | F.conv1d / cpu | {f[0] / c[0]:.1f}x | {f[1] / c[1]:.1f}x |")
+    return "\n".join(out)
+
+
+# ---- ssd: Mamba-2 on CPU ------------------------------------------------------------------------
+
+def ssd_section(args) -> str:
+    from ssm_core.ops import mamba_chunk_scan_combined, selective_scan, ssd_ref
+
+    repeats = 3
+    g = torch.Generator().manual_seed(0)
+    Ls = [256, 1024] if args.quick else [256, 2048]
+    out = [_header(repeats, "python -m benchmarks.scan --sections ssd"), "",
+           " ".join([
+               "Equal sizes: d_inner = nheads x headdim = 1536 channels, batch 1.",
+               "`ssd chunked`: ssm_core's mamba_chunk_scan_combined PyTorch path (backend='ref', chunk 256, the",
+               "matmul form); `ssd recurrence`: ssd_ref, the token-by-token recurrence (PyTorch ops per token,",
+               "the shape of a naive kernel without SIMD/threads; timed once at L = 256 only, it takes seconds);",
+               "`mamba-1 scan`: the compiled selective scan (diagonal A per channel and state) on the expanded",
+               "inputs; `ssd auto`: what ssm_core now runs on CPU (kernels.cpu.mamba_chunk_scan_combined_cpu:",
+               "that scan plus the views and Δ in PyTorch).",
+           ]), "",
+           "| L | N | impl | forward ms | fwd+bwd ms | forward ns / (token x channel x N) |",
+           "| ---: | ---: | --- | ---: | ---: | ---: |"]
+    H, P = 24, 64
+    for L in Ls:
+        for N in (16, 128):
+            x = torch.randn(1, L, H, P, generator=g)
+            dt = torch.rand(1, L, H, generator=g) * 0.1
+            A = -torch.rand(H, generator=g) - 0.5
+            B, C = torch.randn(1, L, 1, N, generator=g), torch.randn(1, L, 1, N, generator=g)
+            D = torch.randn(H, generator=g)
+            u = x.reshape(1, L, H * P).transpose(1, 2).contiguous()
+            delta = dt.repeat_interleave(P, dim=2).transpose(1, 2).contiguous()
+            A1 = A.repeat_interleave(P)[:, None].expand(H * P, N).contiguous()
+            B1, C1 = B[:, :, 0].transpose(1, 2).contiguous(), C[:, :, 0].transpose(1, 2).contiguous()
+            D1 = D.repeat_interleave(P)
+            impls = {
+                "ssd chunked": (lambda t: mamba_chunk_scan_combined(*t[:5], 256, D=t[5], backend="ref"),
+                                [x, dt, A, B, C, D]),
+                "ssd auto": (lambda t: mamba_chunk_scan_combined(*t[:5], 256, D=t[5]), [x, dt, A, B, C, D]),
+                "mamba-1 scan": (lambda t: selective_scan(*t, backend="cpu"), [u, delta, A1, B1, C1, D1]),
+            }
+            if L <= 256:
+                impls["ssd recurrence"] = (lambda t: ssd_ref(*t[:5], D=t[5]), [x, dt, A, B, C, D])
+            for name, (fn, ins) in impls.items():
+                def run(grad, fn=fn, ins=ins):
+                    ts = [t.clone().requires_grad_(grad) for t in ins]
+                    y = fn(ts)
+                    if grad:
+                        y.sum().backward()
+                with torch.no_grad():
+                    fwd = median_time(lambda run=run: run(False), 1 if name == "ssd recurrence" else repeats)
+                fb = "" if name == "ssd recurrence" else f"{median_time(lambda run=run: run(True), repeats) * 1e3:.1f}"
+                per = fwd / (L * H * P * N) * 1e9
+                out.append(f"| {L} | {N} | {name} | {fwd * 1e3:.1f} | {fb} | {per:.3f} |")
+            print(out[-1], flush=True)
+    return "\n".join(out)
+
+
+# ---- blocks and model: tokens/s -----------------------------------------------------------------
+
+D_MODEL = 768
+
+
+def _hf_mamba_config(n_layer, vocab=256):
+    from transformers import MambaConfig as HFMambaConfig
+
+    return HFMambaConfig(vocab_size=vocab, hidden_size=D_MODEL, state_size=16, num_hidden_layers=n_layer,
+                         expand=2, conv_kernel=4, use_mambapy=False, eos_token_id=None, pad_token_id=0)
+
+
+def _block_impls():
+    """name -> constructor of a (batch, L, d_model) -> (batch, L, d_model) module, fp32, random weights."""
+    impls = {}
+
+    def hiss(layer, backend):
+        from ssm_core import Mamba, Mamba2
+
+        def make():
+            m = Mamba(d_model=D_MODEL) if layer == 1 else Mamba2(d_model=D_MODEL, headdim=64, d_state=128)
+            return m, backend
+        return make
+
+    for layer in (1, 2):
+        impls[f"hiss Mamba{'' if layer == 1 else '2'} (auto)"] = hiss(layer, "auto")
+        impls[f"hiss Mamba{'' if layer == 1 else '2'} (ref)"] = hiss(layer, "ref")
+
+    def hf(use_mambapy):
+        def make():
+            from transformers.models.mamba.modeling_mamba import MambaMixer
+
+            cfg = _hf_mamba_config(1)
+            cfg.use_mambapy = use_mambapy
+            mixer = MambaMixer(cfg, layer_idx=0)
+            mixer.forward = mixer.slow_forward if hasattr(mixer, "slow_forward") else mixer.forward
+            return mixer, None
+        return make
+
+    impls["HF MambaMixer (torch loop)"] = hf(False)
+    impls["HF MambaMixer (mambapy pscan)"] = hf(True)
+
+    def hf2():
+        from transformers import Mamba2Config as HFMamba2Config
+        from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+        cfg = HFMamba2Config(hidden_size=D_MODEL, num_heads=2 * D_MODEL // 64, head_dim=64, state_size=128, n_groups=1,
+                             expand=2, conv_kernel=4, num_hidden_layers=1, vocab_size=256)
+        mixer = Mamba2Mixer(cfg, layer_idx=0)
+        mixer.forward = mixer.torch_forward
+        return mixer, None
+
+    impls["HF Mamba2Mixer (torch_forward)"] = hf2
+
+    def mambapy_block(layer):
+        def make():
+            from mambapy.mamba import MambaBlock, MambaConfig
+
+            return MambaBlock(MambaConfig(d_model=D_MODEL, n_layers=1)), None
+        return make
+
+    impls["mambapy MambaBlock"] = mambapy_block(1)  # (mambapy.mamba2 imports mamba_ssm: no CPU Mamba2 peer)
+    return impls
+
+
+
+def _tokens_per_s(module, backend, batch, L, repeats, train: bool):
+    x0 = torch.randn(batch, L, D_MODEL)
+
+    def run():
+        x = x0.clone().requires_grad_(train)
+        y = module(x)
+        y = y[0] if isinstance(y, tuple) else y
+        if train:
+            y.float().pow(2).mean().backward()
+
+    ctx = backend_env(backend) if backend else _nullctx()
+    with ctx:
+        if train:
+            t = median_time(run, repeats)
+        else:
+            with torch.no_grad():
+                t = median_time(run, repeats)
+    return batch * L / t
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def blocks_section(args) -> str:
+    repeats = 2 if args.quick else 3
+    batch, L = (1, 256) if args.quick else (1, 1024)
+    out = [_header(repeats, "python -m benchmarks.scan --sections blocks"), "",
+           f"One block, d_model {D_MODEL} (d_inner 1536; Mamba: N 16; Mamba2: headdim 64, N 128), batch {batch}, "
+           f"L {L}, fp32, random weights. hiss `auto` = compiled CPU kernels (scan / SSD via the scan / conv), `ref` = "
+           "PyTorch path. Peers are timed once (hiss: median of the repeats).", "",
+           "| block | forward tokens/s | fwd+bwd tokens/s |", "| --- | ---: | ---: |"]
+    for name, make in _block_impls().items():
+        torch.manual_seed(0)
+        try:
+            module, backend = make()
+        except Exception as exc:  # a peer missing or incompatible here: say so in the table
+            out.append(f"| {name} | unavailable: {type(exc).__name__} | |")
+            continue
+        peer = not name.startswith("hiss")
+        fwd = _tokens_per_s(module, backend, batch, L, 1 if peer else repeats, False)
+        if "torch loop" in name:  # fwd+bwd through a Python loop over L: minutes, and mambapy's pscan is faster
+            out.append(f"| {name} | {fwd:,.0f} | not timed (sequential loop; see the pscan row) |")
+        else:
+            fb = _tokens_per_s(module, backend, batch, L, 1 if peer else repeats, True)
+            out.append(f"| {name} | {fwd:,.0f} | {fb:,.0f} |")
+        print(out[-1], flush=True)
+    return "\n".join(out)
+
+
+def model_section(args) -> str:
+    from ssm_core import MambaConfig, MambaLMHeadModel
+
+    repeats = 2 if args.quick else 3
+    n_layer = 2 if args.quick else 4
+    batch, L = (1, 128) if args.quick else (1, 512)
+    steps = 8 if args.quick else 32
+    vocab = 256
+    ids = torch.randint(0, vocab, (batch, L), generator=torch.Generator().manual_seed(0))
+    out = [_header(repeats, "python -m benchmarks.scan --sections model"), "",
+           f"Language model, d_model {D_MODEL}, {n_layer} layers, vocab {vocab} (bytes), batch {batch}, fp32, random "
+           f"weights. Prefill: forward over L = {L} without grad; train: forward + backward of the LM loss at L = {L}; "
+           f"decode: {steps} single-token steps from a 16-token prompt's state (median per-token time). hiss "
+           "`auto` = compiled CPU kernels (scan, conv, decode step), `ref` = PyTorch path.", "",
+           "| model | prefill tokens/s | train tokens/s | decode tokens/s | decode ms / token |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+    prompt = ids[:, :16]
+
+    def row(name, logits_fn, decode_fn, reps=repeats):
+        with torch.no_grad():
+            pre = batch * L / median_time(lambda: logits_fn(ids), reps)
+
+        def train():
+            logits = logits_fn(ids)
+            torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                              ids[:, 1:].reshape(-1)).backward()
+        tr = batch * L / median_time(train, reps)
+        with torch.no_grad():
+            dec = decode_fn()
+        out.append(f"| {name} | {pre:,.0f} | {tr:,.0f} | {batch / dec:,.1f} | {dec * 1e3:.2f} |")
+        print(out[-1], flush=True)
+
+    for layer in ("Mamba1", "Mamba2"):
+        torch.manual_seed(0)
+        ssm_cfg = {"layer": layer} if layer == "Mamba1" else {"layer": layer, "headdim": 64, "d_state": 128}
+        model = MambaLMHeadModel(MambaConfig(d_model=D_MODEL, n_layer=n_layer, vocab_size=vocab, ssm_cfg=ssm_cfg))
+        for backend in ("auto", "ref"):
+            def decode(model=model):
+                out_ = model(prompt, return_state=True)
+                state, tok = out_.state, prompt[:, -1:]
+
+                def one():
+                    nonlocal state
+                    o = model(tok, state=state, return_state=True)
+                    state = o.state
+                return median_time(one, repeats, inner=steps)
+            with backend_env(backend):
+                row(f"hiss {layer} ({backend})", lambda t, model=model: model(t).logits, decode)
+    try:
+        from transformers import MambaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = _hf_mamba_config(n_layer, vocab)
+        cfg.use_mambapy = True  # its faster CPU training path (pscan); decode is the same either way
+        hf = MambaForCausalLM(cfg).eval()
+
+        def hf_decode():
+            # per-token time = (generate n + 1 tokens - generate 1 token) / n, both from the same prompt
+            def gen(n):
+                return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            t_many = median_time(lambda: gen(steps + 1), 1)
+            t_one = median_time(lambda: gen(1), 1)
+            return (t_many - t_one) / steps
+        row("HF MambaForCausalLM (torch, mambapy pscan)", lambda t: hf(t).logits, hf_decode, reps=1)
+    except Exception as exc:  # noqa: BLE001 - a missing peer is reported, not fatal
+        out.append(f"| HF MambaForCausalLM | unavailable: {type(exc).__name__}: {exc} | | | |")
+    try:
+        from mambapy.mamba import Mamba as MPMamba
+        from mambapy.mamba import MambaConfig as MPConfig
+        from mambapy.mamba import RMSNorm as MPNorm
+
+        class MambapyLM(torch.nn.Module):  # mambapy.lm imports mamba_ssm (via mamba2); same stack here
+            def __init__(self):
+                super().__init__()
+                self.emb = torch.nn.Embedding(vocab, D_MODEL)
+                self.mamba = MPMamba(MPConfig(d_model=D_MODEL, n_layers=n_layer))
+                self.norm = MPNorm(D_MODEL)
+
+            def forward(self, t):
+                return self.norm(self.mamba(self.emb(t))) @ self.emb.weight.t()
+
+            def step(self, tok, caches):
+                x, caches = self.mamba.step(self.emb(tok), caches)
+                return self.norm(x) @ self.emb.weight.t(), caches
+
+        torch.manual_seed(0)
+        mp = MambapyLM().eval()
+
+        def mp_decode():
+            caches = [(None, torch.zeros(batch, 2 * D_MODEL, 3)) for _ in range(n_layer)]
+            for i in range(prompt.shape[1]):
+                _, caches = mp.step(prompt[:, i], caches)
+
+            def one():
+                nonlocal caches
+                _, caches = mp.step(prompt[:, -1], caches)
+            return median_time(one, repeats, inner=steps)
+        row("mambapy Mamba + embedding / norm / tied head (pscan)", mp, mp_decode, reps=1)
+    except Exception as exc:  # noqa: BLE001
+        out.append(f"| mambapy | unavailable: {type(exc).__name__}: {exc} | | | |")
+    return "\n".join(out)
+
+
+# ---- gpu: Triton kernels on CUDA ----------------------------------------------------------------
+
+# Peak HBM bandwidth (GB/s) by device name, for the bandwidth column; unknown devices print no ratio.
+PEAK_GBPS = {"H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350, "H200": 4800, "A100-SXM4-80GB": 2039,
+             "A100-SXM4-40GB": 1555, "A100-PCIE": 1935, "L40S": 864, "A10G": 600, "RTX 4090": 1008}
+
+
+def _peak_gbps(device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, v in PEAK_GBPS.items():
+        if key in name:
+            return v
+    return None
+
+
+def gpu_section(args) -> None:
+    """Scan / SSD on CUDA through the Triton kernels. --gpu-dry-run: the same code on CPU, tiny, not written."""
+    from ssm_core.ops import mamba_chunk_scan_combined, selective_scan
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.gpu_dry_run:
+        print("gpu section: no CUDA device here; nothing measured (use --gpu-dry-run to exercise the code on CPU)")
+        return
+    device = "cuda" if cuda else "cpu"
+    backend = "triton" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    repeats = 3 if args.quick or not cuda else 10
+    max_log2 = 20 if cuda and not args.quick else 10
+    dim, N, H, P, Nssd = (1536, 16, 24, 64, 128) if cuda else (64, 16, 2, 32, 16)
+    g = torch.Generator().manual_seed(0)
+
+    def scan_inputs(L):
+        u = torch.randn(1, dim, L, generator=g).to(device, dtype)
+        delta = (torch.rand(1, dim, L, generator=g) * 0.1).to(device, dtype)
+        A = (-torch.rand(dim, N, generator=g) - 0.5).to(device)
+        B, C = (torch.randn(1, N, L, generator=g).to(device, dtype) for _ in range(2))
+        return u, delta, A, B, C
+
+    def ssd_inputs(L):
+        x = torch.randn(1, L, H, P, generator=g).to(device, dtype)
+        dt = (torch.rand(1, L, H, generator=g) * 0.1).to(device)
+        A = (-torch.rand(H, generator=g) - 0.5).to(device)
+        B, C = (torch.randn(1, L, 1, Nssd, generator=g).to(device, dtype) for _ in range(2))
+        return x, dt, A, B, C
+
+    peak = _peak_gbps(device)
+    esize = torch.finfo(dtype).bits // 8
+    rows = []
+    for log2 in range(10, max_log2 + 1, 2):
+        L = 1 << log2
+        si = scan_inputs(L)
+        with torch.no_grad():
+            t_scan = median_time(lambda si=si: selective_scan(*si, backend=backend), repeats, device)
+        # bytes a fused scan must move: u, delta, out (dim x L) and B, C (N x L), each once
+        gb = (3 * dim * L + 2 * N * L) * esize / 1e9
+        xi = ssd_inputs(L)
+        with torch.no_grad():
+            t_ssd = median_time(lambda xi=xi: mamba_chunk_scan_combined(*xi, 256, backend=backend), repeats, device)
+        rows.append((L, t_scan, gb / t_scan, t_ssd))
+        print(f"L=2^{log2}: scan {t_scan * 1e3:.3f} ms ({gb / t_scan:.1f} GB/s), ssd {t_ssd * 1e3:.3f} ms", flush=True)
+    if not cuda:
+        print("gpu section dry run on CPU done (not written to the docs)")
+        return
+    out = [_header(repeats, "python -m benchmarks.scan --sections gpu"), "",
+           f"{torch.cuda.get_device_name(device)}, {dtype}, batch 1; Mamba-1 scan (dim {dim}, N {N}) and SSD "
+           f"(nheads {H} x headdim {P} = {H * P} channels, N {Nssd}, chunk 256), forward, Triton kernels. "
+           "Bandwidth: the bytes a fused scan must move (u, delta, out, B, C once) / time"
+           + (f"; peak {peak} GB/s." if peak else "."), "",
+           "| L | scan ms | scan GB/s | % of peak | SSD ms | SSD / scan time |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for L, ts, bw, tssd in rows:
+        pct = f"{100 * bw / peak:.0f}" if peak else ""
+        out.append(f"| {L} | {ts * 1e3:.3f} | {bw:.0f} | {pct} | {tssd * 1e3:.3f} | {tssd / ts:.2f} |")
+    body = "\n".join(out)
+    print(body)
+    if not args.quick:
+        update_doc("gpu", "GPU (Triton)", body)
+
+
+SECTIONS = ["scan", "step", "conv", "ssd", "blocks", "model", "gpu"]
+SECTION_FNS = {"step": step_section, "conv": conv_section, "ssd": ssd_section, "blocks": blocks_section,
+               "model": model_section}
+SECTION_TITLES = {"step": "Decode step, CPU", "conv": "Causal conv1d, CPU", "ssd": "Mamba-2 SSD on CPU",
+                  "blocks": "Mamba / Mamba2 blocks, CPU", "model": "Language model tokens/s, CPU"}
 
 if __name__ == "__main__":
     main()
