@@ -1,7 +1,7 @@
 """hiss.kernels.triton: Triton GPU kernels for the Mamba ops (see docs/kernels_triton.md).
 
 * ``selective_scan_triton``: Mamba-1 selective scan, forward + backward (Triton).
-* ``mamba_chunk_scan_combined_triton``: Mamba-2 chunked SSD, Triton forward, PyTorch backward.
+* ``mamba_chunk_scan_combined_triton``: Mamba-2 chunked SSD, forward + backward (Triton).
 * ``causal_conv1d_triton`` (forward + backward), ``causal_conv1d_update_triton`` (decode step).
 * ``selective_state_update_triton``: decode-step state update, Mamba-1 and Mamba-2 layouts, in place.
 
