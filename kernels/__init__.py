@@ -2,7 +2,8 @@
 
 ``kernels.cpu`` holds the C++ CPU kernels (selective scan, SSD through the scan, causal conv1d, decode
 steps); ``kernels.cpu.available()`` tells whether they could be built here. ``kernels.triton`` holds
-the Triton kernels. ``kernels._checks`` validates arguments for both front-ends. Nothing heavy is imported until a submodule is used.
+the Triton kernels. ``kernels._checks`` validates arguments for both front-ends. Nothing heavy is
+imported until a submodule is used.
 """
 
 from __future__ import annotations
