@@ -317,8 +317,8 @@ def _step_inputs(batch, layout, g):
 def step_section(args) -> str:
     from ssm_core.ops import causal_conv1d_update, selective_state_update
 
-    repeats = 3 if args.quick else 7
-    inner = 20 if args.quick else 200
+    repeats = 3 if args.quick else 5
+    inner = 20 if args.quick else 50
     g = torch.Generator().manual_seed(0)
     rows = []
     layouts = [("mamba1", 1536, 16), ("mamba2", 24, 64, 128, 1)]
