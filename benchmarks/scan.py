@@ -488,7 +488,7 @@ def _block_impls():
             return mixer, None
         return make
 
-    impls["HF MambaMixer (torch loop)"] = hf(False)
+    impls["HF MambaMixer (torch loop)"] = hf(False)  # use_mambapy=False / True: HF's two CPU paths
     impls["HF MambaMixer (mambapy pscan)"] = hf(True)
 
     def hf2():
@@ -497,11 +497,9 @@ def _block_impls():
 
         cfg = HFMamba2Config(hidden_size=D_MODEL, num_heads=2 * D_MODEL // 64, head_dim=64, state_size=128, n_groups=1,
                              expand=2, conv_kernel=4, num_hidden_layers=1, vocab_size=256)
-        mixer = Mamba2Mixer(cfg, layer_idx=0)
-        mixer.forward = mixer.torch_forward
-        return mixer, None
+        return Mamba2Mixer(cfg, layer_idx=0), None  # without mamba_ssm: its PyTorch reference path
 
-    impls["HF Mamba2Mixer (torch_forward)"] = hf2
+    impls["HF Mamba2Mixer (PyTorch path)"] = hf2
 
     def mambapy_block(layer):
         def make():
