@@ -117,6 +117,7 @@ class TrainSpec:
 
     L: int
     warmup_lengths: tuple[int, ...]
+    min_final_steps: int  # at least this many steps at L, even once held-out accuracy is 100%
     batch: int
     max_steps: int
     lr: float
@@ -124,8 +125,10 @@ class TrainSpec:
 
 
 SPECS = {
-    "induction": TrainSpec(L=256, warmup_lengths=(32,), batch=32, max_steps=3000, lr=3e-3, eval_every=50),
-    "copying": TrainSpec(L=256, warmup_lengths=(64,), batch=32, max_steps=3000, lr=3e-3, eval_every=50),
+    "induction": TrainSpec(L=256, warmup_lengths=(32,), min_final_steps=400, batch=32, max_steps=3000, lr=3e-3,
+                           eval_every=50),
+    "copying": TrainSpec(L=256, warmup_lengths=(64,), min_final_steps=0, batch=32, max_steps=3000, lr=3e-3,
+                         eval_every=50),
 }
 
 
@@ -138,7 +141,7 @@ class SyntheticModule(pl.LightningModule):
 
     def __init__(self, config: MambaConfig, task: str, lengths: list[int], stream: TaskStream, lr: float,
                  weight_decay: float = 0.1, warmup_steps: int = 100, eval_every: int = 50, n_val: int = 256,
-                 stop_acc: float = 1.0, patience: int = 2, seed: int = 0):
+                 stop_acc: float = 1.0, patience: int = 2, min_final_steps: int = 0, seed: int = 0):
         super().__init__()
         self.save_hyperparameters(ignore=["config", "stream"])
         self.config, self.task, self.K, self.stream = config, task, N_TARGETS[task], stream
@@ -148,7 +151,7 @@ class SyntheticModule(pl.LightningModule):
         self._set_stage(0)
 
     def _set_stage(self, i: int) -> None:
-        self.stage, self._good = i, 0
+        self.stage, self._good, self._stage_start = i, 0, self.global_step
         L = self.stream.L = self.hparams.lengths[i]
         gen = torch.Generator().manual_seed(self.hparams.seed + 1_000_003 + L)  # held out: not the train stream
         self.val_ids, self.val_targets = MAKE_BATCH[self.task](self.hparams.n_val, L, gen)
@@ -180,9 +183,9 @@ class SyntheticModule(pl.LightningModule):
         last = self.stage + 1 == len(self.hparams.lengths)
         self._good = self._good + 1 if acc >= (self.hparams.stop_acc if last else STAGE_ACC) else 0
         if self._good >= self.hparams.patience:
-            if self.stage + 1 < len(self.hparams.lengths):
+            if not last:
                 self._set_stage(self.stage + 1)
-            else:
+            elif step - self._stage_start >= self.hparams.min_final_steps:  # margin: sharper gates extrapolate
                 self.trainer.should_stop = True
 
     def configure_optimizers(self):
@@ -214,8 +217,10 @@ def write_json(path: Path, obj) -> None:
 def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int | None = None,
           warmup_lengths: tuple[int, ...] | None = None, batch: int | None = None, max_steps: int | None = None,
           lr: float | None = None, eval_every: int | None = None, stop_acc: float = 1.0,
-          max_minutes: float | None = None, progress: bool = True) -> dict:
-    """Train one model on one task; writes out/ (save_pretrained) + out/train.json. Returns the record."""
+          max_minutes: float | None = None, min_final_steps: int | None = None, init: Path | None = None,
+          progress: bool = True) -> dict:
+    """Train one model on one task; writes out/ (save_pretrained) + out/train.json. Returns the record.
+    ``init``: continue from that checkpoint (weights only; its train.json is kept as "previous")."""
     spec = SPECS[task]
     L, batch = L or spec.L, batch or spec.batch
     warmup_lengths = spec.warmup_lengths if warmup_lengths is None else tuple(warmup_lengths)
@@ -226,7 +231,14 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
     config = model_config(model)
     stream = TaskStream(task, batch, lengths[0], seed)
     module = SyntheticModule(config, task, lengths, stream, lr, eval_every=eval_every,
-                             warmup_steps=min(100, max_steps // 10), stop_acc=stop_acc, seed=seed)
+                             warmup_steps=min(100, max_steps // 10), stop_acc=stop_acc,
+                             min_final_steps=spec.min_final_steps if min_final_steps is None else min_final_steps,
+                             seed=seed)
+    previous = None
+    if init is not None:
+        module.model.load_state_dict(MambaLMHeadModel.from_pretrained(init).state_dict())
+        if (Path(init) / "train.json").exists():
+            previous = json.loads((Path(init) / "train.json").read_text())
     loader = DataLoader(stream, batch_size=None, num_workers=0)
     trainer = pl.Trainer(
         max_steps=max_steps, max_time={"minutes": max_minutes} if max_minutes else None,
@@ -241,9 +253,11 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
     record = {
         "task": task, "model": model, "seed": seed, "L": L, "curriculum": lengths, "reached_L": stream.L,
         "batch": batch, "lr": lr, "max_steps": max_steps,
-        "steps": trainer.global_step, "wall_s": round(wall, 1), "threads": torch.get_num_threads(),
+        "steps": trainer.global_step, "min_final_steps": module.hparams.min_final_steps,
+        "wall_s": round(wall, 1), "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in module.model.parameters()),
         "final_val_acc": module.curve[-1]["val_acc"] if module.curve else None, "curve": module.curve,
+        "previous": previous,
     }
     write_json(out / "train.json", record)
     return record
@@ -273,7 +287,7 @@ def n_eval_sequences(T: int, budget_tokens: int, n_max: int, n_min: int) -> int:
 
 def evaluate(task: str, model_name: str, lengths: list[int], ckpt: Path | None = None, n_max: int = 512,
              n_min: int = 8, budget_tokens: int = 2**20, batch_tokens: int = 2**16, chunk_len: int = 8192,
-             progress: bool = True) -> dict:
+             progress: bool = True, on_result=None) -> dict:
     """Accuracy of a checkpoint at each length (L is the full length for induction, the noise length for
     copying). Sequences come from a generator seeded with EVAL_SEED + L, so results are reproducible."""
     ckpt = Path(ckpt) if ckpt else checkpoint_dir(task, model_name)
@@ -297,6 +311,8 @@ def evaluate(task: str, model_name: str, lengths: list[int], ckpt: Path | None =
         bar.close()
         row = {"L": L, "n_seq": n, "acc": hits / total, "time_s": round(time.perf_counter() - t0, 1)}
         results.append(row)
+        if on_result is not None:  # e.g. save after each length: the long ones take minutes
+            on_result(row)
         if progress:
             print(f"{task}/{model_name} L={L:>8}: acc {row['acc']:.4f} on {n} sequences ({row['time_s']} s)",
                   flush=True)
@@ -402,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--lr", type=float)
     tr.add_argument("--stop-acc", type=float, default=1.0, help="stop after 2 held-out checks in a row at it")
     tr.add_argument("--max-minutes", type=float, help="wall-clock cap")
+    tr.add_argument("--init", type=Path, help="continue from this checkpoint directory (weights)")
+    tr.add_argument("--min-final-steps", type=int, help="at least this many steps at L (default per task)")
     ev = sub.choices["eval"]
     ev.add_argument("--lengths", type=int, nargs="+",
                     help="default: 2^6..2^20 (induction), the training L (copying)")
@@ -420,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "train":
         rec = train(args.task, args.model, seed=args.seed, out=ckpt, L=args.L, warmup_lengths=args.warmup_lengths,
                     batch=args.batch,
-                    max_steps=args.steps, lr=args.lr, stop_acc=args.stop_acc, max_minutes=args.max_minutes)
+                    max_steps=args.steps, lr=args.lr, stop_acc=args.stop_acc, max_minutes=args.max_minutes,
+                    min_final_steps=args.min_final_steps, init=args.init)
         print(f"{args.task}/{args.model}: {rec['steps']} steps, {rec['wall_s']} s, held-out acc "
               f"{rec['final_val_acc']:.4f} -> {ckpt}")
         return
@@ -431,15 +450,19 @@ def main(argv: list[str] | None = None) -> None:
     else:
         lengths = [json.loads((ckpt / "train.json").read_text())["L"]]
     lengths = [L for L in lengths if args.max_len is None or L <= args.max_len]
-    res = evaluate(args.task, args.model, lengths, ckpt, n_max=args.n_max, n_min=args.n_min,
-                   budget_tokens=args.budget_tokens, chunk_len=args.chunk_len)
-    res["max_len"] = args.max_len
     path = ckpt / "eval.json"
-    if path.exists():  # merge: keep lengths evaluated earlier that this run did not redo
-        old = {r["L"]: r for r in json.loads(path.read_text())["results"]}
-        old.update({r["L"]: r for r in res["results"]})
-        res["results"] = [old[L] for L in sorted(old)]
-    write_json(path, res)
+
+    def save(row: dict) -> None:  # merge into eval.json: lengths evaluated earlier and not redone are kept
+        rec = json.loads(path.read_text()) if path.exists() else {
+            "task": args.task, "model": args.model, "eval_seed": EVAL_SEED, "chunk_len": args.chunk_len,
+            "results": []}
+        old = {r["L"]: r for r in rec["results"]}
+        old[row["L"]] = row
+        rec["results"] = [old[L] for L in sorted(old)]
+        write_json(path, rec)
+
+    evaluate(args.task, args.model, lengths, ckpt, n_max=args.n_max, n_min=args.n_min,
+             budget_tokens=args.budget_tokens, chunk_len=args.chunk_len, on_result=save)
     print(f"-> {path}")
 
 
