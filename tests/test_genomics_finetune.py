@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from apps.genomics.data import A_ID, PAD_ID, VOCAB_SIZE, decode, encode
-from apps.genomics.finetune import CPUTimeBudget, main
+from apps.genomics.finetune import CPUTimeBudget, main, report
 from apps.genomics.heads import ClassifierModule, DNAModel, MaskedLMModule
 from apps.genomics.tasks import GENUS_SAMPLE, SPLICE_SAMPLE, LabelledDNADataModule, collate, read_labelled_tsv
 from ssm_core import MambaConfig
@@ -100,6 +100,7 @@ def test_finetune_cli_learns_and_exports(tmp_path):
     result = json.loads((tmp_path / "lightning_logs" / "version_0" / "finetune_result.json").read_text())
     assert result["backbone"] == "rcps" and result["optimizer_steps"] == 40 and result["seed"] == 0
     assert result["test_acc"] >= 0.9, result
+    assert f"| gc.tsv | rcps | {result['params']:,} | {result['test_acc']:.3f} |" in report([str(tmp_path)])
     model = DNAModel.from_pretrained(cls_dir)
     assert model.head_config.labels == ["AT", "GC"]
     with torch.no_grad():

@@ -6,6 +6,7 @@
     python -m apps.genomics.finetune --model.backbone=rcps               # RC-equivariant Caduceus-PS style
     python -m apps.genomics.finetune --model.init_from=runs/genomics/pretrained   # start from a pretrained LM
     python -m apps.genomics.finetune mlm                                 # masked-LM pretraining (RC model, E. coli)
+    python -m apps.genomics.finetune report runs/genomics/compare        # markdown table of finetune_result.json
 
 After ``fit`` the test split is scored with the final weights and ``finetune_result.json`` (test/val accuracy,
 wall time, optimizer steps, parameter count, seed, threads) is written to the run's log folder; the classifier is
@@ -54,8 +55,26 @@ class CPUTimeBudget(pl.Callback):
             trainer.should_stop = True
 
 
+def report(folders: list[str]) -> str:
+    """A markdown table of every finetune_result.json below ``folders``."""
+    rows = ["| data | backbone | params | test acc | val acc | train CPU s | steps | wall s | seed |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    found = sorted(p for f in folders for p in Path(f).rglob("finetune_result.json"))
+    if not found:
+        raise FileNotFoundError(f"no finetune_result.json below {', '.join(folders)}")
+    for p in found:
+        r = json.loads(p.read_text())
+        rows.append(f"| {Path(r['data']).name} | {r['backbone']} | {r['params']:,} | {r['test_acc']:.3f} | "
+                    f"{r['val_acc'] or float('nan'):.3f} | {r.get('train_cpu_s')} | {r['optimizer_steps']} | "
+                    f"{r['fit_wall_s']} | {r['seed']} |")
+    return "\n".join(rows)
+
+
 def main(args: list[str] | None = None):
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["report"]:
+        print(report(argv[1:] or ["runs/genomics"]))
+        return None
     if argv[:1] == ["mlm"]:  # masked-LM pretraining on the causal LM's FASTA data module
         return cli_main(MaskedLMModule, DNADataModule, MLM_CONFIG, argv[1:])
     t0 = time.perf_counter()
