@@ -105,4 +105,8 @@ def main(args: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    # run through the importable module: the YAML names apps.genomics.finetune.CPUTimeBudget, and isinstance
+    # checks against __main__.CPUTimeBudget (a different class object) would never match
+    from apps.genomics.finetune import main as _main
+
+    _main()
