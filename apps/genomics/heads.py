@@ -25,6 +25,7 @@ outputs are RC-equivariant and mean/max-pooled outputs RC-invariant.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -85,15 +86,21 @@ def backbone_config(config: MambaConfig, kind: str) -> MambaConfig:
         return replace(config, bidirectional=False)
     if kind in ("bimamba", "rcps"):
         return replace(config, bidirectional=True)
-    # GatedMLP widths come in steps of 128, too coarse at small d_model: when the same depth misses the
-    # Mamba's parameter count by more than 5%, take the depth that comes closest
-    base = replace(config, bidirectional=False)
+    return MambaConfig.from_json(_matched_transformer(replace(config, bidirectional=False).to_json()))
+
+
+@functools.lru_cache(maxsize=32)
+def _matched_transformer(config_json: str) -> str:
+    """Non-causal transformer_like config (as JSON: cacheable) with about the Mamba's parameter count.
+    GatedMLP widths come in steps of 128, too coarse at small d_model: when the same depth misses the count by
+    more than 5%, take the depth that comes closest."""
+    base = MambaConfig.from_json(config_json)
     target = count_parameters(base)
     t = transformer_like(base)
     if abs(count_parameters(t) - target) > 0.05 * target:
-        options = [transformer_like(base, n_layer=n) for n in range(1, 2 * config.n_layer + 1)]
+        options = [transformer_like(base, n_layer=n) for n in range(1, 2 * base.n_layer + 1)]
         t = min(options, key=lambda c: abs(count_parameters(c) - target))
-    return replace(t, attn_cfg={**t.attn_cfg, "causal": False})
+    return replace(t, attn_cfg={**t.attn_cfg, "causal": False}).to_json()
 
 
 def _is_causal(config: MambaConfig) -> bool:
