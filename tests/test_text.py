@@ -261,8 +261,12 @@ def test_mambabyte_checkpoint_in_mamba_ssm_format(tmp_path):
     torch.testing.assert_close(model(ids).logits, ref(ids).logits)
     assert list(stream_bytes(model, "Hi", 20, temperature=0)) == list(stream_bytes(ref, "Hi", 20, temperature=0))
     (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": 16}))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # weights no longer match the config
         load_model(d)
+    big = tmp_path / "bpe"
+    MambaLMHeadModel(MambaConfig(d_model=8, n_layer=1, vocab_size=1000)).save_pretrained(big)
+    with pytest.raises(ValueError, match="not a byte-level model"):
+        load_model(big)
 
 
 # --- speculative decoding -----------------------------------------------------------------------------------

@@ -51,8 +51,9 @@ class Utf8Stream:
 def load_model(ckpt: str | Path) -> MambaLMHeadModel:
     """Any checkpoint ssm_core reads (hiss save_pretrained, mamba_ssm e.g. MambaByte, HF), in eval mode."""
     model = MambaLMHeadModel.from_pretrained(ckpt)
-    if model.config.vocab_size < 256:
-        raise ValueError(f"{ckpt}: vocab_size {model.config.vocab_size} < 256; not a byte-level model")
+    if not 256 <= model.config.vocab_size <= 259:
+        raise ValueError(f"{ckpt}: vocab_size {model.config.vocab_size}: not a byte-level model (256 bytes, "
+                         "plus up to 3 special ids)")
     return model.eval()
 
 
