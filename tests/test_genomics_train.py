@@ -71,6 +71,7 @@ def test_config_file_and_gradient_accumulation(tmp_path, monkeypatch):
 def test_ddp_two_cpu_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-m", "apps.genomics.train", *TINY, "--trainer.max_steps=3",
+                          "--data.test_frac=0.002",
                           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     log = res.stdout + res.stderr
@@ -128,6 +129,16 @@ def test_transformer_baseline_config_is_transformer_like_of_the_default(tmp_path
     cfg = ROOT / "apps" / "genomics" / "configs" / "transformer_baseline.yaml"
     cli = train_main(["--config", str(cfg), "--data.seq_len=64", "--data.samples_per_epoch=2",
                       "--data.warmup_min_len=null", "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
-                      "--trainer.enable_progress_bar=false", "--data.eval_batch_size=64"])
+                      "--trainer.enable_progress_bar=false", "--data.eval_batch_size=64",
+                      "--data.test_frac=0.002"])  # attention over a 15 kb test interval is slow on CPU
     assert cli.model.config == transformer_like(small_config())
     assert (tmp_path / "runs" / "genomics_transformer" / "pretrained" / "config.json").is_file()
+
+
+def test_shipped_checkpoint_scores_what_docs_say():
+    """apps/genomics/assets/dna_small (the default command's output) and its recorded held-out bits/base."""
+    asset = ROOT / "apps" / "genomics" / "assets" / "dna_small"
+    assert sum(f.stat().st_size for f in asset.iterdir()) < 2_000_000
+    bits = evaluate_main(["--ckpt", str(asset), "--fasta", str(SAMPLE_FASTA), "--split", "test"])
+    assert abs(bits - 1.9725) < 5e-4  # docs/genomics.md
+    assert "1.9725" in (ROOT / "docs" / "genomics.md").read_text()
