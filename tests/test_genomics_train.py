@@ -49,6 +49,9 @@ def test_train_default_command_end_to_end_and_resume(tmp_path, monkeypatch, caps
     # the exported model scores the test split exactly as train reported
     bits = evaluate_main(["--ckpt", str(pretrained), "--fasta", str(SAMPLE_FASTA), "--split", "test"])
     assert math.isclose(bits, cli.held_out_bits_per_base, rel_tol=1e-5)
+    from_ckpt = evaluate_main(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--fasta", str(SAMPLE_FASTA),
+                               "--split", "test"])
+    assert math.isclose(from_ckpt, bits, rel_tol=1e-5)  # the Lightning checkpoint holds the same network
     # resume: the step counter, optimiser and epoch continue from the checkpoint
     resumed = train_main([*TINY, "--trainer.max_steps=8", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
     assert resumed.trainer.global_step == 8 and resumed.trainer.current_epoch >= 3
