@@ -374,11 +374,16 @@ def conv_section(args) -> str:
     repeats = 3 if args.quick else 5
     shapes = [(2, 256, 512, 4)] if args.quick else [(2, 1536, 1024, 4), (1, 3072, 2048, 4), (1, 256, 65536, 4)]
     g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     out = [_header(repeats, "python -m benchmarks.scan --sections conv"), "",
            "`cpu`: kernels/csrc/causal_conv1d_cpu.h (silu fused, carried state, fwd+bwd); `ref`: ssm_core's "
            "PyTorch path (cat state + F.conv1d + silu); `F.conv1d`: a bare depthwise F.conv1d(padding=W-1) + "
-           "silu, no state. fwd+bwd includes a loss on the final state for cpu / ref.", "",
-           "| (batch, dim, L, W) | impl | forward ms | fwd+bwd ms |", "| --- | --- | ---: | ---: |"]
+           "silu, no state. fwd+bwd includes a loss on the final state for cpu / ref. One thread (with more, "
+           "OpenMP's spinning workers make CPU time meaningless). CPU ms: this process's CPU time (the work each "
+           "implementation does, robust to the other jobs on the machine); wall ms: elapsed, inflated by them.", "",
+           "| (batch, dim, L, W) | impl | forward CPU ms | fwd+bwd CPU ms | forward wall ms | fwd+bwd wall ms |",
+           "| --- | --- | ---: | ---: | ---: | ---: |"]
     for b, d, L, W in shapes:
         x0 = torch.randn(b, d, L, generator=g)
         w0, b0, s0 = torch.randn(d, W, generator=g), torch.randn(d, generator=g), torch.randn(b, d, W - 1, generator=g)
@@ -397,13 +402,17 @@ def conv_section(args) -> str:
                     loss = y.sum() + fin.sum()
                 if grad:
                     loss.backward()
-            with torch.no_grad():
-                fwd = median_time(lambda run=run: run(False), repeats)
-            res[impl] = (fwd, median_time(lambda run=run: run(True), repeats))
-        for impl, (fwd, fb) in res.items():
-            out.append(f"| {(b, d, L, W)} | {impl} | {fwd * 1e3:.2f} | {fb * 1e3:.2f} |")
+            times = []
+            for clock in (time.process_time, time.perf_counter):
+                with torch.no_grad():
+                    times.append(median_time(lambda run=run: run(False), repeats, clock=clock))
+                times.append(median_time(lambda run=run: run(True), repeats, clock=clock))
+            res[impl] = times
+        for impl, ts in res.items():
+            out.append(f"| {(b, d, L, W)} | {impl} | " + " | ".join(f"{t * 1e3:.2f}" for t in ts) + " |")
         c, f = res["cpu"], res["F.conv1d"]
-        out.append(f"| {(b, d, L, W)} | F.conv1d / cpu | {f[0] / c[0]:.1f}x | {f[1] / c[1]:.1f}x |")
+        out.append(f"| {(b, d, L, W)} | F.conv1d / cpu | " + " | ".join(f"{x / y:.1f}x" for x, y in zip(f, c)) + " |")
+    torch.set_num_threads(threads)
     return "\n".join(out)
 
 

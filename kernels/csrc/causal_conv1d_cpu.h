@@ -25,7 +25,7 @@ struct ConvArgs {
   bool silu = false;
   const T *x = nullptr, *w = nullptr, *bias = nullptr, *init = nullptr;
   const int64_t* seq = nullptr;
-  T* out = nullptr;
+  T *out = nullptr, *final = nullptr;  // final: (batch, dim, W - 1), the last W - 1 entries of xp
   // backward
   const T *dout = nullptr, *dfinal = nullptr;
   T *dx = nullptr, *dinit = nullptr;
@@ -54,9 +54,12 @@ HISS_INLINE void row_pre(const ConvArgs<T>& a, int64_t row, const T* xp, T* pre,
   const T* w = a.w + d * W;
   const T bv = a.bias ? a.bias[d] : T(0);
   if (!a.seq) {
+    V wv[KW > 0 ? KW : 64];  // taps broadcast once per row (stores to pre could otherwise alias w)
+    for (int k = 0; k < W; ++k) wv[k] = splat<V>(w[k]);
+    const V vb = splat<V>(bv);
     for (int64_t t = 0; t < Lp; t += VW) {
-      V acc = splat<V>(bv);
-      for (int k = 0; k < W; ++k) acc += w[k] * vload<V>(xp + t + k);
+      V acc = vb;
+      for (int k = 0; k < W; ++k) acc += wv[k] * vload<V>(xp + t + k);
       vstore(pre + t, acc);
     }
   } else {  // packed sequences: scalar, taps masked by id
@@ -82,6 +85,7 @@ HISS_INLINE void conv_fwd_rows(const ConvArgs<T>& a, int64_t begin, int64_t end)
   T *xp = buf.data(), *pre = xp + len_p;
   for (int64_t row = begin; row < end; ++row) {
     load_row(a, row, xp, len_p);
+    if (a.final) std::memcpy(a.final + row * (a.W - 1), xp + a.L, sizeof(T) * (a.W - 1));
     row_pre<T, KW>(a, row, xp, pre, Lp);
     T* o = a.out + row * a.L;
     int64_t t = 0;
@@ -274,19 +278,18 @@ inline std::vector<at::Tensor> conv_fwd(const at::Tensor& x, const at::Tensor& w
                                         const c10::optional<at::Tensor>& initial_states, bool silu) {
   ConvIn c = conv_prepare(x, weight, bias, seq_idx, initial_states);
   at::Tensor out = at::empty({c.batch, c.dim, c.L}, c.x.options());
+  at::Tensor fin = at::empty({c.batch, c.dim, c.W - 1}, c.x.options());
   if (c.batch * c.dim > 0 && c.L > 0) {
     AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "hiss_conv_fwd", [&] {
       ConvArgs<scalar_t> a = conv_args<scalar_t>(c, silu);
       a.out = out.data_ptr<scalar_t>();
+      a.final = c.W > 1 ? fin.data_ptr<scalar_t>() : nullptr;
       ConvFn<scalar_t> fn = conv_pick<scalar_t>(false);
       at::parallel_for(0, c.batch * c.dim, conv_grain(c.batch * c.dim, c.L),
                        [&](int64_t b, int64_t e) { fn(a, b, e); });
     });
   }
-  // final state = last W - 1 entries of [initial_state, x]
-  at::Tensor xp = c.init.defined() ? at::cat({c.init, c.x}, 2)
-                                   : at::constant_pad_nd(c.x, {c.W - 1, 0});
-  at::Tensor fin = xp.narrow(2, xp.size(2) - (c.W - 1), c.W - 1).contiguous();
+  if (c.L == 0) fin = c.init.defined() ? c.init.clone() : at::zeros_like(fin);
   return {out, fin};
 }
 
@@ -322,7 +325,7 @@ inline std::vector<at::Tensor> conv_bwd(const at::Tensor& x, const at::Tensor& w
                                           (c.dim + nthreads - 1) / nthreads);
       at::parallel_for(0, c.dim, g, [&](int64_t b, int64_t e) { fn(a, b, e); });
     });
-  } else if (gf.defined() && c.L == 0) {
+  } else if (gf.defined() && c.L == 0) {  // (unreachable from Python: L >= 1 is checked there)
     dinit.copy_(gf);
   }
   return {dx, dw.to(st), c.bias.defined() ? db.to(st) : at::Tensor(), dinit};
