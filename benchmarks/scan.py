@@ -376,6 +376,7 @@ def conv_section(args) -> str:
     g = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    inner = 2 if args.quick else 5  # calls per timed batch: single ms-scale calls are too noisy here
     out = [_header(repeats, "python -m benchmarks.scan --sections conv"), "",
            "`cpu`: kernels/csrc/causal_conv1d_cpu.h (silu fused, carried state, fwd+bwd); `ref`: ssm_core's "
            "PyTorch path (cat state + F.conv1d + silu); `F.conv1d`: a bare depthwise F.conv1d(padding=W-1) + "
@@ -405,8 +406,8 @@ def conv_section(args) -> str:
             times = []
             for clock in (time.process_time, time.perf_counter):
                 with torch.no_grad():
-                    times.append(median_time(lambda run=run: run(False), repeats, clock=clock))
-                times.append(median_time(lambda run=run: run(True), repeats, clock=clock))
+                    times.append(median_time(lambda run=run: run(False), repeats, inner=inner, clock=clock))
+                times.append(median_time(lambda run=run: run(True), repeats, inner=inner, clock=clock))
             res[impl] = times
         for impl, ts in res.items():
             out.append(f"| {(b, d, L, W)} | {impl} | " + " | ".join(f"{t * 1e3:.2f}" for t in ts) + " |")
