@@ -71,8 +71,8 @@ def test_last_logits_in_pieces_equals_one_shot():
 
 
 # --- fast reproduction: selection vs the LTI ablation on short selective copying ---------------------------
-# 32 noise positions, 2 data tokens: selection solves it in ~200 steps; the LTI layer is near 0.4 at 250
-FAST = {"L": 32, "n_data": 2, "steps": 250, "batch": 32, "lr": 3e-3, "d_model": 64, "seed": 0}
+# 32 noise positions, 2 data tokens: selection solves it in ~200 steps (seeds 0-2: 0.99+); LTI 0.2-0.55 at 250
+FAST = {"L": 32, "n_data": 2, "steps": 220, "batch": 32, "lr": 3e-3, "d_model": 64, "seed": 0}
 
 
 def _train_copying(selective: bool, L: int, n_data: int, steps: int, batch: int, lr: float, d_model: int,
@@ -109,7 +109,7 @@ def _committed(task: str) -> list[Path]:
     return sorted(d for d in CHECKPOINTS.glob(f"{task}_*") if (d / "eval.json").exists())
 
 
-@pytest.mark.parametrize("task, L", [("induction", 64), ("induction", 256)])
+@pytest.mark.parametrize("task, L", [("induction", 64), ("induction", 256), ("copying", 256)])
 def test_committed_checkpoint_reproduces_table(task, L):
     dirs = _committed(task)
     if not dirs:
