@@ -269,6 +269,19 @@ def median_time(fn, repeats: int, device="cpu", inner: int = 1, clock=time.perf_
     return statistics.median(times)
 
 
+def median_cpu_wall(fn, repeats: int, inner: int = 1) -> tuple[float, float]:
+    """(CPU, wall) median seconds per call from the same timed batches (see ``median_time``)."""
+    cpu, wall = [], []
+    for i in range(repeats + 1):
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(inner):
+            fn()
+        if i:
+            cpu.append((time.process_time() - c0) / inner)
+            wall.append((time.perf_counter() - w0) / inner)
+    return statistics.median(cpu), statistics.median(wall)
+
+
 class backend_env:
     """Set $HISS_BACKEND for a block (the ops read it at call time), restoring the old value."""
 
@@ -324,7 +337,6 @@ def step_section(args) -> str:
     inner = 20 if args.quick else 50
     g = torch.Generator().manual_seed(0)
     rows = []
-    clocks = (time.process_time, time.perf_counter)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     layouts = [("mamba1", 1536, 16), ("mamba2", 24, 64, 128, 1)]
@@ -337,7 +349,7 @@ def step_section(args) -> str:
             for be in ("cpu", "ref"):
                 def call(be=be, x=x, sp=softplus):
                     selective_state_update(**x, dt_softplus=sp, backend=be)
-                res[be] = [median_time(call, repeats, inner=inner, clock=c) for c in clocks]
+                res[be] = median_cpu_wall(call, repeats, inner)
             rows.append((f"selective_state_update {layout[0]} {tuple(x['state'].shape)}", res))
     for dim in (1536, 3072):
         for batch in (1, 8):
@@ -347,7 +359,7 @@ def step_section(args) -> str:
             for be in ("cpu", "ref"):
                 def call(be=be, a=(xv, st, w, b)):
                     causal_conv1d_update(*a, "silu", backend=be)
-                res[be] = [median_time(call, repeats, inner=inner, clock=c) for c in clocks]
+                res[be] = median_cpu_wall(call, repeats, inner)
             rows.append((f"causal_conv1d_update (batch, dim, 3) = {(batch, dim, 3)}", res))
     torch.set_num_threads(threads)
     out = [_header(repeats, "python -m benchmarks.scan --sections step"), "",
@@ -376,7 +388,8 @@ def conv_section(args) -> str:
     g = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    inner = 2 if args.quick else 5  # calls per timed batch: single ms-scale calls are too noisy here
+    repeats = 3
+    inner = 2  # calls per timed batch: single ms-scale calls are too noisy here
     out = [_header(repeats, "python -m benchmarks.scan --sections conv"), "",
            "`cpu`: kernels/csrc/causal_conv1d_cpu.h (silu fused, carried state, fwd+bwd); `ref`: ssm_core's "
            "PyTorch path (cat state + F.conv1d + silu); `F.conv1d`: a bare depthwise F.conv1d(padding=W-1) + "
@@ -403,12 +416,10 @@ def conv_section(args) -> str:
                     loss = y.sum() + fin.sum()
                 if grad:
                     loss.backward()
-            times = []
-            for clock in (time.process_time, time.perf_counter):
-                with torch.no_grad():
-                    times.append(median_time(lambda run=run: run(False), repeats, inner=inner, clock=clock))
-                times.append(median_time(lambda run=run: run(True), repeats, inner=inner, clock=clock))
-            res[impl] = times
+            with torch.no_grad():
+                f_cpu, f_wall = median_cpu_wall(lambda run=run: run(False), repeats, inner)
+            b_cpu, b_wall = median_cpu_wall(lambda run=run: run(True), repeats, inner)
+            res[impl] = (f_cpu, b_cpu, f_wall, b_wall)
         for impl, ts in res.items():
             out.append(f"| {(b, d, L, W)} | {impl} | " + " | ".join(f"{t * 1e3:.2f}" for t in ts) + " |")
         c, f = res["cpu"], res["F.conv1d"]
