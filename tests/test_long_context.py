@@ -54,3 +54,14 @@ def test_detach_state_truncates_gradient():
 def test_shape_mismatch_is_clear():
     with pytest.raises(ValueError, match="same shape"):
         chunked_lm_loss(_model("Mamba1"), torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 7, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+@pytest.mark.parametrize("backend", ["ref", "auto"])
+def test_carried_state_owns_its_storage(layer, backend, monkeypatch):
+    """A state that is a view of a (batch, dim, L) buffer would pin one piece's activations per piece."""
+    monkeypatch.setenv("HISS_BACKEND", backend)
+    model = _model(layer).float()
+    out = chunked_lm_loss(model, torch.randint(0, 5, (1, 256)), torch.randint(0, 5, (1, 256)), 128, vocab_size=5)
+    for name, t in out.state.tensors().items():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name

@@ -25,5 +25,12 @@ def cli_main(model_class, datamodule_class, default_config: str | Path, args: li
     defaults = {"default_config_files": [str(default_config)]}
     cli_kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     cli_kwargs.setdefault("seed_everything_default", 0)
-    return LightningCLI(model_class, datamodule_class, args=argv,
-                        parser_kwargs={sub: dict(defaults) for sub in SUBCOMMANDS}, **cli_kwargs)
+    parser_kwargs = {sub: dict(defaults) for sub in SUBCOMMANDS}
+    if args is not None:
+        return LightningCLI(model_class, datamodule_class, args=argv, parser_kwargs=parser_kwargs, **cli_kwargs)
+    # from the command line: hand LightningCLI sys.argv itself (args= plus argv would warn on every run)
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+    try:
+        return LightningCLI(model_class, datamodule_class, parser_kwargs=parser_kwargs, **cli_kwargs)
+    finally:
+        sys.argv = saved

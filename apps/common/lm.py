@@ -78,7 +78,9 @@ class CausalLMModule(pl.LightningModule):
             return out.loss, out.n_tokens
         logits = self.model(ids).logits[..., : self.n_scored]
         n = int((labels != -100).sum())
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100), n
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100), n
 
     def training_step(self, batch, batch_idx):
         loss, n = self.lm_loss(batch)

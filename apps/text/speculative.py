@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ssm_core.models.generation import filter_logits, is_greedy
+
 __all__ = ["SpecStats", "warp_probs", "acceptance_probability", "residual_distribution", "accept_or_resample",
            "speculative_stream"]
 
@@ -34,21 +36,9 @@ __all__ = ["SpecStats", "warp_probs", "acceptance_probability", "residual_distri
 def warp_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0) -> Tensor:
     """The distribution ssm_core.sample_logits draws from: logits (..., vocab) -> probabilities (..., vocab),
     float64. temperature 0 or top_k 1 is greedy (one-hot at the argmax)."""
-    if temperature < 0 or top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"sampling: need temperature >= 0, top_k >= 0, 0 <= top_p <= 1; "
-                         f"got {temperature}, {top_k}, {top_p}")
-    if temperature == 0 or top_k == 1:
+    if is_greedy(temperature, top_k, top_p):
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-    logits = logits.double() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # same rule as sample_logits
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits.softmax(-1)
+    return filter_logits(logits, temperature, top_k, top_p, dtype=torch.float64).softmax(-1)
 
 
 def acceptance_probability(p: Tensor, q: Tensor, token: int) -> float:

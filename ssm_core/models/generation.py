@@ -9,18 +9,27 @@ from torch import Tensor
 
 from ..state import ModelState
 
-__all__ = ["GenerationMixin", "sample_logits"]
+__all__ = ["GenerationMixin", "sample_logits", "filter_logits", "is_greedy"]
 
 
-def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """logits: (batch, vocab) -> token ids (batch,). temperature 0 or top_k 1 is greedy."""
+def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     if temperature < 0 or top_k < 0 or not 0.0 <= top_p <= 1.0:
         raise ValueError(f"sampling: need temperature >= 0, top_k >= 0, 0 <= top_p <= 1; "
                          f"got {temperature}, {top_k}, {top_p}")
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
+
+
+def is_greedy(temperature: float, top_k: int, top_p: float = 0.0) -> bool:
+    """Whether these sampling settings mean argmax (temperature 0 or top_k 1); bad settings -> ValueError."""
+    _check_sampling(temperature, top_k, top_p)
+    return temperature == 0 or top_k == 1
+
+
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """logits (..., vocab) -> the tempered logits with tokens outside top-k / the top-p nucleus set to -inf;
+    their softmax is the distribution ``sample_logits`` draws from (non-greedy settings)."""
+    _check_sampling(temperature, top_k, top_p)
+    logits = logits.to(dtype) / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -30,7 +39,16 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
         # drop a token when the tokens strictly before it already reach top_p
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return logits
+
+
+def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """logits: (batch, vocab) -> token ids (batch,). temperature 0 or top_k 1 is greedy."""
+    if is_greedy(temperature, top_k, top_p):
+        return logits.argmax(-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 class GenerationMixin:

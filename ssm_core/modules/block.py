@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -20,7 +21,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor, state=None, return_state: bool = False, **mixer_kwargs):
         """x: (batch, L, dim) residual stream -> same [, new mixer state]."""
         if self.residual_in_fp32:
-            x = x.float()
+            x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays
         h = self.norm(x.to(self.norm.weight.dtype))
         new_state = None
         if state is not None or return_state:

@@ -71,7 +71,8 @@ def causal_conv1d(
             out = out + bias.to(x.dtype)[:, None]
     out = _activate(out, activation)
     if return_final_states:
-        return out, xp[..., xp.shape[-1] - (width - 1) :]
+        # clone: a view of xp would pin the whole (batch, dim, L) input while the state is carried
+        return out, xp[..., xp.shape[-1] - (width - 1) :].clone()
     return out
 
 

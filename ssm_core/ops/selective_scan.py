@@ -109,7 +109,8 @@ def _scan_chunk(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus: bool
     h = linear_scan(a, h, dim=2)
     Cx = _expand_groups(C, dim).to(acc).transpose(-1, -2)
     y = (h * Cx).sum(-1)
-    return _output(y, u, D, z), h[:, :, -1]
+    # clone: a view would keep all L states alive as long as the final state lives (chunked training)
+    return _output(y, u, D, z), h[:, :, -1].clone()
 
 
 def selective_scan(

@@ -125,7 +125,8 @@ def _ssd_piece(x, dt, A, B, C, D, z, dt_bias, reset, h0, *, chunk_size, dt_softp
     from_start = torch.exp(a.cumsum(-1))  # (b, c, G, K, T)
     y = y + torch.einsum("bctgn,bcgkpn,bcgkt->bctgkp", Cv, prev, from_start)
     y = y.reshape(b, c * T, H, P)[:, :L]
-    return _skip_and_gate(y, x, D, z), h_last.reshape(b, H, P, N)
+    # clone: a view of `states` would keep every chunk's state alive as long as the final state lives
+    return _skip_and_gate(y, x, D, z), h_last.reshape(b, H, P, N).clone()
 
 
 def _resets(seq_idx: Tensor | None) -> Tensor | None:
