@@ -165,6 +165,7 @@ def main(argv=None):
                    help="repeats for hf-torch / mambapy at shapes with L >= 16384 (they take minutes)")
     p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
     p.add_argument("--gpu-dry-run", action="store_true", help="run the gpu section's code on CPU at tiny sizes")
+    p.add_argument("--block-len", type=int, default=1024, help="sequence length of the blocks section")
     args = p.parse_args(argv)
     for name in args.sections:
         t0 = time.perf_counter()
@@ -578,7 +579,7 @@ class _nullctx:
 
 def blocks_section(args) -> str:
     repeats = 2 if args.quick else 3
-    batch, L = (1, 256) if args.quick else (1, 1024)
+    batch, L = (1, 256) if args.quick else (1, args.block_len)
     out = [_header(repeats, "python -m benchmarks.scan --sections blocks"), "",
            f"One block, d_model {D_MODEL} (d_inner 1536; Mamba: N 16; Mamba2: headdim 64, N 128), batch {batch}, "
            f"L {L}, fp32, random weights. hiss `auto` = compiled CPU kernels (scan / SSD via the scan / conv), `ref` = "
