@@ -376,20 +376,31 @@ def plot_extrapolation(eval_rec: dict, path: Path, train_L: int) -> None:
 def report(root: Path = CHECKPOINTS, img: Path = IMG) -> str:
     """Markdown tables from the committed train.json / eval.json files; writes the PNGs to docs/img."""
     train_rec, eval_rec = load_records(root)
-    lines = ["| task | model | params | seed | L | steps | wall (min) | held-out acc at train L |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| task | model | params | seed | curriculum | steps | wall (min) | held-out acc at the last length |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for rec in train_rec.values():
-        lines.append(f"| {rec['task']} | {rec['model']} | {rec['params']:,} | {rec['seed']} | {rec['L']} | "
-                     f"{rec['steps']} | {rec['wall_s'] / 60:.1f} | {100 * rec['final_val_acc']:.1f}% |")
+        steps, wall, prev = rec["steps"], rec["wall_s"], rec.get("previous")
+        while prev:  # continued runs (--init): count every leg
+            steps, wall, prev = steps + prev["steps"], wall + prev["wall_s"], prev.get("previous")
+        reached = "" if rec.get("reached_L", rec["L"]) == rec["L"] else f" (stopped at {rec['reached_L']})"
+        lines.append(f"| {rec['task']} | {rec['model']} | {rec['params']:,} | {rec['seed']} | "
+                     f"{' → '.join(map(str, rec.get('curriculum', [rec['L']])))}{reached} | {steps} | "
+                     f"{wall / 60:.1f} | {100 * rec['final_val_acc']:.1f}% |")
     ind = {k: v for k, v in eval_rec.items() if v["task"] == "induction"}
     if ind:
         lengths = sorted({r["L"] for v in ind.values() for r in v["results"]})
         lines += ["", "| model | " + " | ".join(f"2^{int(math.log2(L))}" for L in lengths) + " |",
                   "| --- |" + " ---: |" * len(lengths)]
         for v in ind.values():
-            acc = {r["L"]: r["acc"] for r in v["results"]}
-            cells = [f"{100 * acc[L]:.1f}" if L in acc else "-" for L in lengths]
+            acc = {r["L"]: r for r in v["results"]}
+            cells = [f"{100 * acc[L]['acc']:.1f} ({acc[L]['n_seq']})" if L in acc else "-" for L in lengths]
             lines.append(f"| {v['model']} | " + " | ".join(cells) + " |")
+    cop = {k: v for k, v in eval_rec.items() if v["task"] == "copying"}
+    if cop:
+        lines += ["", "| model | L (noise) | accuracy | data tokens scored |", "| --- | ---: | ---: | ---: |"]
+        for v in cop.values():
+            for r in v["results"]:
+                lines.append(f"| {v['model']} | {r['L']} | {100 * r['acc']:.1f}% | {r['n_seq'] * N_DATA} |")
     if train_rec:
         for task in TASKS:
             if any(r["task"] == task for r in train_rec.values()):
