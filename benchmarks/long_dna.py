@@ -21,11 +21,12 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks._doc import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "apps" / "genomics" / "configs" / "long_1m.yaml"
 DOC = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "long_dna.png"
-BEGIN, END = "<!-- long_dna:begin -->", "<!-- long_dna:end -->"
 LENGTHS = [2**k for k in range(12, 21)]
 TARGET = 18.0
 
@@ -133,15 +134,7 @@ def plot(rows: list[dict]) -> None:
 
 
 def update_doc(block: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(DOC)
+    write_section(DOC, "long_dna", block)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks._doc import write_section  # noqa: E402
+
 SHAPES = [(2, 1536, 1024, 16), (1, 256, 65536, 16), (8, 128, 256, 16)]
 QUICK_SHAPES = [(2, 256, 512, 16), (1, 64, 4096, 16)]
 IMPLS = ["hiss-cpu", "hiss-ref", "hf-torch", "mambapy", "c-loop"]
@@ -234,15 +236,7 @@ def render(rows, repeats) -> str:
 
 def update_doc(key: str, title: str, body: str) -> None:
     """Replace (or append) only the ``<!-- key:begin --> ... <!-- key:end -->`` block of docs/benchmarks.md."""
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    DOC.parent.mkdir(exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{begin}\n## {title}\n\n{body}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_section(DOC, key, f"## {title}\n\n{body}")
     print(f"wrote {DOC} ({key})")
 
 
