@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.conv import causal_conv1d
+from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import fp32, selective_scan, selective_state_update
 from ..state import SSMState
 
@@ -142,14 +141,11 @@ class Mamba(nn.Module):
 
     def _step(self, x: Tensor, z: Tensor, A: Tensor, state: SSMState):
         """One token: x, z: (batch, d_inner)."""
-        window = torch.cat([state.conv, x.unsqueeze(-1)], dim=-1)  # (batch, d_inner, d_conv)
-        xc = (window * self.conv1d.weight.squeeze(1)).sum(-1)
-        if self.conv1d.bias is not None:
-            xc = xc + self.conv1d.bias
-        xc = F.silu(xc)
+        xc, conv_state = causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                              "silu", inplace=False)
         dt, B, C = self._dt_B_C(xc)
         y, ssm = selective_state_update(
             state.ssm, xc, dt, A, B, C, fp32(self.D), z, dt_bias=self._dt_bias(),
             dt_softplus=True, inplace=False,
         )
-        return y, SSMState(window[..., 1:], ssm)
+        return y, SSMState(conv_state, ssm)
