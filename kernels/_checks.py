@@ -1,8 +1,8 @@
 """Argument checks and layout plumbing shared by the CPU and Triton front-ends.
 
 Every public kernel function validates its inputs here (with its own name in the messages), so the
-two backends accept exactly the same shapes. ``kernels`` never imports ``ssm_core``; ssm_core's ops
-keep their own checks for the PyTorch path (the fast paths are also callable directly).
+two backends accept exactly the same shapes. ``kernels`` never imports ``ssm_core``; ssm_core's SSD
+validates through ``check_ssd`` too (this module imports only torch, so that costs no kernel loading).
 """
 
 from __future__ import annotations

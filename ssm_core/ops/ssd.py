@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels._checks import check_ssd  # pure Python: the same shape rules as the fast paths
+
 from .backend import fast_path
 from .chunked import chunked_recurrence
 from .selective_scan import acc_dtype, selective_state_update_ref
@@ -36,32 +38,6 @@ def segsum(x: Tensor) -> Tensor:
     strict = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-1)
     out = torch.cumsum(xx.masked_fill(~strict, 0), dim=-2)
     return out.masked_fill(~torch.ones_like(strict).tril(), -math.inf)
-
-
-def _check(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx):
-    if x.dim() != 4:
-        raise ValueError(f"ssd: x must be (batch, L, nheads, headdim), got {tuple(x.shape)}")
-    b, L, H, P = x.shape
-    if dt.shape != (b, L, H):
-        raise ValueError(f"ssd: dt must be (batch={b}, L={L}, nheads={H}), got {tuple(dt.shape)}")
-    if A.shape != (H,):
-        raise ValueError(f"ssd: A must be (nheads={H},), got {tuple(A.shape)}")
-    if B.dim() != 4 or B.shape[:2] != (b, L) or H % B.shape[2] or C.shape != B.shape:
-        raise ValueError(
-            f"ssd: B and C must be (batch={b}, L={L}, ngroups, dstate) with ngroups dividing nheads={H}, "
-            f"got {tuple(B.shape)} and {tuple(C.shape)}"
-        )
-    if D is not None and D.shape not in ((H,), (H, P)):
-        raise ValueError(f"ssd: D must be (nheads,) or (nheads, headdim) = ({H}, {P}), got {tuple(D.shape)}")
-    if z is not None and z.shape != x.shape:
-        raise ValueError(f"ssd: z must match x {tuple(x.shape)}, got {tuple(z.shape)}")
-    if dt_bias is not None and dt_bias.shape != (H,):
-        raise ValueError(f"ssd: dt_bias must be (nheads={H},), got {tuple(dt_bias.shape)}")
-    N = B.shape[3]
-    if initial_states is not None and initial_states.shape != (b, H, P, N):
-        raise ValueError(f"ssd: initial_states must be ({b}, {H}, {P}, {N}), got {tuple(initial_states.shape)}")
-    if seq_idx is not None and seq_idx.shape != (b, L):
-        raise ValueError(f"ssd: seq_idx must be (batch={b}, L={L}), got {tuple(seq_idx.shape)}")
 
 
 def _process_dt(dt, dt_bias, dt_softplus, dt_limit):
@@ -164,9 +140,7 @@ def mamba_chunk_scan_combined(
     backward, so backward memory does not grow with (L x chunk) activations.
     Returns out: (batch, L, nheads, headdim) in x's dtype [, final_states fp32].
     """
-    _check(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
-    if chunk_size <= 0:
-        raise ValueError(f"ssd: chunk_size must be positive, got {chunk_size}")
+    check_ssd("ssd", x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size)
     kernel = fast_path(backend, x.device, "mamba_chunk_scan_combined")
     if kernel is not None and seq_idx is not None and not getattr(kernel, "supports_seq_idx", True):
         kernel = None  # the CPU kernel (the compiled scan) has no resets: packed sequences take this path
@@ -207,7 +181,7 @@ def ssd_ref(
     dt_softplus=False, dt_limit=(0.0, math.inf), return_final_states=False,
 ):
     """Reference twin: the token-by-token recurrence (slow; for tests)."""
-    _check(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    check_ssd("ssd", x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size=1)
     b, L, H, P = x.shape
     N = B.shape[3]
     acc = acc_dtype(x)
