@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels._checks import check_scan
+
 from ..discretization import zoh_euler
 from .backend import fast_path
 from .chunked import chunked_recurrence, linear_scan, pick_chunk_len
@@ -24,38 +26,7 @@ __all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "se
 
 
 def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    if u.dim() != 3:
-        raise ValueError(f"selective_scan: u must be (batch, dim, L), got shape {tuple(u.shape)}")
-    batch, dim, L = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(f"selective_scan: delta must match u {tuple(u.shape)}, got {tuple(delta.shape)}")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"selective_scan: A must be (dim={dim}, N), got {tuple(A.shape)}")
-    if A.is_complex():
-        raise ValueError("selective_scan: complex A is not supported; use a real (negative) A")
-    N = A.shape[1]
-    for name, X in (("B", B), ("C", C)):
-        if X.dim() == 3:
-            ok = X.shape == (batch, N, L)
-        elif X.dim() == 4:
-            ok = X.shape[0] == batch and X.shape[2:] == (N, L) and dim % X.shape[1] == 0
-        else:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"selective_scan: {name} must be (batch={batch}, N={N}, L={L}) or (batch, G, N, L) "
-                f"with G dividing dim={dim}, got {tuple(X.shape)}"
-            )
-    for name, X in (("D", D), ("delta_bias", delta_bias)):
-        if X is not None and X.shape != (dim,):
-            raise ValueError(f"selective_scan: {name} must be (dim={dim},), got {tuple(X.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"selective_scan: z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
-    if initial_state is not None and initial_state.shape != (batch, dim, N):
-        raise ValueError(
-            f"selective_scan: initial_state must be (batch={batch}, dim={dim}, N={N}), "
-            f"got {tuple(initial_state.shape)}"
-        )
+    check_scan("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)  # shapes: shared with kernels
     for name, X in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if not X.is_floating_point():
             raise ValueError(f"selective_scan: {name} must be a floating-point tensor, got {X.dtype}")
