@@ -10,16 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels._checks import check_conv, check_conv_update  # pure Python: the fast paths' shape rules
+
 from .backend import fast_path
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
-_ACTIVATIONS = (None, "silu", "swish")
-
 
 def _activate(x: Tensor, activation: str | None) -> Tensor:
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"causal_conv1d: activation must be one of {_ACTIVATIONS}, got {activation!r}")
     return F.silu(x) if activation else x
 
 
@@ -39,11 +37,7 @@ def causal_conv1d(
     seq_idx: (batch, L) int, packed sequences; taps never cross from one sequence id into another.
     Returns out: (batch, dim, L) and, with ``return_final_states``, (batch, dim, width - 1).
     """
-    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
-        raise ValueError(
-            f"causal_conv1d: expected x (batch, dim, L) and weight (dim, width), got {tuple(x.shape)} "
-            f"and {tuple(weight.shape)}"
-        )
+    check_conv("causal_conv1d", x, weight, bias, seq_idx, initial_states, activation)
     kernel = fast_path(backend, x.device, "causal_conv1d")
     if kernel is not None:
         return kernel(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
@@ -52,17 +46,10 @@ def causal_conv1d(
     width = weight.shape[1]
     if initial_states is None:
         initial_states = x.new_zeros(batch, dim, width - 1)
-    elif initial_states.shape != (batch, dim, width - 1):
-        raise ValueError(
-            f"causal_conv1d: initial_states must be (batch={batch}, dim={dim}, width-1={width - 1}), "
-            f"got {tuple(initial_states.shape)}"
-        )
     xp = torch.cat([initial_states.to(x.dtype), x], dim=-1)
     if seq_idx is None:
         out = F.conv1d(xp, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype), groups=dim)
     else:
-        if seq_idx.shape != (batch, L):
-            raise ValueError(f"causal_conv1d: seq_idx must be (batch={batch}, L={L}), got {tuple(seq_idx.shape)}")
         windows = xp.unfold(-1, width, 1)  # (batch, dim, L, width): windows[..., t, k] = xp[t + k]
         ids = torch.cat([seq_idx[:, :1].expand(batch, width - 1), seq_idx], dim=-1).unfold(-1, width, 1)
         same = (ids == seq_idx.unsqueeze(-1)).unsqueeze(1)  # (batch, 1, L, width)
@@ -92,13 +79,8 @@ def causal_conv1d_update(
     ``inplace=False`` it returns (out, new_state) and is differentiable. ``backend`` as in
     ``causal_conv1d``; the compiled step runs unless autograd needs the graph.
     """
+    check_conv_update("causal_conv1d_update", x, conv_state, weight, bias, activation)
     width = weight.shape[1]
-    if conv_state.shape[-1] < max(width - 1, 1) or conv_state.shape[:2] != x.shape:
-        raise ValueError(
-            f"causal_conv1d_update: conv_state must be (batch, dim, >= {max(width - 1, 1)}) matching x "
-            f"{tuple(x.shape)}, got {tuple(conv_state.shape)}"
-        )
-    _activate(x[:0], activation)  # validates the name
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, conv_state, weight, bias))
     kernel = None if needs_graph else fast_path(backend, x.device, "causal_conv1d_update")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._checks import check_scan
+from kernels._checks import check_scan, check_state_update
 
 from ..discretization import zoh_euler
 from .backend import fast_path
@@ -160,23 +160,6 @@ def selective_scan_ref(
     return (y, h) if return_last_state else y
 
 
-def _check_update_inputs(state, x, A):
-    single = state.dim() == A.dim() + 1
-    if not single:
-        raise ValueError(
-            f"selective_state_update: state must be (batch, *A.shape)={('batch', *A.shape)}, "
-            f"got {tuple(state.shape)}"
-        )
-    if state.shape[1:] != A.shape:
-        raise ValueError(f"selective_state_update: state {tuple(state.shape)} does not match A {tuple(A.shape)}")
-    if x.dim() not in (A.dim(), A.dim() + 1):
-        raise ValueError(
-            f"selective_state_update: x must be {('batch', *A.shape[:-1])} for one token or "
-            f"{('batch', 'T', *A.shape[:-1])} for T tokens, got {tuple(x.shape)}"
-        )
-    return x.dim() == A.dim() + 1  # several tokens
-
-
 def _groups_to_rows(X: Tensor, rows: int, mamba2: bool, acc: torch.dtype) -> Tensor:
     """B/C of one token, (batch, N) or (batch, G, N) -> broadcastable against the state."""
     X = X.to(acc)
@@ -240,7 +223,7 @@ def selective_state_update(
     ``backend`` as in ``selective_scan``: the compiled CPU / Triton step runs unless autograd needs
     the graph (then this PyTorch code does, which is what makes ``inplace=False`` differentiable).
     """
-    several = _check_update_inputs(state, x, A)
+    several = check_state_update("selective_state_update", state, x, dt, A, B, C, D, z, dt_bias)
     tensors = (state, x, dt, A, B, C, D, z, dt_bias)
     kernel = None
     if not _wants_grad(*tensors):
