@@ -122,6 +122,7 @@ class TrainSpec:
     max_steps: int
     lr: float
     eval_every: int
+    weight_decay: float = 0.1
 
 
 SPECS = {
@@ -141,7 +142,8 @@ class SyntheticModule(pl.LightningModule):
 
     def __init__(self, config: MambaConfig, task: str, lengths: list[int], stream: TaskStream, lr: float,
                  weight_decay: float = 0.1, warmup_steps: int = 100, eval_every: int = 50, n_val: int = 256,
-                 stop_acc: float = 1.0, patience: int = 2, min_final_steps: int = 0, seed: int = 0):
+                 stop_acc: float = 1.0, patience: int = 2, min_final_steps: int = 0, seed: int = 0,
+                 monitor_lengths: tuple[int, ...] = (), monitor_every: int = 500, n_monitor: int = 64):
         super().__init__()
         self.save_hyperparameters(ignore=["config", "stream"])
         self.config, self.task, self.K, self.stream = config, task, N_TARGETS[task], stream
@@ -149,6 +151,12 @@ class SyntheticModule(pl.LightningModule):
         self.curve: list[dict] = []  # {"step", "L", "loss", "val_acc", "time_s"}
         self._t0, self._loss = None, float("nan")
         self._set_stage(0)
+        # held-out sets at lengths beyond L: extrapolation tracked during training (logged only, never used to
+        # stop or select; their seeds differ from both the training stream and the evaluation's EVAL_SEED)
+        self.monitor = {}
+        for L in monitor_lengths:
+            gen = torch.Generator().manual_seed(seed + 2_000_003 + L)
+            self.monitor[L] = MAKE_BATCH[task](n_monitor, L, gen)
 
     def _set_stage(self, i: int) -> None:
         self.stage, self._good, self._stage_start = i, 0, self.global_step
@@ -157,6 +165,8 @@ class SyntheticModule(pl.LightningModule):
         self.val_ids, self.val_targets = MAKE_BATCH[self.task](self.hparams.n_val, L, gen)
 
     def forward(self, ids: Tensor) -> Tensor:
+        if ids.shape[1] > 8192 and not self.training:  # long held-out sets: read in pieces, bounded memory
+            return last_logits(self.model, ids, self.K, 8192)
         return self.model(ids, num_last_tokens=self.K).logits[..., :VOCAB]
 
     def training_step(self, batch, batch_idx):
@@ -177,8 +187,13 @@ class SyntheticModule(pl.LightningModule):
         self.curve.append({"step": step, "L": self.stream.L, "loss": self._loss, "val_acc": acc,
                            "time_s": round(time.perf_counter() - self._t0, 1)})
         self.log("val_acc", acc, prog_bar=True)
-        print(f"step {step:>5}  L {self.stream.L:>5}  loss {self._loss:.4f}  held-out acc {acc:.4f}  "
-              f"{self.curve[-1]['time_s']:.0f} s", flush=True)
+        extra = ""
+        if self.monitor and (step % self.hparams.monitor_every == 0 or step == self.trainer.max_steps):
+            self.curve[-1]["monitor"] = {str(L): accuracy(self, ids, t, batch=max(1, 2**16 // L))
+                                         for L, (ids, t) in self.monitor.items()}
+            extra = "  at " + " ".join(f"{L}: {a:.3f}" for L, a in self.curve[-1]["monitor"].items())
+        print(f"step {step:>5}  L {self.stream.L:>5}  loss {self._loss:.3g}  held-out acc {acc:.4f}  "
+              f"{self.curve[-1]['time_s']:.0f} s{extra}", flush=True)
         # next stage (or stop) once held-out accuracy has stayed at the target for `patience` checks in a row
         last = self.stage + 1 == len(self.hparams.lengths)
         self._good = self._good + 1 if acc >= (self.hparams.stop_acc if last else STAGE_ACC) else 0
@@ -218,6 +233,7 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
           warmup_lengths: tuple[int, ...] | None = None, batch: int | None = None, max_steps: int | None = None,
           lr: float | None = None, eval_every: int | None = None, stop_acc: float = 1.0,
           max_minutes: float | None = None, min_final_steps: int | None = None, init: Path | None = None,
+          weight_decay: float | None = None, monitor_lengths: tuple[int, ...] = (), monitor_every: int = 500,
           progress: bool = True) -> dict:
     """Train one model on one task; writes out/ (save_pretrained) + out/train.json. Returns the record.
     ``init``: continue from that checkpoint (weights only; its train.json is kept as "previous")."""
@@ -226,14 +242,15 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
     warmup_lengths = spec.warmup_lengths if warmup_lengths is None else tuple(warmup_lengths)
     lengths = [x for x in warmup_lengths if x < L] + [L]
     max_steps, lr, eval_every = max_steps or spec.max_steps, lr or spec.lr, eval_every or spec.eval_every
+    weight_decay = spec.weight_decay if weight_decay is None else weight_decay
     out = Path(out) if out else checkpoint_dir(task, model)
     pl.seed_everything(seed, workers=True, verbose=False)
     config = model_config(model)
     stream = TaskStream(task, batch, lengths[0], seed)
-    module = SyntheticModule(config, task, lengths, stream, lr, eval_every=eval_every,
+    module = SyntheticModule(config, task, lengths, stream, lr, weight_decay=weight_decay, eval_every=eval_every,
                              warmup_steps=min(100, max_steps // 10), stop_acc=stop_acc,
                              min_final_steps=spec.min_final_steps if min_final_steps is None else min_final_steps,
-                             seed=seed)
+                             seed=seed, monitor_lengths=tuple(monitor_lengths), monitor_every=monitor_every)
     previous = None
     if init is not None:
         module.model.load_state_dict(MambaLMHeadModel.from_pretrained(init).state_dict())
@@ -252,7 +269,7 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
     module.model.save_pretrained(out)
     record = {
         "task": task, "model": model, "seed": seed, "L": L, "curriculum": lengths, "reached_L": stream.L,
-        "batch": batch, "lr": lr, "max_steps": max_steps,
+        "batch": batch, "lr": lr, "weight_decay": weight_decay, "max_steps": max_steps,
         "steps": trainer.global_step, "min_final_steps": module.hparams.min_final_steps,
         "wall_s": round(wall, 1), "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in module.model.parameters()),
@@ -317,6 +334,58 @@ def evaluate(task: str, model_name: str, lengths: list[int], ckpt: Path | None =
             print(f"{task}/{model_name} L={L:>8}: acc {row['acc']:.4f} on {n} sequences ({row['time_s']} s)",
                   flush=True)
     return {"task": task, "model": model_name, "eval_seed": EVAL_SEED, "chunk_len": chunk_len, "results": results}
+
+
+# --- mechanism: how selective is Δ? ----------------------------------------------------------------------
+def write_mask(task: str, ids: Tensor) -> Tensor:
+    """(batch, T) bool: the positions a model must write into its state (induction: the key after the first
+    trigger; copying: the data tokens)."""
+    if task == "induction":
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        p = (ids[:, :-1] == TRIGGER).float().argmax(1)
+        mask[torch.arange(len(ids)), p + 1] = True
+        return mask
+    return ids > RECALL
+
+
+@torch.no_grad()
+def delta_selectivity(model: MambaLMHeadModel, task: str, L: int, n: int = 64, seed: int = EVAL_SEED) -> list[dict]:
+    """Per Mamba layer, the channel whose step size Δ best separates write positions from the rest.
+
+    A write at step s survives to the end only if the Δ of every later step is small: the decay is
+    exp(A · ΣΔ) and the input noise adds ΣΔ·B·x. ``horizon`` = Δ(write) / mean Δ(other) is about how many
+    ignored tokens it takes to add as much Δ as one write: a model keeps its memory roughly that far.
+    Skips the d_conv positions after each write (the conv still sees it there)."""
+    from ssm_core.modules.mamba import Mamba  # Mamba-1 only: Mamba-2's Δ is per head
+
+    ids, _ = MAKE_BATCH[task](n, L, torch.Generator().manual_seed(seed))
+    write = write_mask(task, ids)
+    near = write.clone()
+    layers = [m for m in model.modules() if isinstance(m, Mamba) and m.selective]
+    for k in range(1, max([m.d_conv for m in layers], default=1)):
+        near[:, k:] |= write[:, :-k]
+    other = ~near & (ids != TRIGGER if task == "induction" else ids == NOISE)
+    captured, originals = {}, {}
+    for i, layer in enumerate(layers):
+        originals[i] = layer._dt_B_C
+
+        def capture(x, i=i, layer=layer, orig=layer._dt_B_C):
+            dt, B, C = orig(x)
+            captured[i] = F.softplus(dt.float() + layer._dt_bias())  # (batch, T, d_inner)
+            return dt, B, C
+        layer._dt_B_C = capture
+    try:
+        model(ids)
+    finally:
+        for i, layer in enumerate(layers):
+            layer._dt_B_C = originals[i]
+    rows = []
+    for i, delta in captured.items():
+        on, off = delta[write].mean(0), delta[other].mean(0)  # (d_inner,)
+        ch = int((on / off).argmax())
+        rows.append({"layer": i, "channel": ch, "delta_write": float(on[ch]), "delta_other": float(off[ch]),
+                     "horizon": float(on[ch] / off[ch])})
+    return rows
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -427,6 +496,11 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--batch", type=int)
     tr.add_argument("--steps", type=int, help="maximum optimizer steps")
     tr.add_argument("--lr", type=float)
+    tr.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (default per task)")
+    tr.add_argument("--monitor-lengths", type=int, nargs="*", default=[],
+                    help="also log held-out accuracy at these (longer) lengths; logged only, never used to stop")
+    tr.add_argument("--monitor-every", type=int, default=500, help="steps between monitor evaluations")
+    tr.add_argument("--eval-every", type=int, help="steps between held-out checks at the training length")
     tr.add_argument("--stop-acc", type=float, default=1.0, help="stop after 2 held-out checks in a row at it")
     tr.add_argument("--max-minutes", type=float, help="wall-clock cap")
     tr.add_argument("--init", type=Path, help="continue from this checkpoint directory (weights)")
@@ -440,17 +514,28 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--budget-tokens", type=int, default=2**20, help="about this many tokens per length")
     ev.add_argument("--chunk-len", type=int, default=8192, help="tokens per piece (state carried across)")
     sub.add_parser("report", help="print the markdown tables and write docs/img/synthetic_*.png")
+    se = sub.add_parser("selectivity", help="per layer: Δ at write positions vs elsewhere (Mamba-1 checkpoints)")
+    se.add_argument("--task", choices=TASKS, required=True)
+    se.add_argument("--ckpt", type=Path, required=True)
+    se.add_argument("--L", type=int, default=256)
     args = ap.parse_args(argv)
     if args.cmd == "report":
         print(report())
+        return
+    if args.cmd == "selectivity":
+        model = MambaLMHeadModel.from_pretrained(args.ckpt).eval()
+        for r in delta_selectivity(model, args.task, args.L):
+            print(f"layer {r['layer']}: channel {r['channel']:>3}  Δ at writes {r['delta_write']:.3g}  "
+                  f"elsewhere {r['delta_other']:.3g}  horizon {r['horizon']:.3g} tokens")
         return
     torch.set_num_threads(args.threads)
     ckpt = args.ckpt or checkpoint_dir(args.task, args.model)
     if args.cmd == "train":
         rec = train(args.task, args.model, seed=args.seed, out=ckpt, L=args.L, warmup_lengths=args.warmup_lengths,
-                    batch=args.batch,
+                    batch=args.batch, eval_every=args.eval_every,
                     max_steps=args.steps, lr=args.lr, stop_acc=args.stop_acc, max_minutes=args.max_minutes,
-                    min_final_steps=args.min_final_steps, init=args.init)
+                    min_final_steps=args.min_final_steps, init=args.init, weight_decay=args.weight_decay,
+                    monitor_lengths=args.monitor_lengths, monitor_every=args.monitor_every)
         print(f"{args.task}/{args.model}: {rec['steps']} steps, {rec['wall_s']} s, held-out acc "
               f"{rec['final_val_acc']:.4f} -> {ckpt}")
         return
