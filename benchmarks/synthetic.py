@@ -133,7 +133,7 @@ SPECS = {
 }
 
 
-STAGE_ACC = 0.95  # held-out accuracy that ends a curriculum stage (the last stage runs to stop_acc)
+STAGE_ACC = 0.95  # default held-out accuracy that ends a curriculum stage (the last stage runs to stop_acc)
 
 
 class SyntheticModule(pl.LightningModule):
@@ -143,7 +143,8 @@ class SyntheticModule(pl.LightningModule):
     def __init__(self, config: MambaConfig, task: str, lengths: list[int], stream: TaskStream, lr: float,
                  weight_decay: float = 0.1, warmup_steps: int = 100, eval_every: int = 50, n_val: int = 256,
                  stop_acc: float = 1.0, patience: int = 2, min_final_steps: int = 0, seed: int = 0,
-                 monitor_lengths: tuple[int, ...] = (), monitor_every: int = 500, n_monitor: int = 64):
+                 monitor_lengths: tuple[int, ...] = (), monitor_every: int = 500, n_monitor: int = 64,
+                 stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8):
         super().__init__()
         self.save_hyperparameters(ignore=["config", "stream"])
         self.config, self.task, self.K, self.stream = config, task, N_TARGETS[task], stream
@@ -192,11 +193,16 @@ class SyntheticModule(pl.LightningModule):
             self.curve[-1]["monitor"] = {str(L): accuracy(self, ids, t, batch=max(1, 2**16 // L))
                                          for L, (ids, t) in self.monitor.items()}
             extra = "  at " + " ".join(f"{L}: {a:.3f}" for L, a in self.curve[-1]["monitor"].items())
+            with torch.no_grad():  # the selectivity behind extrapolation (Mamba-1 layers only)
+                horizons = [r["horizon"] for r in delta_selectivity(self.model, self.task, self.stream.L, n=16)]
+            if horizons:
+                self.curve[-1]["horizon"] = horizons
+                extra += "  Δ horizon " + " ".join(f"{h:.3g}" for h in horizons)
         print(f"step {step:>5}  L {self.stream.L:>5}  loss {self._loss:.3g}  held-out acc {acc:.4f}  "
               f"{self.curve[-1]['time_s']:.0f} s{extra}", flush=True)
         # next stage (or stop) once held-out accuracy has stayed at the target for `patience` checks in a row
         last = self.stage + 1 == len(self.hparams.lengths)
-        self._good = self._good + 1 if acc >= (self.hparams.stop_acc if last else STAGE_ACC) else 0
+        self._good = self._good + 1 if acc >= (self.hparams.stop_acc if last else self.hparams.stage_acc) else 0
         if self._good >= self.hparams.patience:
             if not last:
                 self._set_stage(self.stage + 1)
@@ -205,7 +211,8 @@ class SyntheticModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.98))
+        opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.98),
+                                eps=hp.adam_eps)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, hp.warmup_steps, None, 1.0))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -234,7 +241,7 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
           lr: float | None = None, eval_every: int | None = None, stop_acc: float = 1.0,
           max_minutes: float | None = None, min_final_steps: int | None = None, init: Path | None = None,
           weight_decay: float | None = None, monitor_lengths: tuple[int, ...] = (), monitor_every: int = 500,
-          progress: bool = True) -> dict:
+          stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8, progress: bool = True) -> dict:
     """Train one model on one task; writes out/ (save_pretrained) + out/train.json. Returns the record.
     ``init``: continue from that checkpoint (weights only; its train.json is kept as "previous")."""
     spec = SPECS[task]
@@ -250,7 +257,8 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
     module = SyntheticModule(config, task, lengths, stream, lr, weight_decay=weight_decay, eval_every=eval_every,
                              warmup_steps=min(100, max_steps // 10), stop_acc=stop_acc,
                              min_final_steps=spec.min_final_steps if min_final_steps is None else min_final_steps,
-                             seed=seed, monitor_lengths=tuple(monitor_lengths), monitor_every=monitor_every)
+                             seed=seed, monitor_lengths=tuple(monitor_lengths), monitor_every=monitor_every,
+                             stage_acc=stage_acc, adam_eps=adam_eps)
     previous = None
     if init is not None:
         module.model.load_state_dict(MambaLMHeadModel.from_pretrained(init).state_dict())
@@ -269,7 +277,8 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
     module.model.save_pretrained(out)
     record = {
         "task": task, "model": model, "seed": seed, "L": L, "curriculum": lengths, "reached_L": stream.L,
-        "batch": batch, "lr": lr, "weight_decay": weight_decay, "max_steps": max_steps,
+        "batch": batch, "lr": lr, "weight_decay": weight_decay, "max_steps": max_steps, "stage_acc": stage_acc,
+        "adam_eps": adam_eps,
         "steps": trainer.global_step, "min_final_steps": module.hparams.min_final_steps,
         "wall_s": round(wall, 1), "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in module.model.parameters()),
@@ -496,12 +505,16 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--batch", type=int)
     tr.add_argument("--steps", type=int, help="maximum optimizer steps")
     tr.add_argument("--lr", type=float)
+    tr.add_argument("--adam-eps", type=float, default=1e-8,
+                    help="AdamW eps; below the gradient scale of a near-zero loss, updates keep their size")
     tr.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (default per task)")
     tr.add_argument("--monitor-lengths", type=int, nargs="*", default=[],
                     help="also log held-out accuracy at these (longer) lengths; logged only, never used to stop")
     tr.add_argument("--monitor-every", type=int, default=500, help="steps between monitor evaluations")
     tr.add_argument("--eval-every", type=int, help="steps between held-out checks at the training length")
     tr.add_argument("--stop-acc", type=float, default=1.0, help="stop after 2 held-out checks in a row at it")
+    tr.add_argument("--stage-acc", type=float, default=STAGE_ACC,
+                    help="held-out accuracy (2 checks in a row) that ends a curriculum stage")
     tr.add_argument("--max-minutes", type=float, help="wall-clock cap")
     tr.add_argument("--init", type=Path, help="continue from this checkpoint directory (weights)")
     tr.add_argument("--min-final-steps", type=int, help="at least this many steps at L (default per task)")
@@ -535,7 +548,8 @@ def main(argv: list[str] | None = None) -> None:
                     batch=args.batch, eval_every=args.eval_every,
                     max_steps=args.steps, lr=args.lr, stop_acc=args.stop_acc, max_minutes=args.max_minutes,
                     min_final_steps=args.min_final_steps, init=args.init, weight_decay=args.weight_decay,
-                    monitor_lengths=args.monitor_lengths, monitor_every=args.monitor_every)
+                    monitor_lengths=args.monitor_lengths, monitor_every=args.monitor_every,
+                    stage_acc=args.stage_acc, adam_eps=args.adam_eps)
         print(f"{args.task}/{args.model}: {rec['steps']} steps, {rec['wall_s']} s, held-out acc "
               f"{rec['final_val_acc']:.4f} -> {ckpt}")
         return

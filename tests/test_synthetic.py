@@ -104,6 +104,7 @@ def test_train_records_recipe_and_extrapolation_monitor(tmp_path):
                 weight_decay=0.0, monitor_lengths=(32,), monitor_every=1, progress=False)
     assert rec["weight_decay"] == 0.0 and rec["steps"] == 2
     assert 0.0 <= rec["curve"][-1]["monitor"]["32"] <= 1.0
+    assert len(rec["curve"][-1]["horizon"]) == 2  # one Δ horizon per Mamba layer
     assert json.loads((tmp_path / "train.json").read_text())["curve"] == rec["curve"]
     assert (tmp_path / "model.safetensors").exists()
 
