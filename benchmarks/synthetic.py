@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +145,7 @@ class SyntheticModule(pl.LightningModule):
                  weight_decay: float = 0.1, warmup_steps: int = 100, eval_every: int = 50, n_val: int = 256,
                  stop_acc: float = 1.0, patience: int = 2, min_final_steps: int = 0, seed: int = 0,
                  monitor_lengths: tuple[int, ...] = (), monitor_every: int = 500, n_monitor: int = 64,
-                 stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8):
+                 stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8, delta_l1: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["config", "stream"])
         self.config, self.task, self.K, self.stream = config, task, N_TARGETS[task], stream
@@ -172,10 +173,16 @@ class SyntheticModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         ids, targets = batch
-        loss = F.cross_entropy(self(ids).flatten(0, 1).float(), targets.flatten())
+        if self.hparams.delta_l1:  # sparse selection: pay for every step size Δ, so only needed writes stay
+            with capture_delta(self.model) as deltas:
+                logits = self(ids)
+            penalty = self.hparams.delta_l1 * torch.stack([d.mean() for d in deltas]).mean()
+        else:
+            logits, penalty = self(ids), 0.0
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         self._loss = loss.item()
         self.log("loss", loss, prog_bar=True)
-        return loss
+        return loss + penalty
 
     def on_train_start(self):
         self._t0 = time.perf_counter()
@@ -241,7 +248,8 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
           lr: float | None = None, eval_every: int | None = None, stop_acc: float = 1.0,
           max_minutes: float | None = None, min_final_steps: int | None = None, init: Path | None = None,
           weight_decay: float | None = None, monitor_lengths: tuple[int, ...] = (), monitor_every: int = 500,
-          stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8, progress: bool = True) -> dict:
+          stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8, delta_l1: float = 0.0,
+          progress: bool = True) -> dict:
     """Train one model on one task; writes out/ (save_pretrained) + out/train.json. Returns the record.
     ``init``: continue from that checkpoint (weights only; its train.json is kept as "previous")."""
     spec = SPECS[task]
@@ -258,7 +266,7 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
                              warmup_steps=min(100, max_steps // 10), stop_acc=stop_acc,
                              min_final_steps=spec.min_final_steps if min_final_steps is None else min_final_steps,
                              seed=seed, monitor_lengths=tuple(monitor_lengths), monitor_every=monitor_every,
-                             stage_acc=stage_acc, adam_eps=adam_eps)
+                             stage_acc=stage_acc, adam_eps=adam_eps, delta_l1=delta_l1)
     previous = None
     if init is not None:
         module.model.load_state_dict(MambaLMHeadModel.from_pretrained(init).state_dict())
@@ -278,7 +286,7 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
     record = {
         "task": task, "model": model, "seed": seed, "L": L, "curriculum": lengths, "reached_L": stream.L,
         "batch": batch, "lr": lr, "weight_decay": weight_decay, "max_steps": max_steps, "stage_acc": stage_acc,
-        "adam_eps": adam_eps,
+        "adam_eps": adam_eps, "delta_l1": delta_l1,
         "steps": trainer.global_step, "min_final_steps": module.hparams.min_final_steps,
         "wall_s": round(wall, 1), "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in module.model.parameters()),
@@ -346,6 +354,27 @@ def evaluate(task: str, model_name: str, lengths: list[int], ckpt: Path | None =
 
 
 # --- mechanism: how selective is Δ? ----------------------------------------------------------------------
+@contextmanager
+def capture_delta(model: torch.nn.Module):
+    """Within the block, each selective Mamba-1 layer's forward stores its step size Δ = softplus(dt + dt_bias),
+    (batch, L, d_inner), in the yielded list (one entry per layer call, in call order); gradients flow."""
+    from ssm_core.modules.mamba import Mamba  # Mamba-1 only: Mamba-2's Δ is per head
+
+    deltas: list[Tensor] = []
+    layers = [m for m in model.modules() if isinstance(m, Mamba) and m.selective]
+    for layer in layers:
+        def dt_B_C(x, layer=layer, original=layer._dt_B_C):
+            dt, B, C = original(x)
+            deltas.append(F.softplus(dt.float() + layer._dt_bias()))
+            return dt, B, C
+        layer._dt_B_C = dt_B_C  # instance attribute shadows the method
+    try:
+        yield deltas
+    finally:
+        for layer in layers:
+            del layer._dt_B_C
+
+
 def write_mask(task: str, ids: Tensor) -> Tensor:
     """(batch, T) bool: the positions a model must write into its state (induction: the key after the first
     trigger; copying: the data tokens)."""
@@ -365,31 +394,16 @@ def delta_selectivity(model: MambaLMHeadModel, task: str, L: int, n: int = 64, s
     exp(A · ΣΔ) and the input noise adds ΣΔ·B·x. ``horizon`` = Δ(write) / mean Δ(other) is about how many
     ignored tokens it takes to add as much Δ as one write: a model keeps its memory roughly that far.
     Skips the d_conv positions after each write (the conv still sees it there)."""
-    from ssm_core.modules.mamba import Mamba  # Mamba-1 only: Mamba-2's Δ is per head
-
     ids, _ = MAKE_BATCH[task](n, L, torch.Generator().manual_seed(seed))
     write = write_mask(task, ids)
     near = write.clone()
-    layers = [m for m in model.modules() if isinstance(m, Mamba) and m.selective]
-    for k in range(1, max([m.d_conv for m in layers], default=1)):
+    for k in range(1, 4):  # d_conv - 1 positions after a write still see it through the conv
         near[:, k:] |= write[:, :-k]
     other = ~near & (ids != TRIGGER if task == "induction" else ids == NOISE)
-    captured, originals = {}, {}
-    for i, layer in enumerate(layers):
-        originals[i] = layer._dt_B_C
-
-        def capture(x, i=i, layer=layer, orig=layer._dt_B_C):
-            dt, B, C = orig(x)
-            captured[i] = F.softplus(dt.float() + layer._dt_bias())  # (batch, T, d_inner)
-            return dt, B, C
-        layer._dt_B_C = capture
-    try:
+    with capture_delta(model) as deltas:
         model(ids)
-    finally:
-        for i, layer in enumerate(layers):
-            layer._dt_B_C = originals[i]
     rows = []
-    for i, delta in captured.items():
+    for i, delta in enumerate(deltas):
         on, off = delta[write].mean(0), delta[other].mean(0)  # (d_inner,)
         ch = int((on / off).argmax())
         rows.append({"layer": i, "channel": ch, "delta_write": float(on[ch]), "delta_other": float(off[ch]),
@@ -507,6 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--lr", type=float)
     tr.add_argument("--adam-eps", type=float, default=1e-8,
                     help="AdamW eps; below the gradient scale of a near-zero loss, updates keep their size")
+    tr.add_argument("--delta-l1", type=float, default=0.0,
+                    help="weight of an L1 penalty on the mean step size Δ of the Mamba-1 layers (default off)")
     tr.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (default per task)")
     tr.add_argument("--monitor-lengths", type=int, nargs="*", default=[],
                     help="also log held-out accuracy at these (longer) lengths; logged only, never used to stop")
@@ -549,7 +565,7 @@ def main(argv: list[str] | None = None) -> None:
                     max_steps=args.steps, lr=args.lr, stop_acc=args.stop_acc, max_minutes=args.max_minutes,
                     min_final_steps=args.min_final_steps, init=args.init, weight_decay=args.weight_decay,
                     monitor_lengths=args.monitor_lengths, monitor_every=args.monitor_every,
-                    stage_acc=args.stage_acc, adam_eps=args.adam_eps)
+                    stage_acc=args.stage_acc, adam_eps=args.adam_eps, delta_l1=args.delta_l1)
         print(f"{args.task}/{args.model}: {rec['steps']} steps, {rec['wall_s']} s, held-out acc "
               f"{rec['final_val_acc']:.4f} -> {ckpt}")
         return

@@ -17,6 +17,7 @@ from benchmarks.synthetic import (
     RECALL,
     TRIGGER,
     VOCAB,
+    capture_delta,
     copying_batch,
     delta_selectivity,
     evaluate,
@@ -99,10 +100,25 @@ def test_delta_selectivity_separates_trained_from_random():
     assert rows[0]["delta_write"] > 10 * rows[0]["delta_other"]
 
 
+def test_capture_delta_is_differentiable_and_restores_the_layers():
+    torch.manual_seed(0)
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=2, vocab_size=VOCAB))
+    ids, _ = induction_batch(2, 24, torch.Generator().manual_seed(0))
+    with capture_delta(model) as deltas:
+        model(ids)
+    assert [tuple(d.shape) for d in deltas] == [(2, 24, 32)] * 2
+    torch.stack([d.mean() for d in deltas]).sum().backward()
+    for layer in model.backbone.layers:  # the L1 penalty on Δ pushes every dt bias down
+        assert (layer.mixer.dt_proj.bias.grad > 0).all()
+        assert "_dt_B_C" not in vars(layer.mixer)  # the patch is gone
+    out_again = model(ids).logits
+    assert torch.isfinite(out_again).all()
+
+
 def test_train_records_recipe_and_extrapolation_monitor(tmp_path):
     rec = train("induction", "mamba", out=tmp_path, L=16, warmup_lengths=(), batch=2, max_steps=2, eval_every=1,
-                weight_decay=0.0, monitor_lengths=(32,), monitor_every=1, progress=False)
-    assert rec["weight_decay"] == 0.0 and rec["steps"] == 2
+                weight_decay=0.0, monitor_lengths=(32,), monitor_every=1, delta_l1=1e-2, progress=False)
+    assert rec["weight_decay"] == 0.0 and rec["delta_l1"] == 1e-2 and rec["steps"] == 2
     assert 0.0 <= rec["curve"][-1]["monitor"]["32"] <= 1.0
     assert len(rec["curve"][-1]["horizon"]) == 2  # one Δ horizon per Mamba layer
     assert json.loads((tmp_path / "train.json").read_text())["curve"] == rec["curve"]
