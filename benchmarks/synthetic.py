@@ -355,9 +355,10 @@ def evaluate(task: str, model_name: str, lengths: list[int], ckpt: Path | None =
 
 # --- mechanism: how selective is Δ? ----------------------------------------------------------------------
 @contextmanager
-def capture_delta(model: torch.nn.Module):
+def capture_delta(model: torch.nn.Module, floor: float | None = None):
     """Within the block, each selective Mamba-1 layer's forward stores its step size Δ = softplus(dt + dt_bias),
-    (batch, L, d_inner), in the yielded list (one entry per layer call, in call order); gradients flow."""
+    (batch, L, d_inner), in the yielded list (one entry per layer call, in call order); gradients flow.
+    ``floor``: an intervention, not a measurement: every Δ below it is set to exactly 0 (no write, no decay)."""
     from ssm_core.modules.mamba import Mamba  # Mamba-1 only: Mamba-2's Δ is per head
 
     deltas: list[Tensor] = []
@@ -365,7 +366,11 @@ def capture_delta(model: torch.nn.Module):
     for layer in layers:
         def dt_B_C(x, layer=layer, original=layer._dt_B_C):
             dt, B, C = original(x)
-            deltas.append(F.softplus(dt.float() + layer._dt_bias()))
+            delta = F.softplus(dt.float() + layer._dt_bias())
+            if floor is not None:  # softplus(-1e4) == 0 in every float dtype
+                dt = torch.where(delta < floor, torch.full_like(dt, -1e4), dt)
+                delta = torch.where(delta < floor, torch.zeros_like(delta), delta)
+            deltas.append(delta)
             return dt, B, C
         layer._dt_B_C = dt_B_C  # instance attribute shadows the method
     try:
@@ -393,7 +398,8 @@ def delta_selectivity(model: MambaLMHeadModel, task: str, L: int, n: int = 64, s
     A write at step s survives to the end only if the Δ of every later step is small: the decay is
     exp(A · ΣΔ) and the input noise adds ΣΔ·B·x. ``horizon`` = Δ(write) / mean Δ(other) is about how many
     ignored tokens it takes to add as much Δ as one write: a model keeps its memory roughly that far.
-    Skips the d_conv positions after each write (the conv still sees it there)."""
+    Δ(write) is the largest Δ from a write position to the d_conv - 1 positions after it (the conv still
+    sees the token there, so a layer may write it a step or two late); those positions are not "other"."""
     ids, _ = MAKE_BATCH[task](n, L, torch.Generator().manual_seed(seed))
     write = write_mask(task, ids)
     near = write.clone()
@@ -404,7 +410,8 @@ def delta_selectivity(model: MambaLMHeadModel, task: str, L: int, n: int = 64, s
         model(ids)
     rows = []
     for i, delta in enumerate(deltas):
-        on, off = delta[write].mean(0), delta[other].mean(0)  # (d_inner,)
+        late = F.max_pool1d(F.pad(delta.transpose(1, 2), (0, 3)), 4, stride=1).transpose(1, 2)  # max Δ[t:t+4]
+        on, off = late[write].mean(0), delta[other].mean(0)  # (d_inner,)
         ch = int((on / off).argmax())
         rows.append({"layer": i, "channel": ch, "delta_write": float(on[ch]), "delta_other": float(off[ch]),
                      "horizon": float(on[ch] / off[ch])})
@@ -547,6 +554,9 @@ def main(argv: list[str] | None = None) -> None:
     se.add_argument("--task", choices=TASKS, required=True)
     se.add_argument("--ckpt", type=Path, required=True)
     se.add_argument("--L", type=int, default=256)
+    se.add_argument("--floor", type=float, help="also: accuracy at --lengths with every Δ below this set to 0")
+    se.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 16384])
+    se.add_argument("--n", type=int, default=64, help="sequences per length for --floor")
     args = ap.parse_args(argv)
     if args.cmd == "report":
         print(report())
@@ -556,6 +566,14 @@ def main(argv: list[str] | None = None) -> None:
         for r in delta_selectivity(model, args.task, args.L):
             print(f"layer {r['layer']}: channel {r['channel']:>3}  Δ at writes {r['delta_write']:.3g}  "
                   f"elsewhere {r['delta_other']:.3g}  horizon {r['horizon']:.3g} tokens")
+        for L in args.lengths if args.floor else []:
+            ids, targets = MAKE_BATCH[args.task](args.n, L, torch.Generator().manual_seed(EVAL_SEED + L))
+            K = N_TARGETS[args.task]
+            with torch.no_grad():
+                plain = float((last_logits(model, ids, K, 8192).argmax(-1) == targets).float().mean())
+                with capture_delta(model, floor=args.floor):
+                    floored = float((last_logits(model, ids, K, 8192).argmax(-1) == targets).float().mean())
+            print(f"L={L}: accuracy {plain:.3f}; with every Δ < {args.floor:g} set to 0: {floored:.3f} ({args.n} seqs)")
         return
     torch.set_num_threads(args.threads)
     ckpt = args.ckpt or checkpoint_dir(args.task, args.model)

@@ -115,6 +115,22 @@ def test_capture_delta_is_differentiable_and_restores_the_layers():
     assert torch.isfinite(out_again).all()
 
 
+def test_delta_floor_cuts_the_memory():
+    """With every Δ floored to 0 the SSM state never changes: the last logits see only the convolutions'
+    reach (2 layers x 3 steps back), so a change at position 0 of 24 tokens cannot reach them."""
+    torch.manual_seed(0)
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=2, vocab_size=VOCAB)).eval()
+    ids, _ = induction_batch(1, 24, torch.Generator().manual_seed(0))
+    other = ids.clone()
+    other[0, 0] = 1 + ids[0, 0] % (VOCAB - 1)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits[:, -1], model(other).logits[:, -1])
+        with capture_delta(model, floor=float("inf")) as deltas:
+            a, b = model(ids).logits[:, -1], model(other).logits[:, -1]
+    assert all(bool((d == 0).all()) for d in deltas)
+    torch.testing.assert_close(a, b)
+
+
 def test_train_records_recipe_and_extrapolation_monitor(tmp_path):
     rec = train("induction", "mamba", out=tmp_path, L=16, warmup_lengths=(), batch=2, max_steps=2, eval_every=1,
                 weight_decay=0.0, monitor_lengths=(32,), monitor_every=1, delta_l1=1e-2, progress=False)
