@@ -138,14 +138,16 @@ STAGE_ACC = 0.95  # default held-out accuracy that ends a curriculum stage (the 
 
 
 class SyntheticModule(pl.LightningModule):
-    """Cross-entropy on the last K positions only (the targets); AdamW, linear warm-up then constant lr (the
-    run length is set by early stopping). ``lengths``: the curriculum, the last one the training length."""
+    """Cross-entropy on the last K positions only (the targets), plus ``delta_l1`` x mean Δ when set; AdamW,
+    linear warm-up then constant lr (or a cosine to 0 over ``cosine_steps``); the run ends at max_steps or by
+    early stopping (below). ``lengths``: the curriculum, the last one the training length."""
 
     def __init__(self, config: MambaConfig, task: str, lengths: list[int], stream: TaskStream, lr: float,
                  weight_decay: float = 0.1, warmup_steps: int = 100, eval_every: int = 50, n_val: int = 256,
                  stop_acc: float = 1.0, patience: int = 2, min_final_steps: int = 0, seed: int = 0,
                  monitor_lengths: tuple[int, ...] = (), monitor_every: int = 500, n_monitor: int = 64,
-                 stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8, delta_l1: float = 0.0):
+                 stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8, delta_l1: float = 0.0,
+                 cosine_steps: int | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["config", "stream"])
         self.config, self.task, self.K, self.stream = config, task, N_TARGETS[task], stream
@@ -221,7 +223,7 @@ class SyntheticModule(pl.LightningModule):
         opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=(0.9, 0.98),
                                 eps=hp.adam_eps)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, hp.warmup_steps, None, 1.0))
+            opt, lambda s: warmup_cosine(s, hp.warmup_steps, hp.cosine_steps, 0.0))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -248,7 +250,7 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
           lr: float | None = None, eval_every: int | None = None, stop_acc: float = 1.0,
           max_minutes: float | None = None, min_final_steps: int | None = None, init: Path | None = None,
           weight_decay: float | None = None, monitor_lengths: tuple[int, ...] = (), monitor_every: int = 500,
-          stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8, delta_l1: float = 0.0,
+          stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8, delta_l1: float = 0.0, cosine: bool = False,
           progress: bool = True) -> dict:
     """Train one model on one task; writes out/ (save_pretrained) + out/train.json. Returns the record.
     ``init``: continue from that checkpoint (weights only; its train.json is kept as "previous")."""
@@ -266,7 +268,8 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
                              warmup_steps=min(100, max_steps // 10), stop_acc=stop_acc,
                              min_final_steps=spec.min_final_steps if min_final_steps is None else min_final_steps,
                              seed=seed, monitor_lengths=tuple(monitor_lengths), monitor_every=monitor_every,
-                             stage_acc=stage_acc, adam_eps=adam_eps, delta_l1=delta_l1)
+                             stage_acc=stage_acc, adam_eps=adam_eps, delta_l1=delta_l1,
+                             cosine_steps=max_steps if cosine else None)
     previous = None
     if init is not None:
         module.model.load_state_dict(MambaLMHeadModel.from_pretrained(init).state_dict())
@@ -287,6 +290,7 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
         "task": task, "model": model, "seed": seed, "L": L, "curriculum": lengths, "reached_L": stream.L,
         "batch": batch, "lr": lr, "weight_decay": weight_decay, "max_steps": max_steps, "stage_acc": stage_acc,
         "adam_eps": adam_eps, "delta_l1": delta_l1,
+        "schedule": "cosine to 0" if cosine else "constant",
         "steps": trainer.global_step, "min_final_steps": module.hparams.min_final_steps,
         "wall_s": round(wall, 1), "threads": torch.get_num_threads(),
         "params": sum(p.numel() for p in module.model.parameters()),
@@ -528,6 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--lr", type=float)
     tr.add_argument("--adam-eps", type=float, default=1e-8,
                     help="AdamW eps; below the gradient scale of a near-zero loss, updates keep their size")
+    tr.add_argument("--cosine", action="store_true",
+                    help="lr decays to 0 by a cosine over --steps after the warm-up (default: constant)")
     tr.add_argument("--delta-l1", type=float, default=0.0,
                     help="weight of an L1 penalty on the mean step size Δ of the Mamba-1 layers (default off)")
     tr.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (default per task)")
@@ -583,7 +589,8 @@ def main(argv: list[str] | None = None) -> None:
                     max_steps=args.steps, lr=args.lr, stop_acc=args.stop_acc, max_minutes=args.max_minutes,
                     min_final_steps=args.min_final_steps, init=args.init, weight_decay=args.weight_decay,
                     monitor_lengths=args.monitor_lengths, monitor_every=args.monitor_every,
-                    stage_acc=args.stage_acc, adam_eps=args.adam_eps, delta_l1=args.delta_l1)
+                    stage_acc=args.stage_acc, adam_eps=args.adam_eps, delta_l1=args.delta_l1,
+                    cosine=args.cosine)
         print(f"{args.task}/{args.model}: {rec['steps']} steps, {rec['wall_s']} s, held-out acc "
               f"{rec['final_val_acc']:.4f} -> {ckpt}")
         return
