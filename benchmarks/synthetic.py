@@ -178,7 +178,7 @@ class SyntheticModule(pl.LightningModule):
         if self.hparams.delta_l1:  # sparse selection: pay for every step size Δ, so only needed writes stay
             with capture_delta(self.model) as deltas:
                 logits = self(ids)
-            penalty = self.hparams.delta_l1 * torch.stack([d.mean() for d in deltas]).mean()
+            penalty = self.hparams.delta_l1 * torch.stack([delta.mean() for delta, _ in deltas]).mean()
         else:
             logits, penalty = self(ids), 0.0
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -360,8 +360,9 @@ def evaluate(task: str, model_name: str, lengths: list[int], ckpt: Path | None =
 # --- mechanism: how selective is Δ? ----------------------------------------------------------------------
 @contextmanager
 def capture_delta(model: torch.nn.Module, floor: float | None = None):
-    """Within the block, each selective Mamba-1 layer's forward stores its step size Δ = softplus(dt + dt_bias),
-    (batch, L, d_inner), in the yielded list (one entry per layer call, in call order); gradients flow.
+    """Within the block, each selective Mamba-1 layer's forward appends (Δ, x) to the yielded list (one entry
+    per layer call, in call order; gradients flow): its step size Δ = softplus(dt + dt_bias) and the scan
+    input x (after the conv), both (batch, L, d_inner). Δ·x is what a token writes into the state (times B).
     ``floor``: an intervention, not a measurement: every Δ below it is set to exactly 0 (no write, no decay)."""
     from ssm_core.modules.mamba import Mamba  # Mamba-1 only: Mamba-2's Δ is per head
 
@@ -374,7 +375,7 @@ def capture_delta(model: torch.nn.Module, floor: float | None = None):
             if floor is not None:  # softplus(-1e4) == 0 in every float dtype
                 dt = torch.where(delta < floor, torch.full_like(dt, -1e4), dt)
                 delta = torch.where(delta < floor, torch.zeros_like(delta), delta)
-            deltas.append(delta)
+            deltas.append((delta, x))
             return dt, B, C
         layer._dt_B_C = dt_B_C  # instance attribute shadows the method
     try:
@@ -397,13 +398,14 @@ def write_mask(task: str, ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def delta_selectivity(model: MambaLMHeadModel, task: str, L: int, n: int = 64, seed: int = EVAL_SEED) -> list[dict]:
-    """Per Mamba layer, the channel whose step size Δ best separates write positions from the rest.
+    """Per Mamba layer, the channel that best separates write positions from the rest, by what a token
+    writes into the state, |Δ·x| (Δ the step size, x the scan input; B is shared by all channels).
 
-    A write at step s survives to the end only if the Δ of every later step is small: the decay is
-    exp(A · ΣΔ) and the input noise adds ΣΔ·B·x. ``horizon`` = Δ(write) / mean Δ(other) is about how many
-    ignored tokens it takes to add as much Δ as one write: a model keeps its memory roughly that far.
-    Δ(write) is the largest Δ from a write position to the d_conv - 1 positions after it (the conv still
-    sees the token there, so a layer may write it a step or two late); those positions are not "other"."""
+    Each ignored token adds its |Δ·x|·B to the state and decays it by exp(A·Δ), so a write survives about
+    ``horizon`` = |Δ·x|(write) / mean |Δ·x|(other) ignored tokens before their sum matches it; ``delta_write``
+    and ``delta_other`` give Δ alone (a layer can select through Δ or through x). The write value is the
+    largest one from a write position to the d_conv - 1 positions after it (the conv still sees the token
+    there, so a layer may write it a step or two late); those positions are not "other"."""
     ids, _ = MAKE_BATCH[task](n, L, torch.Generator().manual_seed(seed))
     write = write_mask(task, ids)
     near = write.clone()
@@ -413,12 +415,15 @@ def delta_selectivity(model: MambaLMHeadModel, task: str, L: int, n: int = 64, s
     with capture_delta(model) as deltas:
         model(ids)
     rows = []
-    for i, delta in enumerate(deltas):
-        late = F.max_pool1d(F.pad(delta.transpose(1, 2), (0, 3)), 4, stride=1).transpose(1, 2)  # max Δ[t:t+4]
-        on, off = late[write].mean(0), delta[other].mean(0)  # (d_inner,)
+    def late(v: Tensor) -> Tensor:  # max over v[t : t + 4]
+        return F.max_pool1d(F.pad(v.transpose(1, 2), (0, 3)), 4, stride=1).transpose(1, 2)
+
+    for i, (delta, x) in enumerate(deltas):
+        gain = (delta * x.float()).abs()
+        on, off = late(gain)[write].mean(0), gain[other].mean(0)  # (d_inner,)
         ch = int((on / off).argmax())
-        rows.append({"layer": i, "channel": ch, "delta_write": float(on[ch]), "delta_other": float(off[ch]),
-                     "horizon": float(on[ch] / off[ch])})
+        rows.append({"layer": i, "channel": ch, "delta_write": float(late(delta)[write].mean(0)[ch]),
+                     "delta_other": float(delta[other].mean(0)[ch]), "horizon": float(on[ch] / off[ch])})
     return rows
 
 
