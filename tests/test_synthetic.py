@@ -133,8 +133,10 @@ def test_delta_floor_cuts_the_memory():
 
 def test_train_records_recipe_and_extrapolation_monitor(tmp_path):
     rec = train("induction", "mamba", out=tmp_path, L=16, warmup_lengths=(), batch=2, max_steps=2, eval_every=1,
-                weight_decay=0.0, monitor_lengths=(32,), monitor_every=1, delta_l1=1e-2, cosine=True, progress=False)
-    assert rec["weight_decay"] == 0.0 and rec["delta_l1"] == 1e-2 and rec["schedule"] == "cosine to 0"
+                weight_decay=0.0, monitor_lengths=(32,), monitor_every=1, delta_l1=1e-2, delta_log=1e-3, cosine=True,
+                progress=False)
+    assert rec["weight_decay"] == 0.0 and rec["delta_l1"] == 1e-2 and rec["delta_log"] == 1e-3
+    assert rec["schedule"] == "cosine to 0"
     assert rec["steps"] == 2
     assert 0.0 <= rec["curve"][-1]["monitor"]["32"] <= 1.0
     assert len(rec["curve"][-1]["horizon"]) == 2  # one Δ horizon per Mamba layer
