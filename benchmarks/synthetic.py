@@ -182,10 +182,12 @@ class SyntheticModule(pl.LightningModule):
         if hp.delta_l1 or hp.delta_log:  # sparse selection: pay for every step size Δ, so only needed writes stay
             with capture_delta(self.model) as deltas:
                 logits = self(ids)
-            delta = torch.stack([d.mean() for d, _ in deltas]).mean()
-            # log Δ: a constant push per unit of log Δ, however small Δ already is (L1's push fades with Δ)
-            log_delta = torch.stack([d.clamp_min(1e-30).log().mean() for d, _ in deltas]).mean()
-            penalty = hp.delta_l1 * delta + hp.delta_log * log_delta
+            penalty = 0.0
+            if deltas:  # none in attention, LTI or Mamba-2 models: the penalty is Mamba-1's
+                delta = torch.stack([d.mean() for d, _ in deltas]).mean()
+                # log Δ: a constant push per unit of log Δ, however small Δ already is (L1's push fades with Δ)
+                log_delta = torch.stack([d.clamp_min(1e-30).log().mean() for d, _ in deltas]).mean()
+                penalty = hp.delta_l1 * delta + hp.delta_log * log_delta
         else:
             logits, penalty = self(ids), 0.0
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

@@ -198,3 +198,10 @@ def test_committed_checkpoint_reproduces_table(task, L):
                          chunk_len=rec["chunk_len"])["results"][0]
         assert again["n_seq"] == row["n_seq"]
         assert again["acc"] == pytest.approx(row["acc"], abs=1.5 / row["n_seq"]), (d.name, again, row)
+
+
+def test_delta_penalty_is_a_no_op_without_mamba1_layers(tmp_path):
+    """The induction defaults carry the Δ penalty; models without selective Mamba-1 layers still train."""
+    rec = train("induction", "lti", out=tmp_path, L=16, warmup_lengths=(), batch=2, max_steps=1, eval_every=1,
+                delta_l1=1e-2, delta_log=1e-3, progress=False)
+    assert rec["steps"] == 1 and rec["delta_l1"] == 1e-2
