@@ -434,7 +434,8 @@ def delta_selectivity(model: MambaLMHeadModel, task: str, L: int, n: int = 64, s
         on, off = late(gain)[write].mean(0), gain[other].mean(0)  # (d_inner,)
         # Δ can underflow to exactly 0: a channel that writes nothing anywhere has horizon 0, not 0/0
         ratio = torch.where(off > 0, on / off.clamp_min(1e-38), torch.where(on > 0, math.inf, 0.0))
-        ch = int(ratio.argmax())
+        infinite = torch.isinf(ratio)  # several channels may never write elsewhere: take the strongest writer
+        ch = int(torch.where(infinite, on, -1.0).argmax()) if infinite.any() else int(ratio.argmax())
         rows.append({"layer": i, "channel": ch, "delta_write": float(late(delta)[write].mean(0)[ch]),
                      "delta_other": float(delta[other].mean(0)[ch]), "horizon": float(ratio[ch])})
     return rows
