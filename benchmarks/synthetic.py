@@ -522,7 +522,7 @@ def report(root: Path = CHECKPOINTS, img: Path = IMG) -> str:
         lines += ["", "| model | L (noise) | accuracy | data tokens scored |", "| --- | ---: | ---: | ---: |"]
         for v in cop.values():
             for r in v["results"]:
-                lines.append(f"| {v['model']} | {r['L']} | {100 * r['acc']:.1f}% | {r['n_seq'] * N_DATA} |")
+                lines.append(f"| {v['model']} | {r['L']} | {100 * r['acc']:.2f}% | {r['n_seq'] * N_DATA} |")
     if train_rec:
         for task in TASKS:
             if any(r["task"] == task for r in train_rec.values()):
