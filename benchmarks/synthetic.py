@@ -141,7 +141,8 @@ STAGE_ACC = 0.95  # default held-out accuracy that ends a curriculum stage (the 
 
 
 class SyntheticModule(pl.LightningModule):
-    """Cross-entropy on the last K positions only (the targets), plus ``delta_l1`` x mean Δ when set; AdamW,
+    """Cross-entropy on the last K positions only (the targets), plus ``delta_l1`` x mean Δ and ``delta_log`` x
+    mean log Δ of the Mamba-1 layers when set; AdamW,
     linear warm-up then constant lr (or a cosine to 0 over ``cosine_steps``); the run ends at max_steps or by
     early stopping (below). ``lengths``: the curriculum, the last one the training length."""
 
@@ -158,8 +159,8 @@ class SyntheticModule(pl.LightningModule):
         self.curve: list[dict] = []  # {"step", "L", "loss", "val_acc", "time_s"}
         self._t0, self._loss = None, float("nan")
         self._set_stage(0)
-        # held-out sets at lengths beyond L: extrapolation tracked during training (logged only, never used to
-        # stop or select; their seeds differ from both the training stream and the evaluation's EVAL_SEED)
+        # held-out sets at lengths beyond L: extrapolation tracked during training (logged only: the code never
+        # stops or selects on them; their seeds differ from the training stream's and the evaluation's)
         self.monitor = {}
         for L in monitor_lengths:
             gen = torch.Generator().manual_seed(seed + 2_000_003 + L)
@@ -185,7 +186,8 @@ class SyntheticModule(pl.LightningModule):
             penalty = 0.0
             if deltas:  # none in attention, LTI or Mamba-2 models: the penalty is Mamba-1's
                 delta = torch.stack([d.mean() for d, _ in deltas]).mean()
-                # log Δ: a constant push per unit of log Δ, however small Δ already is (L1's push fades with Δ)
+                # log Δ: a constant push per unit of log Δ, however small Δ already is (L1's push fades with Δ);
+                # below 1e-30 the clamp stops the push (and keeps log finite where Δ underflows to 0)
                 log_delta = torch.stack([d.clamp_min(1e-30).log().mean() for d, _ in deltas]).mean()
                 penalty = hp.delta_l1 * delta + hp.delta_log * log_delta
         else:
@@ -425,10 +427,10 @@ def delta_selectivity(model: MambaLMHeadModel, task: str, L: int, n: int = 64, s
     other = ~near & (ids != TRIGGER if task == "induction" else ids == NOISE)
     with capture_delta(model) as deltas:
         model(ids)
-    rows = []
     def late(v: Tensor) -> Tensor:  # max over v[t : t + 4]
         return F.max_pool1d(F.pad(v.transpose(1, 2), (0, 3)), 4, stride=1).transpose(1, 2)
 
+    rows = []
     for i, (delta, x) in enumerate(deltas):
         gain = (delta * x.float()).abs()
         on, off = late(gain)[write].mean(0), gain[other].mean(0)  # (d_inner,)
