@@ -151,7 +151,7 @@ class SyntheticModule(pl.LightningModule):
                  stop_acc: float = 1.0, patience: int = 2, min_final_steps: int = 0, seed: int = 0,
                  monitor_lengths: tuple[int, ...] = (), monitor_every: int = 500, n_monitor: int = 64,
                  stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8, delta_l1: float = 0.0,
-                 delta_log: float = 0.0, cosine_steps: int | None = None):
+                 delta_log: float = 0.0, cosine_steps: int | None = None, snapshot_dir: Path | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["config", "stream"])
         self.config, self.task, self.K, self.stream = config, task, N_TARGETS[task], stream
@@ -225,6 +225,9 @@ class SyntheticModule(pl.LightningModule):
         self._good = self._good + 1 if acc >= (self.hparams.stop_acc if last else self.hparams.stage_acc) else 0
         if self._good >= self.hparams.patience:
             if not last:
+                if self.hparams.snapshot_dir is not None:  # keep the weights that passed this stage: the next
+                    # stage may end at the time cap in a worse state (lr spikes right after a length change)
+                    self.model.save_pretrained(Path(self.hparams.snapshot_dir) / f"stage_{self.stream.L}")
                 self._set_stage(self.stage + 1)
             elif step - self._stage_start >= self.hparams.min_final_steps:  # margin: sharper gates extrapolate
                 self.trainer.should_stop = True
@@ -264,7 +267,8 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
           stage_acc: float = STAGE_ACC, adam_eps: float = 1e-8, delta_l1: float | None = None,
           delta_log: float = 0.0, cosine: bool = False,
           progress: bool = True) -> dict:
-    """Train one model on one task; writes out/ (save_pretrained) + out/train.json. Returns the record.
+    """Train one model on one task; writes out/ (save_pretrained) + out/train.json, and out/stage_L/ with the
+    weights that passed each curriculum stage L. Returns the record.
     ``init``: continue from that checkpoint (weights only; its train.json is kept as "previous")."""
     spec = SPECS[task]
     L, batch = L or spec.L, batch or spec.batch
@@ -282,7 +286,7 @@ def train(task: str, model: str, seed: int = 0, out: Path | None = None, L: int 
                              min_final_steps=spec.min_final_steps if min_final_steps is None else min_final_steps,
                              seed=seed, monitor_lengths=tuple(monitor_lengths), monitor_every=monitor_every,
                              stage_acc=stage_acc, adam_eps=adam_eps, delta_l1=delta_l1, delta_log=delta_log,
-                             cosine_steps=max_steps if cosine else None)
+                             cosine_steps=max_steps if cosine else None, snapshot_dir=out)
     previous = None
     if init is not None:
         module.model.load_state_dict(MambaLMHeadModel.from_pretrained(init).state_dict())

@@ -205,3 +205,12 @@ def test_delta_penalty_is_a_no_op_without_mamba1_layers(tmp_path):
     rec = train("induction", "lti", out=tmp_path, L=16, warmup_lengths=(), batch=2, max_steps=1, eval_every=1,
                 delta_l1=1e-2, delta_log=1e-3, progress=False)
     assert rec["steps"] == 1 and rec["delta_l1"] == 1e-2
+
+
+def test_passing_a_curriculum_stage_keeps_its_weights(tmp_path):
+    rec = train("induction", "mamba", out=tmp_path, L=16, warmup_lengths=(8,), batch=2, max_steps=3, eval_every=1,
+                stage_acc=0.0, delta_l1=0.0, progress=False)  # stage 8 passes after 2 checks
+    assert rec["reached_L"] == 16
+    snap = MambaLMHeadModel.from_pretrained(tmp_path / "stage_8")
+    final = MambaLMHeadModel.from_pretrained(tmp_path)
+    assert any(not torch.equal(a, b) for a, b in zip(snap.state_dict().values(), final.state_dict().values()))
