@@ -184,12 +184,13 @@ class SyntheticModule(pl.LightningModule):
             with capture_delta(self.model) as deltas:
                 logits = self(ids)
             penalty = 0.0
-            if deltas:  # none in attention, LTI or Mamba-2 models: the penalty is Mamba-1's
-                delta = torch.stack([d.mean() for d, _ in deltas]).mean()
+            if deltas and hp.delta_l1:  # no deltas in attention, LTI or Mamba-2 models: the penalty is Mamba-1's
+                penalty = penalty + hp.delta_l1 * torch.stack([d.mean() for d, _ in deltas]).mean()
+            if deltas and hp.delta_log:
                 # log Δ: a constant push per unit of log Δ, however small Δ already is (L1's push fades with Δ);
                 # below 1e-30 the clamp stops the push (and keeps log finite where Δ underflows to 0)
                 log_delta = torch.stack([d.clamp_min(1e-30).log().mean() for d, _ in deltas]).mean()
-                penalty = hp.delta_l1 * delta + hp.delta_log * log_delta
+                penalty = penalty + hp.delta_log * log_delta
         else:
             logits, penalty = self(ids), 0.0
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -335,6 +336,11 @@ def last_logits(model: MambaLMHeadModel, ids: Tensor, K: int, chunk_len: int) ->
     return logits[..., :VOCAB]
 
 
+def correct(model: MambaLMHeadModel, ids: Tensor, targets: Tensor, chunk_len: int) -> int:
+    """How many of targets (batch, K) the model's last K positions predict (argmax), reading in pieces."""
+    return int((last_logits(model, ids, targets.shape[1], chunk_len).argmax(-1) == targets).sum())
+
+
 def n_eval_sequences(T: int, budget_tokens: int, n_max: int, n_min: int) -> int:
     """Fewer sequences at long lengths: the cost is sequences x tokens."""
     return int(max(n_min, min(n_max, budget_tokens // T)))
@@ -360,7 +366,7 @@ def evaluate(task: str, model_name: str, lengths: list[int], ckpt: Path | None =
         while total < n * K:
             b = min(per_batch, n - total // K)
             ids, targets = MAKE_BATCH[task](b, L, gen)
-            hits += int((last_logits(model, ids, K, chunk_len).argmax(-1) == targets).sum())
+            hits += correct(model, ids, targets, chunk_len)
             total += targets.numel()
             bar.update(b)
         bar.close()
@@ -600,11 +606,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"elsewhere {r['delta_other']:.3g}  horizon {r['horizon']:.3g} tokens")
         for L in args.lengths if args.floor else []:
             ids, targets = MAKE_BATCH[args.task](args.n, L, torch.Generator().manual_seed(EVAL_SEED + L))
-            K = N_TARGETS[args.task]
             with torch.no_grad():
-                plain = float((last_logits(model, ids, K, 8192).argmax(-1) == targets).float().mean())
+                plain = correct(model, ids, targets, 8192) / targets.numel()
                 with capture_delta(model, floor=args.floor):
-                    floored = float((last_logits(model, ids, K, 8192).argmax(-1) == targets).float().mean())
+                    floored = correct(model, ids, targets, 8192) / targets.numel()
             print(f"L={L}: accuracy {plain:.3f}; with every Δ < {args.floor:g} set to 0: {floored:.3f} ({args.n} seqs)")
         return
     torch.set_num_threads(args.threads)

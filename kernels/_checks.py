@@ -1,8 +1,8 @@
 """Argument checks and layout plumbing shared by the CPU and Triton front-ends.
 
 Every public kernel function validates its inputs here (with its own name in the messages), so the
-two backends accept exactly the same shapes. ``kernels`` never imports ``ssm_core``; ssm_core's scan and
-SSD validate through ``check_scan`` / ``check_ssd`` too (this module imports only torch: no kernel loading).
+two backends accept exactly the same shapes. ``kernels`` never imports ``ssm_core``; ssm_core's ops (scan,
+SSD, conv, decode step) validate through these checks too (this module imports only torch: no kernel loading).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def causal_conv1d(
     if kernel is not None:
         return kernel(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
                       return_final_states=return_final_states, activation=activation)
-    batch, dim, L = x.shape
+    batch, dim, _ = x.shape
     width = weight.shape[1]
     if initial_states is None:
         initial_states = x.new_zeros(batch, dim, width - 1)
