@@ -14,7 +14,7 @@ from ssm_core import MambaConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LONG = Path(__file__).resolve().parents[1] / "apps" / "genomics" / "configs" / "long_1m.yaml"
+LONG = Path(__file__).resolve().parents[2] / "apps" / "genomics" / "configs" / "long_1m.yaml"
 
 
 def real_batch(seq_len: int, batch: int = 2) -> dict:

@@ -307,7 +307,7 @@ def load_recipe():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "datasets" / "recipes" / "genomes.py"
+    path = Path(__file__).resolve().parents[3] / "datasets" / "recipes" / "genomes.py"
     spec = importlib.util.spec_from_file_location("genomes_recipe", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -18,7 +18,7 @@ import torch
 try:
     import kernels.cpu as kcpu
 except ImportError:  # running pytest without the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import kernels.cpu as kcpu
 
 from ssm_core.ops import (

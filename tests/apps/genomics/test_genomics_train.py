@@ -20,7 +20,7 @@ from apps.genomics.train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = ["--model.config.d_model=32", "--model.config.n_layer=1", "--data.seq_len=64", "--data.batch_size=2",
         "--data.samples_per_epoch=4", "--data.warmup_min_len=16", "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false", "--data.eval_batch_size=64", "--trainer.limit_val_batches=2"]

@@ -4,7 +4,7 @@ Without CUDA the kernels run through Triton's interpreter on CPU tensors: TRITON
 be in the environment before the kernel modules (kernels.triton.*) are imported, hence the first
 lines below. (Triton reads the variable lazily, when a kernel is decorated, and nothing else imports
 those modules, so no conftest.py is needed.) On a CUDA machine the same tests run on the GPU, plus
-the bf16 / fp16 cases marked ``cuda_only``: ``pytest tests/test_kernels_triton.py``.
+the bf16 / fp16 cases marked ``cuda_only``: ``pytest tests/kernels/test_kernels_triton.py``.
 
 Shapes are small and odd on purpose (L = 1, 5, 13, 37, 130; L not a multiple of the chunk; dim not a
 multiple of the block; groups). fp32 results are compared with the reference evaluated in fp64 on
