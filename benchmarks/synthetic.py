@@ -33,8 +33,7 @@ from tqdm import tqdm
 
 from apps.common.baselines import transformer_like
 from apps.common.lm import param_groups, warmup_cosine
-from ssm_core import MambaConfig, MambaLMHeadModel
-from ssm_core._io import atomic_write
+from ssm_core import MambaConfig, MambaLMHeadModel, atomic_write
 
 VOCAB = 16
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"

@@ -2,8 +2,9 @@
 
 ``kernels.cpu`` holds the C++ CPU kernels (selective scan, SSD through the scan, causal conv1d, decode
 steps); ``kernels.cpu.available()`` tells whether they could be built here. ``kernels.triton`` holds
-the Triton kernels. ``kernels._checks`` validates arguments for both front-ends. Nothing heavy is
-imported until a submodule is used.
+the Triton kernels. ``kernels.shape_checks`` holds the argument and shape rules shared by both
+front-ends and by ssm_core's PyTorch path (pure Python, imports only torch). Nothing heavy is imported
+until a submodule is used; ``kernels`` never imports ``ssm_core``.
 """
 
 from __future__ import annotations

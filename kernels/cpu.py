@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._checks import check_conv, check_conv_update, check_scan, check_ssd, check_state_update, per_token
+from .build_lock import build_lock
+from .shape_checks import check_conv, check_conv_update, check_scan, check_ssd, check_state_update, per_token
 
 __all__ = [
     "available",
@@ -90,16 +91,16 @@ def _build():
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is required to build the kernels (pip install ninja)")
     folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=f"hiss_selective_scan_cpu_{folder.name}",
-        sources=[str(_SRC)],
-        extra_cflags=list(_CFLAGS),
-        extra_ldflags=list(_LDFLAGS),
-        build_directory=str(folder),
-        with_cuda=False,
-        verbose=os.environ.get("HISS_KERNEL_VERBOSE", "") not in ("", "0"),
-    )
+    with build_lock(folder):  # a killed earlier build cannot leave this waiting forever (kernels/build_lock.py)
+        return cpp_extension.load(
+            name=f"hiss_selective_scan_cpu_{folder.name}",
+            sources=[str(_SRC)],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=str(folder),
+            with_cuda=False,
+            verbose=os.environ.get("HISS_KERNEL_VERBOSE", "") not in ("", "0"),
+        )
 
 
 def load():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 
 from torch import Tensor
 
-from ._io import atomic_write
+from .io import atomic_write
 
 __all__ = ["SSMState", "AttentionState", "ModelState", "save_state", "load_state"]
 

@@ -9,8 +9,6 @@ read in pieces with the state carried across and activations recomputed in backw
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -18,34 +16,11 @@ import torch.nn.functional as F
 
 from ssm_core import MambaConfig, MambaLMHeadModel, chunked_lm_loss
 
-__all__ = ["CausalLMModule", "ExportPretrained", "param_groups", "warmup_cosine"]
+from .optim import adamw_warmup_cosine
+
+__all__ = ["CausalLMModule"]
 
 LN2 = math.log(2)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups the way mamba_ssm/nanoGPT do it: no decay on biases, norms, embeddings and on the
-    parameters a mixer marks ``_no_weight_decay`` (A_log, D, dt bias)."""
-    decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.ndim < 2 or getattr(p, "_no_weight_decay", False) or "embedding" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine to ``min_ratio`` (constant if no total)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if not total_steps or total_steps <= warmup_steps:
-        return 1.0
-    t = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 class CausalLMModule(pl.LightningModule):
@@ -101,30 +76,5 @@ class CausalLMModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        total = self.trainer.estimated_stepping_batches if self.trainer is not None else None
-        total = int(total) if total is not None and math.isfinite(total) else None
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class ExportPretrained(pl.Callback):
-    """Write the trained network in ssm_core's save_pretrained format (config.json + model.safetensors) when
-    fitting ends, beside Lightning's .ckpt: the format evaluate, the demos and from_pretrained read.
-    ``dirpath`` defaults to ``<log_dir>/pretrained``."""
-
-    def __init__(self, dirpath: str | None = None):
-        self.dirpath = dirpath
-
-    def target(self, trainer: pl.Trainer) -> Path:
-        if self.dirpath:
-            return Path(self.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "pretrained"
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking:
-            out = self.target(trainer)
-            os.makedirs(out.parent, exist_ok=True)
-            pl_module.model.save_pretrained(out)
-            print(f"pretrained model written to {out}")
+        return adamw_warmup_cosine(self, self.model, hp.lr, hp.weight_decay, hp.betas, hp.warmup_steps,
+                                   hp.min_lr_ratio)

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from apps.common.paths import SAMPLES, repo_path
+
 __all__ = [
     "VOCAB_SIZE", "CLS_ID", "SEP_ID", "BOS_ID", "MASK_ID", "PAD_ID", "RESERVED_ID", "UNK_ID",
     "A_ID", "C_ID", "G_ID", "T_ID", "N_ID", "BASE_IDS", "SPECIAL_TOKENS", "VOCAB",
@@ -37,8 +39,7 @@ __all__ = [
     "feature_mask", "warmup_stage", "DNADataModule",
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_FASTA = ROOT / "datasets" / "samples" / "ecoli_k12_w3110_300kb.fa.gz"
+SAMPLE_FASTA = SAMPLES / "ecoli_k12_w3110_300kb.fa.gz"
 IGNORE = -100  # label of a position that is not scored
 
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]")
@@ -250,8 +251,8 @@ class FastaReader:
 # ---------------------------------------------------------------------------------------------------------------
 # Intervals: BED files (HyenaDNA's 4-column convention) or a held-out tail of each record
 
-SPLITS = ("train", "valid", "test")
-_SPLIT_ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "valid": "val", "val": "val", "validation": "val", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -271,8 +272,8 @@ def read_bed(path: str | os.PathLike, fasta: FastaReader | None = None,
              default_split: str | None = None) -> list[Interval]:
     """Intervals of a BED file: ``chrom start end [split]`` (tab or space separated; extra columns ignored).
 
-    The 4th column names the split (train / valid / test, HyenaDNA's convention; "val" and "validation"
-    also read as valid); files without it need ``default_split``. Comment, ``track`` and ``browser`` lines
+    The 4th column names the split (train / val / test; HyenaDNA's "valid" and "validation" also read as
+    val); files without it need ``default_split``. Comment, ``track`` and ``browser`` lines
     are skipped. With ``fasta``, every interval must lie inside its record. Errors name the file and line.
     """
     path = Path(path)
@@ -296,11 +297,11 @@ def read_bed(path: str | os.PathLike, fasta: FastaReader | None = None,
             if len(cols) >= 4:
                 split = _SPLIT_ALIASES.get(cols[3].lower())
                 if split is None:
-                    raise ValueError(f"{where}: split must be one of train/valid/test, got {cols[3]!r}")
+                    raise ValueError(f"{where}: split must be one of train/val/test, got {cols[3]!r}")
             elif default_split is not None:
                 split = default_split
             else:
-                raise ValueError(f"{where}: no split column; add one (train/valid/test) or pass default_split")
+                raise ValueError(f"{where}: no split column; add one (train/val/test) or pass default_split")
             chrom = cols[0]
             if fasta is not None:
                 if chrom not in fasta:
@@ -316,15 +317,15 @@ def read_bed(path: str | os.PathLike, fasta: FastaReader | None = None,
 
 
 def holdout_intervals(fasta: FastaReader, valid_frac: float = 0.05, test_frac: float = 0.05) -> list[Interval]:
-    """Split each record into train | valid | test by position: the last ``test_frac`` of every record is
-    test, the ``valid_frac`` before it valid (contiguous blocks, so windows never straddle two splits)."""
+    """Split each record into train | val | test by position: the last ``test_frac`` of every record is
+    test, the ``valid_frac`` before it val (contiguous blocks, so windows never straddle two splits)."""
     if not (0 <= valid_frac < 1 and 0 <= test_frac < 1 and valid_frac + test_frac < 1):
         raise ValueError(f"holdout fractions must be in [0, 1) and sum below 1, got {valid_frac}, {test_frac}")
     out = []
     for name, n in fasta.lengths.items():
         t0 = n - round(n * test_frac)
         v0 = t0 - round(n * valid_frac)
-        for split, a, b in (("train", 0, v0), ("valid", v0, t0), ("test", t0, n)):
+        for split, a, b in (("train", 0, v0), ("val", v0, t0), ("test", t0, n)):
             if b > a:
                 out.append(Interval(name, a, b, split))
     return out
@@ -511,15 +512,6 @@ def warmup_stage(epoch: int, seq_len: int, batch_size: int, min_len: int | None,
     return length, max(1, batch_size * seq_len // length)
 
 
-def _repo_path(path: str) -> Path:
-    """``path`` as given, or under the repository root when it is a repo-relative path like the configs'
-    ``datasets/samples/...`` and the command runs from another folder."""
-    p = Path(path)
-    if not p.exists() and not p.is_absolute() and (ROOT / p).exists():
-        return ROOT / p
-    return p
-
-
 class DNADataModule(pl.LightningDataModule):
     """Next-base batches ``{"input_ids", "labels"}`` (batch, seq_len) from a FASTA file.
 
@@ -549,9 +541,9 @@ class DNADataModule(pl.LightningDataModule):
         if self.fasta is not None:
             return
         hp = self.hparams
-        self.fasta = FastaReader(_repo_path(hp.fasta))
+        self.fasta = FastaReader(repo_path(hp.fasta))
         if hp.bed:
-            self.intervals = read_bed(_repo_path(hp.bed), self.fasta)
+            self.intervals = read_bed(repo_path(hp.bed), self.fasta)
         else:
             self.intervals = holdout_intervals(self.fasta, hp.valid_frac, hp.test_frac)
         if hp.warmup_min_len and self.trainer is not None:
@@ -590,7 +582,7 @@ class DNADataModule(pl.LightningDataModule):
                           num_workers=hp.num_workers, collate_fn=pad_collate)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("valid")
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")

@@ -19,7 +19,7 @@ import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure registry
 
 from apps.common.demo import cap_text, find_checkpoint, gr, launch
-from apps.genomics.inference import (
+from apps.genomics.predict import (
     SequenceDict,
     generate_dna,
     load_model,

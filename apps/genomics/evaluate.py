@@ -18,46 +18,25 @@ import argparse
 import math
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from apps.common import sequence_nll
+from apps.common import HeldOutEvaluation, sequence_nll
+from apps.common import load_model as common_load_model
 from apps.genomics.data import A_ID, T_ID, VOCAB_SIZE, FastaReader, Interval, holdout_intervals, read_bed
-from ssm_core import MambaLMHeadModel
+from apps.genomics.model import DNALM
 
-__all__ = ["load_model", "bits_per_base", "main"]
+__all__ = ["load_model", "bits_per_base", "HeldOutBitsPerBase", "main"]
 
 SEGMENT = 1 << 22  # bases read from the FASTA at a time (32 MB of ids): constant memory for any interval
 
 
-class _Tap(nn.Module):
-    """Pass-through around the model that advances the progress bar and keeps the last state, so a long
-    interval can be fed to sequence_nll segment by segment with the state carried between segments."""
-
-    def __init__(self, model: nn.Module, bar):
-        super().__init__()
-        self.model, self.bar, self.state = model, bar, None
-
-    def forward(self, ids, **kwargs):
-        out = self.model(ids, **kwargs)
-        self.state = out.state
-        self.bar.update(ids.shape[1])
-        return out
-
-
-def load_model(ckpt: str | Path) -> MambaLMHeadModel:
-    """A save_pretrained directory or a Lightning checkpoint of DNALM."""
-    ckpt = Path(ckpt)
-    if ckpt.is_dir():
-        if not (ckpt / "config.json").is_file():
-            raise FileNotFoundError(f"{ckpt}: no config.json (expected a save_pretrained directory)")
-        return MambaLMHeadModel.from_pretrained(ckpt)
-    if ckpt.suffix == ".ckpt" and ckpt.is_file():
-        from apps.genomics.model import DNALM
-
-        return DNALM.load_from_checkpoint(ckpt, map_location="cpu").model
-    raise FileNotFoundError(f"{ckpt}: not a save_pretrained directory or a Lightning .ckpt file")
+def load_model(ckpt: str | Path) -> nn.Module:
+    """A causal DNA language model: a save_pretrained directory or a Lightning checkpoint of DNALM."""
+    return common_load_model(ckpt, lightning_module=DNALM, vocab_range=(VOCAB_SIZE, 1 << 20),
+                             what="DNA language model")
 
 
 @torch.no_grad()
@@ -67,14 +46,14 @@ def bits_per_base(model: nn.Module, fasta: FastaReader, intervals: list[Interval
     total_nll, total_n = 0.0, 0
     todo = sum(max(len(iv) - 1, 0) for iv in intervals)
     with tqdm(total=todo, unit="base", unit_scale=True, desc="bits/base", disable=not progress) as bar:
-        tap = _Tap(model, bar)
         for iv in intervals:
-            tap.state = None
-            # segments overlap by one base: sequence_nll's last state ends just before a segment's final
-            # base, which is where the next segment (starting at that base) must begin
+            state = None
+            # segments overlap by one base: sequence_nll's state ends just before a segment's final base,
+            # which is where the next segment (starting at that base) must begin
             for s in range(iv.start, iv.end - 1, segment):
                 ids = fasta.tokens(iv.chrom, s, min(s + segment + 1, iv.end))
-                nll = sequence_nll(tap, ids, chunk_len=chunk_len, vocab_size=VOCAB_SIZE, state=tap.state)
+                nll, state = sequence_nll(model, ids, chunk_len=chunk_len, vocab_size=VOCAB_SIZE, state=state,
+                                          return_state=True, progress=bar)
                 target = ids[1:]
                 keep = (target >= A_ID) & (target <= T_ID)
                 total_nll += float(nll[keep].double().sum())
@@ -84,12 +63,27 @@ def bits_per_base(model: nn.Module, fasta: FastaReader, intervals: list[Interval
     return total_nll / total_n / math.log(2), total_n
 
 
+class HeldOutBitsPerBase(HeldOutEvaluation):
+    """After training: exact bits/base of the data module's test split (whole intervals, state carried), read in
+    pieces of the training length: the result is the same for any piece length (state / key-value cache
+    carried), the memory of an attention baseline is not."""
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        dm = trainer.datamodule
+        dm.setup()
+        chunk = max(dm.hparams.seq_len, pl_module.hparams.get("chunk_len") or 0)
+        bits, n = bits_per_base(pl_module.model, dm.fasta, dm.split(self.split), chunk_len=chunk,
+                                progress=trainer.progress_bar_callback is not None)
+        return {"metric": "bits/base", "value": bits, "bases": n,
+                "protocol": f"{n:,} bases, whole intervals, exact chunked evaluation"}
+
+
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="save_pretrained directory or Lightning .ckpt")
     p.add_argument("--fasta", required=True, help="FASTA (plain or bgzip .fa.gz)")
     p.add_argument("--bed", help="BED intervals (chrom start end [split])")
-    p.add_argument("--split", choices=["train", "valid", "test"], help="score only this split")
+    p.add_argument("--split", choices=["train", "val", "valid", "test"], help="score only this split ('valid' = 'val')")
     p.add_argument("--valid-frac", type=float, default=0.05, help="held-out tail fractions when there is no BED")
     p.add_argument("--test-frac", type=float, default=0.05)
     p.add_argument("--chunk-len", type=int, default=65536, help="tokens per forward piece (memory, not result)")
@@ -106,6 +100,7 @@ def main(argv: list[str] | None = None) -> float:
     else:
         intervals = [Interval(name, 0, n, "test") for name, n in fasta.lengths.items()]
     if args.split:
+        args.split = "val" if args.split == "valid" else args.split
         intervals = [iv for iv in intervals if iv.split == args.split]
         if not intervals:
             raise SystemExit(f"no intervals in split {args.split!r}")

@@ -20,39 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
+from apps.common import CPUTimeBudget
 from apps.common.cli import cli_main
 from apps.genomics.data import DNADataModule
-from apps.genomics.heads import ClassifierModule, MaskedLMModule
+from apps.genomics.model import DNAClassifier, MaskedLMModule
 from apps.genomics.tasks import LabelledDNADataModule
-from ssm_core._io import atomic_write
+from ssm_core import atomic_write
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune_splice.yaml"
 MLM_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune_mlm.yaml"
-
-
-class CPUTimeBudget(pl.Callback):
-    """Stop fitting once this process has used ``minutes`` of CPU time in training (time.process_time, all threads).
-
-    A wall-clock limit (Trainer.max_time) on a shared machine also counts time spent waiting for the CPU or for a
-    kernel build; CPU seconds are the budget two models can be given equally. Validation is not counted.
-    """
-
-    def __init__(self, minutes: float):
-        self.budget_s = 60.0 * minutes
-        self.used_s = 0.0
-        self._t0: float | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.process_time()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._t0 is not None:
-            self.used_s += time.process_time() - self._t0
-        if self.used_s >= self.budget_s:
-            trainer.should_stop = True
 
 
 def report(folders: list[str]) -> str:
@@ -78,7 +56,7 @@ def main(args: list[str] | None = None):
     if argv[:1] == ["mlm"]:  # masked-LM pretraining on the causal LM's FASTA data module
         return cli_main(MaskedLMModule, DNADataModule, MLM_CONFIG, argv[1:])
     t0 = time.perf_counter()
-    cli = cli_main(ClassifierModule, LabelledDNADataModule, DEFAULT_CONFIG, argv)
+    cli = cli_main(DNAClassifier, LabelledDNADataModule, DEFAULT_CONFIG, argv)
     if cli.subcommand != "fit":
         return cli
     fit_s = time.perf_counter() - t0
@@ -105,8 +83,4 @@ def main(args: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    # run through the importable module: the YAML names apps.genomics.finetune.CPUTimeBudget, and isinstance
-    # checks against __main__.CPUTimeBudget (a different class object) would never match
-    from apps.genomics.finetune import main as _main
-
-    _main()
+    main()

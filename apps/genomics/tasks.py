@@ -21,13 +21,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from apps.common.paths import SAMPLES, repo_path
 from apps.genomics.data import PAD_ID, encode, reverse_complement_ids
 
 __all__ = ["LabelledSet", "read_labelled_tsv", "LabelledDNADataModule", "SPLICE_SAMPLE", "GENUS_SAMPLE", "collate"]
 
-ROOT = Path(__file__).resolve().parents[2]
-SPLICE_SAMPLE = ROOT / "datasets" / "samples" / "splice_uci.tsv.gz"
-GENUS_SAMPLE = ROOT / "datasets" / "samples" / "genus_windows.tsv.gz"
+SPLICE_SAMPLE = SAMPLES / "splice_uci.tsv.gz"
+GENUS_SAMPLE = SAMPLES / "genus_windows.tsv.gz"
 SPLITS = ("train", "val", "test")
 HEADER = ["split", "label", "id", "sequence"]
 
@@ -113,7 +113,7 @@ class LabelledDNADataModule(pl.LightningDataModule):
                  limit_train: int | None = None, num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self.path = Path(path)
+        self.path = repo_path(path)
         self._labels = list(labels) if labels else None
         self.sets: dict[str, LabelledSet] | None = None
 

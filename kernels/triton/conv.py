@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import check_conv, check_conv_update
+from ..shape_checks import check_conv, check_conv_update
 from ._common import acc_dtype, check_device, dummy, pow2, sum_combine, tl_acc
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_update_triton"]

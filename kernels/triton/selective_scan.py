@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import check_scan
+from ..shape_checks import check_scan
 from ._common import acc_dtype, check_device, dummy, pow2, sum_combine, tl_acc
 
 __all__ = ["selective_scan_triton", "DEFAULT_CHUNK"]

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import check_ssd
+from ..shape_checks import check_ssd
 from ._common import acc_dtype, check_device, dummy, pow2, sum_combine, tl_acc
 
 __all__ = ["mamba_chunk_scan_combined_triton"]

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._checks import check_state_update, per_token
+from ..shape_checks import check_state_update, per_token
 from ._common import check_device, dummy, pow2, sum_combine, tl_acc
 
 __all__ = ["selective_state_update_triton"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._io import atomic_write
+from ..io import atomic_write
 from .config import MambaConfig
 
 __all__ = ["save_pretrained", "load_pretrained", "load_weights", "config_from_hf"]

@@ -1,54 +1,18 @@
-"""Generation with the recurrent state: prefill once, then one constant-cost step per token."""
+"""Generation with the recurrent state: prefill once, then one constant-cost step per token (or, given a draft
+model, speculative decoding: ssm_core.models.speculative)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from ..state import ModelState
+from .sampling import allowed_mask, check_generation, filter_logits, is_greedy, restrict_logits, sample_logits
+from .speculative import SpecStats, speculative_stream
 
 __all__ = ["GenerationMixin", "sample_logits", "filter_logits", "is_greedy"]
-
-
-def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if temperature < 0 or top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"sampling: need temperature >= 0, top_k >= 0, 0 <= top_p <= 1; "
-                         f"got {temperature}, {top_k}, {top_p}")
-
-
-def is_greedy(temperature: float, top_k: int, top_p: float = 0.0) -> bool:
-    """Whether these sampling settings mean argmax (temperature 0 or top_k 1); bad settings -> ValueError."""
-    _check_sampling(temperature, top_k, top_p)
-    return temperature == 0 or top_k == 1
-
-
-def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
-    """logits (..., vocab) -> the tempered logits with tokens outside top-k / the top-p nucleus set to -inf;
-    their softmax is the distribution ``sample_logits`` draws from (non-greedy settings)."""
-    _check_sampling(temperature, top_k, top_p)
-    logits = logits.to(dtype) / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens strictly before it already reach top_p
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """logits: (batch, vocab) -> token ids (batch,). temperature 0 or top_k 1 is greedy."""
-    if is_greedy(temperature, top_k, top_p):
-        return logits.argmax(-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 class GenerationMixin:
@@ -57,13 +21,36 @@ class GenerationMixin:
     @torch.inference_mode()
     def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 0.0, eos_token_id: int | None = None, seed: int | None = None,
-               state: ModelState | None = None, vocab_size: int | None = None) -> Iterator[Tensor]:
+               state: ModelState | None = None, vocab_size: int | None = None, *,
+               allowed_tokens: Sequence[int] | Tensor | None = None, draft=None, k: int = 4,
+               stats: SpecStats | None = None, draft_state: ModelState | None = None) -> Iterator[Tensor]:
         """Yield the next token ids (batch,) one step at a time. ``state`` continues a saved context
         (``input_ids`` are then the tokens after it). Rows that emitted ``eos_token_id`` keep emitting it.
-        Sampling is restricted to the first ``vocab_size`` ids (default: config.vocab_size, not padding)."""
+        Sampling is restricted to the first ``vocab_size`` ids (default: config.vocab_size, not padding), and
+        to ``allowed_tokens`` when given (other ids get -inf before temperature / top-k / top-p; greedy is the
+        argmax over the allowed ids). ``max_new_tokens`` 0 yields nothing.
+
+        ``draft``: a smaller model with the same vocabulary; tokens then come from exact speculative decoding
+        (``speculative_stream``: the same distribution as plain sampling, greedy gives the same tokens), ``k``
+        drafted tokens per round, batch 1 only; ``draft_state`` is the draft's state of the context in
+        ``state``; ``stats`` (a SpecStats) is filled in as generation goes.
+        """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"generate: input_ids must be (batch, L>=1), got {tuple(input_ids.shape)}")
+        check_generation("generate", max_new_tokens, temperature, top_k, top_p)
         vocab = vocab_size or self.config.vocab_size
+        if draft is not None:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"generate: speculative decoding (draft=...) needs batch 1, got input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            yield from speculative_stream(self, draft, input_ids, max_new_tokens, k, temperature, top_k, top_p, seed,
+                                          state, draft_state, vocab, eos_token_id, stats, allowed_tokens)
+            return
+        if stats is not None or draft_state is not None:
+            raise ValueError("generate: stats and draft_state are for speculative decoding; pass draft=")
+        allowed = allowed_mask(allowed_tokens, vocab, input_ids.device)
+        if max_new_tokens == 0:
+            return
         generator = None
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -71,7 +58,8 @@ class GenerationMixin:
         state = out.state
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            token = sample_logits(out.logits[:, -1, :vocab], temperature, top_k, top_p, generator)
+            logits = restrict_logits(out.logits[:, -1, :vocab], allowed)
+            token = sample_logits(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 token = token.masked_fill(done, eos_token_id)
                 done |= token == eos_token_id
@@ -85,11 +73,13 @@ class GenerationMixin:
                  top_k: int = 0, top_p: float = 0.0, eos_token_id: int | None = None, seed: int | None = None,
                  state: ModelState | None = None, max_length: int | None = None, **kwargs) -> Tensor:
         """Returns (batch, L + new) token ids: the prompt followed by up to ``max_new_tokens`` tokens.
-        ``max_length`` (mamba_ssm's argument: total length) may be given instead."""
+        ``max_length`` (mamba_ssm's argument: total length) may be given instead (a prompt already that
+        long gets no new tokens). ``kwargs`` go to ``stream``: vocab_size, allowed_tokens, draft, k, stats,
+        draft_state."""
         if max_new_tokens is None:
             if max_length is None:
                 raise ValueError("generate: give max_new_tokens (or max_length)")
-            max_new_tokens = max_length - input_ids.shape[1]
+            max_new_tokens = max(0, max_length - input_ids.shape[1])
         tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
                                   state, **kwargs))
         if not tokens:

@@ -18,6 +18,7 @@ from ..modules.mha import MHA
 from ..modules.mlp import GatedMLP
 from ..ops.norm import RMSNorm
 from ..state import ModelState
+from ..validate import check_hidden, check_model_state, check_token_ids
 from .config import MambaConfig
 from .generation import GenerationMixin
 
@@ -69,6 +70,8 @@ def _init_weights(module: nn.Module, n_layer: int, n_residuals_per_layer: int, i
 
 
 class MixerModel(nn.Module):
+    api_name = "MixerModel"  # how its error messages name it (MambaLMHeadModel sets its own name)
+
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -87,6 +90,15 @@ class MixerModel(nn.Module):
     def forward(self, input_ids: Tensor | None = None, state: ModelState | None = None,
                 return_state: bool = False, inputs_embeds: Tensor | None = None, **mixer_kwargs):
         """input_ids: (batch, L) -> hidden states (batch, L, d_model) [, ModelState]."""
+        where = self.api_name
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{where}: pass either input_ids or inputs_embeds (exactly one)")
+        if inputs_embeds is None:
+            check_token_ids(where, input_ids, self.config.vocab_size)
+        else:
+            check_hidden(where, inputs_embeds, self.config.d_model, what="inputs_embeds")
+        if state is not None:
+            check_model_state(where, state, len(self.layers))
         x = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         want_state = return_state or state is not None
         new_layers = []
@@ -114,6 +126,7 @@ class MambaLMHeadModel(nn.Module, GenerationMixin):
         super().__init__()
         self.config = config
         self.backbone = MixerModel(config, device=device, dtype=dtype)
+        self.backbone.api_name = type(self).__name__  # bad input is reported as this model's
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
         self.tie_weights()
 

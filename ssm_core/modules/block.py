@@ -6,12 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..validate import check_hidden
+
 
 class Block(nn.Module):
     def __init__(self, dim: int, mixer: nn.Module, norm: nn.Module, mlp: nn.Module | None = None,
                  norm2: nn.Module | None = None, residual_in_fp32: bool = True):
         super().__init__()
-        self.norm, self.mixer = norm, mixer
+        self.dim, self.norm, self.mixer = dim, norm, mixer
         if mlp is not None:
             self.norm2, self.mlp = norm2, mlp
         else:
@@ -19,7 +21,8 @@ class Block(nn.Module):
         self.residual_in_fp32 = residual_in_fp32
 
     def forward(self, x: Tensor, state=None, return_state: bool = False, **mixer_kwargs):
-        """x: (batch, L, dim) residual stream -> same [, new mixer state]."""
+        """x: (batch, L, dim) residual stream, any floating dtype -> same [, new mixer state]."""
+        check_hidden(self, x, self.dim)  # the mixer checks the state; any float dtype: x is cast for the norm
         if self.residual_in_fp32:
             x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays
         h = self.norm(x.to(self.norm.weight.dtype))

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import fp32, selective_scan, selective_state_update
 from ..state import SSMState
+
+DeltaHook = Callable[["Mamba", Tensor, Tensor], "Tensor | None"]
 
 
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float, **factory) -> Tensor:
@@ -32,6 +38,9 @@ class Mamba(nn.Module):
     learned input-independent parameters (Δ = softplus(dt_bias) per channel; B, C per state, shared over
     time and channels like the selective B, C), so the SSM is a fixed convolution (S4D-real A init);
     in_proj, conv1d, gating and out_proj are unchanged.
+
+    ``register_delta_hook`` exposes the step size Δ = softplus(dt + dt_bias) of every call (to measure it,
+    penalise it, or replace it) without touching the forward when no hook is registered.
     """
 
     def __init__(
@@ -94,6 +103,36 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        # RemovableHandle id -> hook, in registration order (OrderedDict: the handle holds a weak reference)
+        self._delta_hooks: OrderedDict[int, DeltaHook] = OrderedDict()
+
+    def register_delta_hook(self, hook: DeltaHook) -> RemovableHandle:
+        """Call ``hook(module, delta, u)`` with the step size of every forward and decode step.
+
+        delta: Δ = softplus(dt + dt_bias), fp32 (fp64 for fp64 models), (batch, d_inner, L) in a forward and
+        (batch, d_inner) in a decode step, differentiable (a penalty on it trains dt_proj and the bias);
+        u: the scan input (after the conv and SiLU), same shape, the module's dtype; Δ·u·B is what a token
+        writes into the state. The hook may return a tensor of delta's shape that replaces Δ (later hooks
+        see the replacement), or None. While any hook is registered, Δ is computed here and handed to the
+        scan as is (``delta_softplus=False``, no bias), equal to the scan's own up to rounding; with none the
+        forward is unchanged. Returns a handle whose ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._delta_hooks)
+        self._delta_hooks[handle.id] = hook
+        return handle
+
+    def _hooked_delta(self, dt: Tensor, u: Tensor) -> Tensor:
+        """dt (pre-bias): (batch, d_inner[, L]) -> Δ after every delta hook has seen (and maybe replaced) it."""
+        bias = self._dt_bias()
+        delta = F.softplus(fp32(dt) + (bias[:, None] if dt.dim() == 3 else bias))
+        for hook in list(self._delta_hooks.values()):
+            replaced = hook(self, delta, u)
+            if replaced is not None:
+                if replaced.shape != delta.shape:
+                    raise ValueError(f"Mamba delta hook: a replacement Δ must have shape {tuple(delta.shape)}, "
+                                     f"got {tuple(replaced.shape)}")
+                delta = replaced
+        return delta
 
     def empty_state(self, batch: int, device=None, dtype=None) -> SSMState:
         device = device or self.A_log.device
@@ -105,6 +144,9 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: Tensor, state: SSMState | None = None, return_state: bool = False):
         """hidden_states: (batch, L, d_model) -> (batch, L, d_model) [, SSMState]."""
+        from ..validate import check_mamba  # the API boundary checks (ssm_core/validate.py)
+
+        check_mamba(self, hidden_states, state)
         batch, L, _ = hidden_states.shape
         if state is None:
             state = self.empty_state(batch, hidden_states.device, hidden_states.dtype)
@@ -120,9 +162,12 @@ class Mamba(nn.Module):
             initial_states=state.conv, return_final_states=True, activation="silu",
         )
         dt, B, C = self._dt_B_C(x.transpose(1, 2))
+        dt, dt_bias = dt.transpose(1, 2), self._dt_bias()
+        if self._delta_hooks:  # Δ explicit, so hooks can see and replace it; the scan then takes it as is
+            dt, dt_bias = self._hooked_delta(dt, x), None
         y, ssm_state = selective_scan(
-            x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), fp32(self.D), z.transpose(1, 2),
-            delta_bias=self._dt_bias(), delta_softplus=True,
+            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), fp32(self.D), z.transpose(1, 2),
+            delta_bias=dt_bias, delta_softplus=dt_bias is not None,
             return_last_state=True, initial_state=state.ssm,
         )
         out = self.out_proj(y.transpose(1, 2))
@@ -144,8 +189,11 @@ class Mamba(nn.Module):
         xc, conv_state = causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                               "silu", inplace=False)
         dt, B, C = self._dt_B_C(xc)
+        dt_bias = self._dt_bias()
+        if self._delta_hooks:
+            dt, dt_bias = self._hooked_delta(dt, xc), None
         y, ssm = selective_state_update(
-            state.ssm, xc, dt, A, B, C, fp32(self.D), z, dt_bias=self._dt_bias(),
-            dt_softplus=True, inplace=False,
+            state.ssm, xc, dt, A, B, C, fp32(self.D), z, dt_bias=dt_bias,
+            dt_softplus=dt_bias is not None, inplace=False,
         )
         return y, SSMState(conv_state, ssm)

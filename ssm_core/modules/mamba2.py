@@ -11,6 +11,7 @@ from ..ops.norm import RMSNormGated
 from ..ops.selective_scan import fp32, selective_state_update
 from ..ops.ssd import mamba_chunk_scan_combined
 from ..state import SSMState
+from ..validate import check_mamba2
 from .mamba import inverse_softplus_dt
 
 
@@ -101,6 +102,7 @@ class Mamba2(nn.Module):
     def forward(self, u: Tensor, state: SSMState | None = None, return_state: bool = False,
                 seq_idx: Tensor | None = None):
         """u: (batch, L, d_model) -> (batch, L, d_model) [, SSMState]. seq_idx: (batch, L) packing ids."""
+        check_mamba2(self, u, state, seq_idx)
         batch, L, _ = u.shape
         if state is None:
             state = self.empty_state(batch, u.device, u.dtype)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..state import AttentionState
+from ..validate import check_attention_state, check_hidden
 
 
 def rotary(x: Tensor, positions: Tensor, dim: int, base: float) -> Tensor:
@@ -65,6 +66,9 @@ class MHA(nn.Module):
     def forward(self, x: Tensor, state: AttentionState | None = None, return_state: bool = False,
                 seqlen_offset: int | None = None):
         """x: (batch, L, embed_dim). The cache length gives the absolute positions of x."""
+        check_hidden(self, x, self.in_proj.in_features, self.in_proj.weight.dtype)
+        if state is not None:
+            check_attention_state(self, state, x.shape[0], self.num_heads_kv, self.head_dim, x.device)
         batch, L, _ = x.shape
         q, k, v = self.in_proj(x).split(
             [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,

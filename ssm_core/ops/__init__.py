@@ -1,7 +1,7 @@
 """Functional ops, each beside its ``*_ref`` reference twin."""
 
-from .conv import causal_conv1d, causal_conv1d_update
-from .norm import RMSNorm, RMSNormGated, rms_norm, rms_norm_gated
+from .conv import causal_conv1d, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
+from .norm import RMSNorm, RMSNormGated, rms_norm, rms_norm_gated, rms_norm_ref
 from .selective_scan import (
     selective_scan,
     selective_scan_ref,
@@ -11,7 +11,8 @@ from .selective_scan import (
 from .ssd import mamba_chunk_scan_combined, ssd_ref
 
 __all__ = [
-    "causal_conv1d", "causal_conv1d_update", "RMSNorm", "RMSNormGated", "rms_norm", "rms_norm_gated",
+    "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref",
+    "RMSNorm", "RMSNormGated", "rms_norm", "rms_norm_ref", "rms_norm_gated",
     "selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",
     "mamba_chunk_scan_combined", "ssd_ref",
 ]

@@ -4,7 +4,12 @@ backend="auto" (default) uses the compiled CPU kernel for CPU tensors and the Tr
 CUDA tensors; "ref" forces the pure-PyTorch path in ssm_core; "cpu" / "triton" ask for a fast path
 explicitly. The environment variable HISS_BACKEND overrides the default for a whole process. When
 a fast path can't load (no compiler, no triton, ...), ops fall back to the PyTorch path after one
-warning line that says why. ``kernels`` is imported lazily, only here.
+warning line that says why.
+
+Dependency rule, as it is: ssm_core imports ``kernels.shape_checks`` at import time (pure Python, imports
+only torch: the shape rules shared by every path); the compiled CPU and Triton kernels are imported lazily,
+only here, on an op's first fast-path call. ``KERNELS`` below names each op's kernel per backend, so a
+reader can jump from an op to its kernel. ``kernels`` never imports ssm_core.
 """
 
 from __future__ import annotations
@@ -12,14 +17,40 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "resolve_backend", "fast_path"]
+__all__ = ["BACKENDS", "ENV_VAR", "KERNELS", "resolve_backend", "fast_path", "load_kernel"]
 
 BACKENDS = ("auto", "ref", "cpu", "triton")
 ENV_VAR = "HISS_BACKEND"
 _warned: set[str] = set()
+
+# op (the name an ssm_core op passes to fast_path) -> backend -> "module:function" of its kernel.
+# Strings, not functions: nothing here is imported until an op first takes the fast path.
+KERNELS: dict[str, dict[str, str]] = {
+    "selective_scan": {
+        "cpu": "kernels.cpu:selective_scan_cpu",
+        "triton": "kernels.triton:selective_scan_triton",
+    },
+    "selective_state_update": {
+        "cpu": "kernels.cpu:selective_state_update_cpu",
+        "triton": "kernels.triton:selective_state_update_triton",
+    },
+    "mamba_chunk_scan_combined": {
+        "cpu": "kernels.cpu:mamba_chunk_scan_combined_cpu",
+        "triton": "kernels.triton:mamba_chunk_scan_combined_triton",
+    },
+    "causal_conv1d": {
+        "cpu": "kernels.cpu:causal_conv1d_cpu",
+        "triton": "kernels.triton:causal_conv1d_triton",
+    },
+    "causal_conv1d_update": {
+        "cpu": "kernels.cpu:causal_conv1d_update_cpu",
+        "triton": "kernels.triton:causal_conv1d_update_triton",
+    },
+}
 
 
 def _probe(name: str) -> tuple[bool, str]:
@@ -61,12 +92,21 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return name if ok else _fallback(name, reason)
 
 
-def fast_path(backend: str | None, device: torch.device, op: str):
-    """The kernel ``kernels.<backend>.<op>_<backend>`` chosen for ``device``, or None for the PyTorch path."""
+def load_kernel(op: str, backend: str) -> Callable | None:
+    """Import and return ``KERNELS[op][backend]``, or None when that backend has no kernel for the op."""
+    target = KERNELS[op].get(backend)
+    if target is None:
+        return None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def fast_path(backend: str | None, device: torch.device, op: str) -> Callable | None:
+    """The kernel ``KERNELS[op][b]`` for the backend b chosen for ``device`` (imported on first use), or None
+    for the PyTorch path ("ref", a fast path that cannot load here, or a backend with no kernel for the op)."""
+    if op not in KERNELS:  # checked on every path, so a misnamed op fails under HISS_BACKEND=ref too
+        raise KeyError(f"fast_path: no op {op!r} in ssm_core.ops.backend.KERNELS; known: {sorted(KERNELS)}")
     name = resolve_backend(backend, device)
     if name == "ref":
         return None
-    fn = getattr(importlib.import_module(f"kernels.{name}"), f"{op}_{name}", None)
-    if fn is None:  # this backend has no kernel for the op: the PyTorch path is the implementation
-        return None
-    return fn
+    return load_kernel(op, name)

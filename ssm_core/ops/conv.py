@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._checks import check_conv, check_conv_update  # pure Python: the fast paths' shape rules
+from kernels.shape_checks import check_conv, check_conv_update  # pure Python: the fast paths' shape rules
 
 from .backend import fast_path
 
-__all__ = ["causal_conv1d", "causal_conv1d_update"]
+__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref"]
 
 
 def _activate(x: Tensor, activation: str | None) -> Tensor:
@@ -36,12 +36,28 @@ def causal_conv1d(
 
     seq_idx: (batch, L) int, packed sequences; taps never cross from one sequence id into another.
     Returns out: (batch, dim, L) and, with ``return_final_states``, (batch, dim, width - 1).
+    ``backend`` as in ``selective_scan``; the PyTorch path is ``causal_conv1d_ref``.
     """
     check_conv("causal_conv1d", x, weight, bias, seq_idx, initial_states, activation)
     kernel = fast_path(backend, x.device, "causal_conv1d")
     if kernel is not None:
         return kernel(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
                       return_final_states=return_final_states, activation=activation)
+    return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
+
+
+def causal_conv1d_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+    activation: str | None = None,
+):
+    """Reference twin of ``causal_conv1d``: the PyTorch path (F.conv1d; masked windows with seq_idx), on any
+    device and whatever $HISS_BACKEND says. Same arguments and returns; differentiable in every input."""
+    check_conv("causal_conv1d_ref", x, weight, bias, seq_idx, initial_states, activation)
     batch, dim, _ = x.shape
     width = weight.shape[1]
     if initial_states is None:
@@ -63,6 +79,21 @@ def causal_conv1d(
     return out
 
 
+def causal_conv1d_update_ref(
+    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference twin of ``causal_conv1d_update``, functional: x (batch, dim), conv_state (batch, dim, S >=
+    width - 1) -> (out (batch, dim), new_state (batch, dim, S): shifted by one, x appended). Never in place."""
+    check_conv_update("causal_conv1d_update_ref", x, conv_state, weight, bias, activation)
+    width = weight.shape[1]
+    window = torch.cat([conv_state[..., conv_state.shape[-1] - (width - 1) :].to(x.dtype), x.unsqueeze(-1)], dim=-1)
+    out = (window * weight.to(x.dtype)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    out = _activate(out, activation)
+    return out, torch.cat([conv_state[..., 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+
+
 def causal_conv1d_update(
     x: Tensor,
     conv_state: Tensor,
@@ -77,10 +108,10 @@ def causal_conv1d_update(
 
     In place (mamba_ssm's behaviour) it shifts the state and returns out: (batch, dim); with
     ``inplace=False`` it returns (out, new_state) and is differentiable. ``backend`` as in
-    ``causal_conv1d``; the compiled step runs unless autograd needs the graph.
+    ``causal_conv1d``; the compiled step runs unless autograd needs the graph (then
+    ``causal_conv1d_update_ref`` does).
     """
     check_conv_update("causal_conv1d_update", x, conv_state, weight, bias, activation)
-    width = weight.shape[1]
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, conv_state, weight, bias))
     kernel = None if needs_graph else fast_path(backend, x.device, "causal_conv1d_update")
@@ -88,12 +119,7 @@ def causal_conv1d_update(
         target = conv_state if inplace else conv_state.detach().clone()
         out = kernel(x, target, weight, bias, activation)
         return out if inplace else (out, target)
-    window = torch.cat([conv_state[..., conv_state.shape[-1] - (width - 1) :].to(x.dtype), x.unsqueeze(-1)], dim=-1)
-    out = (window * weight.to(x.dtype)).sum(-1)
-    if bias is not None:
-        out = out + bias.to(x.dtype)
-    out = _activate(out, activation)
-    new_state = torch.cat([conv_state[..., 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    out, new_state = causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
     if inplace:
         with torch.no_grad():
             conv_state.copy_(new_state)

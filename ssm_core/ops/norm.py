@@ -1,4 +1,9 @@
-"""RMSNorm and gated RMSNorm (Mamba-2's output norm), computed in fp32."""
+"""RMSNorm and gated RMSNorm (Mamba-2's output norm), computed in fp32.
+
+No fast path: ``rms_norm`` and ``rms_norm_gated`` are this PyTorch code on every backend (they are a few
+elementwise ops and one reduction; ``backend.KERNELS`` has no entry for them). Their twin ``rms_norm_ref``
+is the textbook definition, float64, one group at a time, that ``rms_norm`` is tested against.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["rms_norm", "rms_norm_gated", "RMSNorm", "RMSNormGated"]
+__all__ = ["rms_norm", "rms_norm_ref", "rms_norm_gated", "RMSNorm", "RMSNormGated"]
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-5, group_size: int | None = None) -> Tensor:
@@ -23,6 +28,19 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-5, group_size: in
     if weight is not None:
         h = h * weight.to(h.dtype)
     return h.to(dtype)
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor | None, eps: float = 1e-5, group_size: int | None = None) -> Tensor:
+    """Reference twin of ``rms_norm``: y = x / sqrt(mean(x^2) + eps) * weight over each group of ``group_size``
+    channels of the last axis (default: all of them), in float64, returned in x's dtype. x: (..., C)."""
+    size = x.shape[-1] if group_size is None else group_size
+    if x.shape[-1] % size:
+        raise ValueError(f"rms_norm_ref: group_size {size} does not divide {x.shape[-1]} channels")
+    groups = [g / torch.sqrt((g * g).mean(-1, keepdim=True) + eps) for g in x.double().split(size, dim=-1)]
+    y = torch.cat(groups, dim=-1)
+    if weight is not None:
+        y = y * weight.double()
+    return y.to(x.dtype)
 
 
 def rms_norm_gated(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._checks import check_scan, check_state_update
+from kernels.shape_checks import check_scan, check_state_update
 
 from ..discretization import zoh_euler
 from .backend import fast_path

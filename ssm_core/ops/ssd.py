@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._checks import check_ssd  # pure Python: the same shape rules as the fast paths
+from kernels.shape_checks import check_ssd  # pure Python: the same shape rules as the fast paths
 
 from .backend import fast_path
 from .chunked import chunked_recurrence

@@ -159,8 +159,8 @@ def test_read_bed_hyenadna_columns(tmp_path):
     bed = write(tmp_path / "s.bed", "# comment\ntrack name=x\nchr1\t0\t100\ttrain\nchr1 100 150 valid extra\n"
                                     "\nchr2\t0\t30\tval\nchr1\t150\t200\ttest\n")
     ivs = read_bed(bed, fa)
-    assert ivs == [Interval("chr1", 0, 100, "train"), Interval("chr1", 100, 150, "valid"),
-                   Interval("chr2", 0, 30, "valid"), Interval("chr1", 150, 200, "test")]
+    assert ivs == [Interval("chr1", 0, 100, "train"), Interval("chr1", 100, 150, "val"),
+                   Interval("chr2", 0, 30, "val"), Interval("chr1", 150, 200, "test")]
     assert read_bed(write(tmp_path / "n.bed", "chr2 0 5\n"), fa, default_split="test")[0].split == "test"
 
 
@@ -182,7 +182,7 @@ def test_bad_bed_names_file_and_line(tmp_path, line, match):
 def test_holdout_intervals_partition_each_record(tmp_path):
     fa = FastaReader(write(tmp_path / "g.fa", ">a\n" + "A" * 1000 + "\n>b\n" + "C" * 200 + "\n"))
     ivs = holdout_intervals(fa, valid_frac=0.1, test_frac=0.2)
-    assert ivs[:3] == [Interval("a", 0, 700, "train"), Interval("a", 700, 800, "valid"),
+    assert ivs[:3] == [Interval("a", 0, 700, "train"), Interval("a", 700, 800, "val"),
                        Interval("a", 800, 1000, "test")]
     assert sum(len(iv) for iv in ivs) == 1200
     with pytest.raises(ValueError):
@@ -291,7 +291,7 @@ def test_warmup_schedule_doubles_and_keeps_tokens():
 def test_datamodule_batches_and_splits():
     dm = DNADataModule(seq_len=256, batch_size=4, samples_per_epoch=8, warmup_min_len=64)
     dm.setup("fit")
-    assert [iv.split for iv in dm.intervals] == ["train", "valid", "test"]
+    assert [iv.split for iv in dm.intervals] == ["train", "val", "test"]
     assert [len(iv) for iv in dm.intervals] == [270_000, 15_000, 15_000]
     batch = next(iter(dm.train_dataloader()))  # epoch 0 of the warm-up: 64 bases, batch 16
     assert batch["input_ids"].shape == batch["labels"].shape == (16, 64)
@@ -324,7 +324,7 @@ def test_genome_recipe_converts_gzip_and_url_to_indexed_bgzip_with_splits(tmp_pa
     fa = FastaReader(tmp_path / "out" / "toy.fa.gz")
     assert fa.lengths == {"chrA": 373, "chrB": 10} and fa.fetch("chrA") == seq_a  # case kept (soft-masking)
     ivs = read_bed(tmp_path / "out" / "toy.bed", fa)
-    assert ivs[:3] == [Interval("chrA", 0, 317, "train"), Interval("chrA", 317, 336, "valid"),
+    assert ivs[:3] == [Interval("chrA", 0, 317, "train"), Interval("chrA", 317, 336, "val"),
                        Interval("chrA", 336, 373, "test")]
     recipe.main(["url", src.as_uri(), "--out", str(tmp_path / "out2")])  # what the hg38 download does
     assert FastaReader(tmp_path / "out2" / "in.fa.gz").fetch("chrB") == "TTTTGGGGCC"

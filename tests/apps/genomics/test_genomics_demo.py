@@ -7,8 +7,9 @@ import torch
 from apps.common.demo import gr
 from apps.genomics import demo
 from apps.genomics.data import VOCAB_SIZE
-from apps.genomics.heads import DNAModel, HeadConfig, backbone_config
-from apps.genomics.inference import load_model
+from apps.common import HeadConfig
+from apps.genomics.model import DNAModel, backbone_config
+from apps.genomics.predict import load_model
 from ssm_core import MambaConfig, MambaLMHeadModel
 
 pytestmark = pytest.mark.usefixtures("one_thread", "ref_backend")

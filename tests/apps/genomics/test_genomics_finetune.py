@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from apps.genomics.data import A_ID, PAD_ID, VOCAB_SIZE, decode, encode
-from apps.genomics.finetune import CPUTimeBudget, main, report
-from apps.genomics.heads import ClassifierModule, DNAModel, MaskedLMModule
+from apps.common import CPUTimeBudget
+from apps.genomics.finetune import main, report
+from apps.genomics.model import DNAClassifier, DNAModel, MaskedLMModule
 from apps.genomics.tasks import GENUS_SAMPLE, SPLICE_SAMPLE, LabelledDNADataModule, collate, read_labelled_tsv
 from ssm_core import MambaConfig
 
@@ -114,7 +115,7 @@ def test_cpu_time_budget_stops_training(tmp_path):
     budget = CPUTimeBudget(minutes=1e-6)
     trainer = pl.Trainer(max_steps=50, callbacks=[budget], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(ClassifierModule(TINY, num_labels=2), datamodule=LabelledDNADataModule(str(data), batch_size=8))
+    trainer.fit(DNAClassifier(TINY, num_labels=2), datamodule=LabelledDNADataModule(str(data), batch_size=8))
     assert trainer.global_step == 1 and budget.used_s > 0
 
 

@@ -1,0 +1,107 @@
+"""Lightning callbacks every app uses: export the trained network, a CPU-time budget, a held-out evaluation
+when fitting ends (the app supplies the evaluation, the callback does the bookkeeping)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from ssm_core import atomic_write
+
+__all__ = ["ExportPretrained", "CPUTimeBudget", "HeldOutEvaluation", "log_dir"]
+
+
+def log_dir(trainer: pl.Trainer) -> Path:
+    """Where this run writes its files: the logger's version folder, else the trainer's root dir. Call it on every
+    process: under DDP ``trainer.log_dir`` is a broadcast from rank 0, which waits for all ranks."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+class ExportPretrained(pl.Callback):
+    """Write the trained network (``pl_module.model``) with its ``save_pretrained`` (config.json +
+    model.safetensors [+ head.json]) when fitting ends, beside Lightning's .ckpt: the format evaluate, predict,
+    the demos and ``from_pretrained`` read. ``dirpath`` defaults to ``<log_dir>/pretrained``; the app configs
+    set ``runs/<app>/pretrained`` so every app's model is found in the same place."""
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+
+    def target(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else log_dir(trainer) / "pretrained"
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        out = self.target(trainer)  # every rank (a collective under DDP)
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            os.makedirs(out.parent, exist_ok=True)
+            pl_module.model.save_pretrained(out)
+            print(f"pretrained model written to {out}")
+
+
+class CPUTimeBudget(pl.Callback):
+    """Stop fitting once this process has used ``minutes`` of CPU time in training (time.process_time, all
+    threads).
+
+    A wall-clock limit (Trainer.max_time) on a shared machine also counts time spent waiting for the CPU or for
+    a kernel build; CPU seconds are the budget two models can be given equally. Validation is not counted.
+    """
+
+    def __init__(self, minutes: float):
+        self.budget_s = 60.0 * minutes
+        self.used_s = 0.0
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is not None:
+            self.used_s += time.process_time() - self._t0
+        if self.used_s >= self.budget_s:
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:  # a resumed run continues the same budget
+        return {"used_s": self.used_s}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.used_s = float(state_dict.get("used_s", 0.0))
+
+
+class HeldOutEvaluation(pl.Callback):
+    """When fitting ends: score the held-out data once with the app's exact evaluation, print one line and write
+    ``<log_dir>/heldout.json`` (atomically). Apps subclass it and implement ``evaluate``; the result is also
+    kept on ``self.result`` for the caller (tests, comparison scripts).
+
+    Runs on the main process only, and not after an interrupted fit (Ctrl-C): a partial run's number would be
+    mistaken for the model's.
+    """
+
+    name = "held-out"
+
+    def __init__(self, split: str = "test"):
+        self.split = split
+        self.result: dict | None = None
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        """Return ``{"metric": name, "value": float, ...}`` plus anything worth recording (counts, protocol)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement evaluate()")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        out = log_dir(trainer) / "heldout.json"  # every rank (a collective under DDP)
+        if not trainer.is_global_zero or trainer.interrupted or trainer.sanity_checking:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            result = {"split": self.split, "step": trainer.global_step, **self.evaluate(trainer, pl_module)}
+        finally:
+            pl_module.train(was_training)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+        self.result = result
+        detail = result.get("protocol", "")
+        print(f"held-out {result['metric']} ({self.split}{', ' + detail if detail else ''}): "
+              f"{result['value']:.4f}  -> {out}")

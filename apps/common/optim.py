@@ -1,0 +1,65 @@
+"""The one optimizer recipe every app trains with: AdamW with mamba_ssm's no-decay groups, linear warm-up,
+then cosine decay to a floor, stepped per optimizer step.
+
+    def configure_optimizers(self):
+        return adamw_warmup_cosine(self, self.model, **self.optim_kwargs())   # or pass the numbers
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+__all__ = ["param_groups", "warmup_cosine", "adamw_warmup_cosine", "attached_trainer"]
+
+
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """The module's Trainer, or None when it runs outside one (Lightning raises instead of returning None)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups the way mamba_ssm/nanoGPT do it: no decay on biases, norms, embeddings and on the
+    parameters a mixer marks ``_no_weight_decay`` (A_log, D, dt bias)."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim < 2 or getattr(p, "_no_weight_decay", False) or "embedding" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine to ``min_ratio`` (constant if no total)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not total_steps or total_steps <= warmup_steps:
+        return 1.0
+    t = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def adamw_warmup_cosine(module: pl.LightningModule, model: nn.Module, lr: float, weight_decay: float,
+                        betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0, min_lr_ratio: float = 0.1,
+                        total_steps: int | None = None, eps: float = 1e-8) -> dict:
+    """What ``configure_optimizers`` returns: AdamW over ``model``'s decay groups and a per-step warm-up +
+    cosine schedule. ``total_steps`` defaults to the trainer's estimate (max_steps or epochs x batches); with
+    no finite estimate (e.g. only max_time) the rate stays constant after warm-up."""
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    if total_steps is None:
+        trainer = attached_trainer(module)
+        est = trainer.estimated_stepping_batches if trainer is not None else None
+        total_steps = int(est) if est is not None and math.isfinite(est) else None
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, warmup_steps, total_steps, min_lr_ratio))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,32 @@
+"""Where things are, the same for every app: the repository root, its bundled samples, and each app's run
+folder (``runs/<app>``; the exported model in ``runs/<app>/pretrained``). Repo-relative paths in configs
+(``datasets/samples/...``) resolve from any working directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["REPO_ROOT", "SAMPLES", "repo_path", "run_dir", "pretrained_dir"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = REPO_ROOT / "datasets" / "samples"
+
+
+def repo_path(path: str | os.PathLike) -> Path:
+    """``path`` as given, or under the repository root when it is a repo-relative path like the configs'
+    ``datasets/samples/...`` and the command runs from another folder."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
+def run_dir(app: str) -> Path:
+    """``runs/<app>``: Lightning checkpoints, logs (``version_N``) and the exported model of an app's training."""
+    return Path("runs") / app
+
+
+def pretrained_dir(app: str) -> Path:
+    """``runs/<app>/pretrained``: where ``python -m apps.<app>.train`` exports the trained network."""
+    return run_dir(app) / "pretrained"
