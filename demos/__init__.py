@@ -43,9 +43,12 @@ def build(name: str, ckpt: str | None = None) -> gr.Blocks:
 def build_all(ckpts: dict[str, str] | None = None) -> gr.Blocks:
     """Every app's demo as a tab of one page."""
     ckpts = ckpts or {}
+    # Built outside the page, then rendered once in its tab: since Gradio 6 a Blocks created inside an open
+    # Blocks is drawn where it is created, so building it in the tab and calling render() drew it twice.
+    pages = {name: build(name, ckpts.get(name)) for name in APPS}
     with gr.Blocks(title="hiss demos") as app:
         gr.Markdown("## hiss demos\nOne Mamba core, several domains. Everything runs locally on this machine.")
         for name, (_, title) in APPS.items():
             with gr.Tab(title, id=name):
-                build(name, ckpts.get(name)).render()
+                pages[name].render()
     return app

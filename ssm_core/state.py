@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 
 from torch import Tensor
 
-from .io import atomic_write
+from .io import CorruptFileError, atomic_write, read_safetensors, read_safetensors_metadata
 
 __all__ = ["SSMState", "AttentionState", "ModelState", "save_state", "load_state"]
 
@@ -74,36 +74,63 @@ class ModelState:
 
 
 def save_state(path: str | os.PathLike, state: ModelState, config) -> None:
-    """Write a state cartridge (safetensors + the model config in its metadata), atomically."""
+    """Write a state cartridge (safetensors + the model config in its metadata), atomically: a save that
+    fails or is killed midway leaves the old file intact."""
     from safetensors.torch import save_file
 
+    if not isinstance(state, ModelState):
+        raise TypeError(f"save_state: expected a ModelState (model(ids, return_state=True).state), "
+                        f"got {type(state).__name__}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors().items()}
     meta = {"format": _FORMAT, "config": config.to_json(), "seqlen_offset": str(state.seqlen_offset)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_state(path: str | os.PathLike, config, device=None) -> ModelState:
-    """Read a state cartridge written for a model with this ``config``; a mismatch is a ValueError."""
-    from safetensors import safe_open
+    """Read a state cartridge written for a model with this ``config``; a mismatch is a ValueError.
 
+    A missing file is a FileNotFoundError; a corrupt or truncated one (or not a cartridge) a ValueError
+    (``ssm_core.io.CorruptFileError`` for unreadable safetensors) naming the file and what is wrong."""
     path = os.fspath(path)
-    with safe_open(path, framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path}: not a hiss state cartridge (format={meta.get('format')!r})")
+    kind = "state cartridge"
+    meta = read_safetensors_metadata(path, kind=kind)
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not a hiss state cartridge (format={meta.get('format')!r}; "
+                         "cartridges are written by save_state)")
+    try:
         saved = json.loads(meta["config"])
-        mine = json.loads(config.to_json())
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        if diff:
-            detail = ", ".join(f"{k}: cartridge {saved.get(k)!r} vs model {mine.get(k)!r}" for k in diff)
-            raise ValueError(f"{path}: state cartridge was saved for a different model ({detail})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        offset = int(meta.get("seqlen_offset", 0))
+        if not isinstance(saved, dict):
+            raise ValueError(f"config is a JSON {type(saved).__name__}")
+    except (KeyError, ValueError) as e:
+        what = "no model config" if isinstance(e, KeyError) else f"unreadable config / seqlen_offset ({e})"
+        raise CorruptFileError(f"{path}: corrupt state cartridge: its metadata has {what}") from e
+    mine = json.loads(config.to_json())
+    diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: cartridge {saved.get(k)!r} vs model {mine.get(k)!r}" for k in diff)
+        raise ValueError(f"{path}: state cartridge was saved for a different model ({detail})")
+    tensors = read_safetensors(path, kind=kind)
     by_layer: dict[int, dict[str, Tensor]] = {}
     kinds: dict[int, str] = {}
-    for key, t in tensors.items():
-        _, i, kind, name = key.split(".")
-        by_layer.setdefault(int(i), {})[name] = t.to(device) if device is not None else t
-        kinds[int(i)] = kind
     cls = {"SSMState": SSMState, "AttentionState": AttentionState}
-    layers = [cls[kinds[i]](**by_layer[i]) for i in sorted(by_layer)]
-    return ModelState(layers, int(meta.get("seqlen_offset", 0)))
+    for key, t in tensors.items():
+        parts = key.split(".")
+        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in cls:
+            raise CorruptFileError(f"{path}: corrupt state cartridge: unexpected tensor {key!r} "
+                                   "(expected layers.<i>.SSMState|AttentionState.<field>)")
+        _, i, layer_kind, name = parts
+        by_layer.setdefault(int(i), {})[name] = t.to(device) if device is not None else t
+        kinds[int(i)] = layer_kind
+    n_layer = getattr(config, "n_layer", len(by_layer))
+    if sorted(by_layer) != list(range(n_layer)):
+        raise CorruptFileError(f"{path}: corrupt state cartridge: it holds layers {sorted(by_layer)}, "
+                               f"the model has layers 0..{n_layer - 1}")
+    layers = []
+    for i in range(n_layer):
+        want = {f.name for f in fields(cls[kinds[i]])}
+        if set(by_layer[i]) != want:
+            raise CorruptFileError(f"{path}: corrupt state cartridge: layer {i} ({kinds[i]}) has tensors "
+                                   f"{sorted(by_layer[i])}, expected {sorted(want)}")
+        layers.append(cls[kinds[i]](**by_layer[i]))
+    return ModelState(layers, offset)

@@ -290,8 +290,8 @@ class ClipDataset(Dataset):
     scored) to ``clip_len`` samples. Files are read and validated once, when the dataset is built."""
 
     def __init__(self, clips: Sequence[Clip], clip_len: int = SAMPLE_RATE, sample_rate: int = SAMPLE_RATE,
-                 progress: bool = False, what: str = "clips", random_crop: bool = False):
-        self.clip_len, self.random_crop = clip_len, random_crop
+                 progress: bool = False, what: str = "clips", random_crop: bool = False, crop_len: int | None = None):
+        self.clip_len, self.random_crop, self.crop_len = clip_len, random_crop, crop_len
         self.items = load_tokens(clips, sample_rate, progress, what)
 
     def __len__(self) -> int:
@@ -305,6 +305,9 @@ class ClipDataset(Dataset):
             tokens, n = tokens[start : start + self.clip_len], self.clip_len
         elif n < self.clip_len:
             tokens = torch.cat([tokens, tokens.new_full((self.clip_len - n,), SILENCE_TOKEN)])
+        if self.crop_len and self.crop_len < self.clip_len:  # a random window of the (padded) clip
+            start = int(torch.randint(0, self.clip_len - self.crop_len + 1, ()))
+            tokens, n = tokens[start : start + self.crop_len], min(max(n - start, 0), self.crop_len)
         return lm_item(tokens, n, clip.label)
 
 
@@ -341,7 +344,8 @@ class AudioDataModule(pl.LightningDataModule):
     source: ``digits`` (the espeak-ng spoken-digits recipe, generated into ``root`` on first use),
     ``sc09`` (a Speech Commands / SC09 folder at ``root``) or ``folder`` (every audio file under ``paths``,
     hash split). ``clip_len``: fixed-length clips (SC09: 16,000 = 1 s); ``seq_len`` instead: windows of the
-    joined stream (long context). Both must be multiples of the model's total pooling (16 by default).
+    joined stream (long context). ``train_crop``: train on random windows of this many samples of each clip
+    (cheaper steps; evaluation always reads whole clips). ``max_valid``: validate on at most this many clips.
     ``n_voices`` / ``per_voice``: size of the generated digits set.
     """
 
@@ -349,7 +353,8 @@ class AudioDataModule(pl.LightningDataModule):
                  sample_rate: int = SAMPLE_RATE, clip_len: int | None = SAMPLE_RATE, seq_len: int | None = None,
                  batch_size: int = 8, eval_batch_size: int | None = None, samples_per_epoch: int | None = None,
                  num_workers: int = 0, valid_frac: float = 0.05, test_frac: float = 0.05,
-                 max_valid: int | None = 64, per_voice: int = 1, progress: bool = True):
+                 max_valid: int | None = 64, per_voice: int = 1, train_crop: int | None = None,
+                 progress: bool = True):
         super().__init__()
         if source not in ("digits", "sc09", "folder"):
             raise ValueError(f"AudioDataModule: source must be 'digits', 'sc09' or 'folder', got {source!r}")
@@ -397,8 +402,9 @@ class AudioDataModule(pl.LightningDataModule):
                 step = len(clips) / hp.max_valid
                 clips = [clips[int(i * step)] for i in range(hp.max_valid)]
             if hp.clip_len:
+                train = split == "train"
                 ds = ClipDataset(clips, hp.clip_len, hp.sample_rate, hp.progress, f"{split} clips",
-                                 random_crop=split == "train")
+                                 random_crop=train, crop_len=hp.train_crop if train else None)
             else:
                 ds = WindowDataset(clips, hp.seq_len, hp.sample_rate,
                                    hp.samples_per_epoch if split == "train" else None, hp.progress,

@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from apps.common.callbacks import HeldOutEvaluation
+
 from .data import Clip, list_audio, lm_item, load_tokens, speech_commands_splits
 from .model import AudioUNet
 
-__all__ = ["clips_nll", "evaluate_clips", "load_audio_model", "main"]
+__all__ = ["clips_nll", "evaluate_clips", "load_audio_model", "HeldOutNLL", "main"]
 
 LN2 = math.log(2)
 
@@ -121,3 +123,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+class HeldOutNLL(HeldOutEvaluation):
+    """When fitting ends: exact NLL of the data module's ``split`` (whole clips / files, state carried across
+    pieces), at most ``max_clips`` of them (evenly spaced), printed in nats and bits per sample."""
+
+    def __init__(self, split: str = "test", max_clips: int | None = 64, batch_size: int = 8):
+        super().__init__(split)
+        self.max_clips, self.batch_size = max_clips, batch_size
+
+    def evaluate(self, trainer, pl_module) -> dict:
+        dm = trainer.datamodule
+        clips = evenly_spaced(dm.splits()[self.split], self.max_clips)
+        chunk = pl_module.hparams.chunk_len or dm.hparams.clip_len or dm.hparams.seq_len
+        r = evaluate_clips(pl_module.model, clips, self.batch_size, chunk, progress=False)
+        print(f"held-out ({self.split}): {r['nats_per_sample']:.4f} nats/sample, {r['bits_per_sample']:.4f} "
+              f"bits/sample over {r['samples']:,} samples in {r['clips']} clips")
+        return {"metric": "nats_per_sample", "value": r["nats_per_sample"], **r,
+                "protocol": f"{r['clips']} whole clips, exact"}

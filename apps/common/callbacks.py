@@ -24,17 +24,17 @@ def log_dir(trainer: pl.Trainer) -> Path:
 class ExportPretrained(pl.Callback):
     """Write the trained network (``pl_module.model``) with its ``save_pretrained`` (config.json +
     model.safetensors [+ head.json]) when fitting ends, beside Lightning's .ckpt: the format evaluate, predict,
-    the demos and ``from_pretrained`` read. ``dirpath`` defaults to ``<log_dir>/pretrained``; the app configs
-    set ``runs/<app>/pretrained`` so every app's model is found in the same place."""
+    the demos and ``from_pretrained`` read. ``dirpath`` defaults to ``<default_root_dir>/pretrained``, i.e.
+    ``runs/<app>/pretrained`` with the apps' configs: every app's model is found in the same place."""
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
 
     def target(self, trainer: pl.Trainer) -> Path:
-        return Path(self.dirpath) if self.dirpath else log_dir(trainer) / "pretrained"
+        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "pretrained"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        out = self.target(trainer)  # every rank (a collective under DDP)
+        out = self.target(trainer)
         if trainer.is_global_zero and not trainer.sanity_checking:
             os.makedirs(out.parent, exist_ok=True)
             pl_module.model.save_pretrained(out)

@@ -32,8 +32,13 @@ def cap_text(text: str, max_chars: int, what: str = "input") -> str:
     return text
 
 
-def find_checkpoint(candidates: list[str | Path], how_to_make: str) -> Path:
-    """The first directory holding a save_pretrained checkpoint (config.json), else a clear error."""
+def find_checkpoint(candidates: list[str | Path], how_to_make: str, ckpt: str | Path | None = None) -> Path:
+    """``ckpt`` when the user named one (it must exist: a mistyped path is an error, never a silent substitute),
+    else the first of ``candidates`` holding a save_pretrained checkpoint (config.json), else a clear error."""
+    if ckpt:
+        if not (Path(ckpt) / "config.json").is_file():
+            raise FileNotFoundError(f"{ckpt}: no checkpoint there (expected a folder with config.json). {how_to_make}")
+        return Path(ckpt)
     for c in candidates:
         if c and (Path(c) / "config.json").is_file():
             return Path(c)

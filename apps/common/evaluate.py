@@ -33,7 +33,7 @@ def read_pieces(model, ids: Tensor, chunk_len: int, state=None, num_last_tokens:
         yield s, out
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the state may later feed a forward that autograd tracks
 def prefill(model, tokens: Tensor, state=None, chunk_len: int = 8192):
     """Read tokens (L,) or (batch, L) into the state, ``chunk_len`` at a time; returns the state after them."""
     ids = tokens.reshape(1, -1) if tokens.ndim == 1 else tokens

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "SAMPLES", "repo_path", "run_dir", "pretrained_dir"]
+__all__ = ["REPO_ROOT", "SAMPLES", "repo_path", "run_dir", "pretrained_dir", "default_checkpoints"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = REPO_ROOT / "datasets" / "samples"
@@ -30,3 +30,12 @@ def run_dir(app: str) -> Path:
 def pretrained_dir(app: str) -> Path:
     """``runs/<app>/pretrained``: where ``python -m apps.<app>.train`` exports the trained network."""
     return run_dir(app) / "pretrained"
+
+
+def default_checkpoints(app: str, shipped: str | os.PathLike | None = None) -> list[Path]:
+    """Where an app looks for its model when none is named, in order: ``runs/<app>/pretrained`` under the working
+    directory, the same under the repository root, then the checkpoint shipped in the package (if any)."""
+    found = [pretrained_dir(app).resolve(), (REPO_ROOT / pretrained_dir(app)).resolve()]
+    if shipped is not None:
+        found.append(Path(shipped))
+    return list(dict.fromkeys(found))

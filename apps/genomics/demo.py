@@ -19,6 +19,7 @@ import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure registry
 
 from apps.common.demo import cap_text, find_checkpoint, gr, launch
+from apps.common.paths import REPO_ROOT, default_checkpoints, run_dir
 from apps.genomics.predict import (
     SequenceDict,
     generate_dna,
@@ -33,9 +34,9 @@ from apps.genomics.predict import (
 __all__ = ["build_demo", "analyse", "classify", "variant_table", "continuation", "read_upload", "find_lm",
            "find_classifiers", "main"]
 
-ROOT = Path(__file__).resolve().parents[2]
-LM_CANDIDATES = [ROOT / "runs" / "genomics" / "pretrained", ROOT / "apps" / "genomics" / "assets" / "dna_small"]
-CLASSIFIER_CANDIDATES = [ROOT / "runs" / "genomics" / f"{task}_classifier" for task in ("splice", "genus")]
+SHIPPED = Path(__file__).resolve().parent / "assets" / "dna_small"
+LM_CANDIDATES = default_checkpoints("genomics", shipped=SHIPPED)
+CLASSIFIER_CANDIDATES = [REPO_ROOT / run_dir("genomics") / f"{task}_classifier" for task in ("splice", "genus")]
 HOW_TO_TRAIN = "Train one with `python -m apps.genomics.train` (or pass --ckpt DIR)."
 MAX_CHARS = 60_000  # pasted/uploaded FASTA text
 MAX_BASES = 20_000  # bases scored per request
@@ -49,7 +50,7 @@ EXAMPLE_VARIANTS = "ecoli_thrL_region 30 A G\necoli_thrL_region 120 G T\n"
 
 def find_lm(ckpt: str | None = None) -> Path:
     """The language-model checkpoint to serve, or FileNotFoundError naming where it looked."""
-    return find_checkpoint([ckpt, *LM_CANDIDATES] if ckpt else LM_CANDIDATES, HOW_TO_TRAIN)
+    return find_checkpoint(LM_CANDIDATES, HOW_TO_TRAIN, ckpt)
 
 
 def find_classifiers(candidates: list[Path] | None = None) -> dict[str, object]:

@@ -21,15 +21,14 @@ import torch
 
 from apps.common import transformer_like
 from apps.common.baselines import count_parameters
+from apps.text.evaluate import corpus_bits_per_byte, window_bits_per_byte
+from apps.text.train import main as train_main
 from ssm_core import MambaConfig
-
-from .model import corpus_bits_per_byte, window_bits_per_byte
-from .train import main as train_main
 
 
 def run(name: str, config: MambaConfig, minutes: float, out: Path, extra: list[str]) -> dict:
     args = ["fit", f"--trainer.max_time=00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
-            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+            f"--trainer.default_root_dir={out / name}", f"--trainer.logger.init_args.save_dir={out}",
             f"--trainer.logger.init_args.name={name}", f"--model.config={json.dumps(config.to_dict())}", *extra]
     t0 = time.perf_counter()
     cli = train_main(args)

@@ -1,4 +1,4 @@
-"""Bytes as tokens: any files (text or binary; invalid UTF-8 is just bytes), split into train/valid/test by
+"""Bytes as tokens: any files (text or binary; invalid UTF-8 is just bytes), split into train/val/test by
 file, read lazily (memory-mapped) so corpora larger than RAM (PG19, enwik8) work.
 
 Vocabulary: ids 0-255 are the bytes; with ``specials=True`` each document is framed as BOS bytes EOS
@@ -19,11 +19,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from apps.common.paths import SAMPLES, repo_path
+
 __all__ = ["BOS", "EOS", "PAD", "SAMPLE_DIR", "Doc", "ByteCorpus", "ByteDataModule", "encode", "enwik8_splits",
            "list_files", "pg19_splits", "split_files", "vocab_size"]
 
 BOS, EOS, PAD = 256, 257, 258
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "datasets" / "samples" / "python_docs"
+SAMPLE_DIR = SAMPLES / "python_docs"
 IGNORE = -100
 
 
@@ -85,7 +87,7 @@ def _file_key(f: Path) -> int:
 def split_files(files: list[Path], valid_fraction: float = 0.1, test_fraction: float = 0.1
                 ) -> tuple[list[Path], list[Path], list[Path]]:
     """Deterministic split by file: files ordered by a hash of their path; the first ones are test, the next
-    valid, the rest train (each held-out split gets at least one file). Needs at least 3 files."""
+    val, the rest train (each held-out split gets at least one file). Needs at least 3 files."""
     if len(files) < 3:
         raise ValueError(f"split by file needs at least 3 files, got {len(files)}: {[str(f) for f in files]}")
     order = sorted(files, key=_file_key)
@@ -101,7 +103,7 @@ def pg19_splits(root: str | Path) -> dict[str, list[Doc]]:
     """PG19's layout: ``root/{train,validation,test}/*.txt``, one book per file."""
     root = Path(root)
     out = {}
-    for split, folder in (("train", "train"), ("valid", "validation"), ("test", "test")):
+    for split, folder in (("train", "train"), ("val", "validation"), ("test", "test")):
         d = root / folder
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: missing; PG19 has train/, validation/ and test/ folders of .txt books")
@@ -110,7 +112,7 @@ def pg19_splits(root: str | Path) -> dict[str, list[Doc]]:
 
 
 def enwik8_splits(path: str | Path, n_valid: int = 5_000_000, n_test: int = 5_000_000) -> dict[str, list[Doc]]:
-    """enwik8's standard split: the first 90M bytes train, the next 5M valid, the last 5M test."""
+    """enwik8's standard split: the first 90M bytes train, the next 5M val, the last 5M test."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (enwik8 is one 100,000,000-byte file)")
@@ -118,7 +120,7 @@ def enwik8_splits(path: str | Path, n_valid: int = 5_000_000, n_test: int = 5_00
     if size <= n_valid + n_test:
         raise ValueError(f"{path}: {size} bytes is not more than valid+test ({n_valid + n_test})")
     a, b = size - n_valid - n_test, size - n_test
-    return {"train": [Doc(path, 0, a)], "valid": [Doc(path, a, b)], "test": [Doc(path, b, size)]}
+    return {"train": [Doc(path, 0, a)], "val": [Doc(path, a, b)], "test": [Doc(path, b, size)]}
 
 
 class ByteCorpus:
@@ -241,7 +243,7 @@ class ByteDataModule(pl.LightningDataModule):
                  val_tokens: int | None = 200_000, tbptt: bool = False, num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self.paths = paths or [str(SAMPLE_DIR)]
+        self.paths = [str(repo_path(p)) for p in paths] if paths else [str(SAMPLE_DIR)]
         self.splits: dict[str, list[Doc]] = {}
 
     def split_docs(self) -> dict[str, list[Doc]]:
@@ -250,7 +252,7 @@ class ByteDataModule(pl.LightningDataModule):
             if hp.layout == "files":
                 train, valid, test = split_files(list_files(self.paths, hp.pattern), hp.valid_fraction,
                                                  hp.test_fraction)
-                self.splits = {"train": [Doc(f) for f in train], "valid": [Doc(f) for f in valid],
+                self.splits = {"train": [Doc(f) for f in train], "val": [Doc(f) for f in valid],
                                "test": [Doc(f) for f in test]}
             elif hp.layout == "pg19":
                 self.splits = pg19_splits(self.paths[0])
@@ -274,7 +276,7 @@ class ByteDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return DataLoader(Consecutive(self.corpus("valid"), hp.seq_len, hp.val_tokens), batch_size=hp.batch_size)
+        return DataLoader(Consecutive(self.corpus("val"), hp.seq_len, hp.val_tokens), batch_size=hp.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from apps.common.demo import cap_text, find_checkpoint, gr, launch, message_demo
+from apps.common.paths import default_checkpoints
+from apps.text.data import BOS
+from apps.text.generate import Utf8Stream, byte_surprisal, load_cartridge, load_model, save_cartridge, stream_bytes
 from ssm_core import ModelState
 
-from .data import BOS
-from .generate import Utf8Stream, byte_surprisal, load_cartridge, load_model, save_cartridge, stream_bytes
+__all__ = ["TextDemo", "build_demo", "main"]
 
-__all__ = ["TextDemo", "build_demo", "default_checkpoints", "main"]
-
-REPO = Path(__file__).resolve().parents[2]
 MAX_PROMPT_CHARS = 20_000  # prefill cost grows linearly; keeps a CPU request to a few seconds
 MAX_NEW_BYTES = 2_000
 HOW_TO_TRAIN = "Train one with `python -m apps.text.train` (about 4 minutes on CPU) or pass `--ckpt DIR`."
@@ -32,16 +30,6 @@ HOW_TO_TRAIN = "Train one with `python -m apps.text.train` (about 4 minutes on C
 BUCKETS = [(1.0, "< 1 bit"), (2.5, "1-2.5 bits"), (4.0, "2.5-4 bits"), (6.0, "4-6 bits"), (math.inf, "> 6 bits")]
 COLORS = {"< 1 bit": "#d9f2d9", "1-2.5 bits": "#fff3b0", "2.5-4 bits": "#ffd59e", "4-6 bits": "#ffab91",
           "> 6 bits": "#ef6f6c"}
-
-
-def default_checkpoints() -> list[Path]:
-    """$HISS_TEXT_CKPT, then the newest export of python -m apps.text.train / apps.text.compare."""
-    env = os.environ.get("HISS_TEXT_CKPT")
-    found = sorted((p for pattern in ("runs/text/mamba/version_*/pretrained",
-                                      "runs/text_compare/mamba/version_*/pretrained")
-                    for p in REPO.glob(pattern) if (p / "config.json").is_file()),
-                   key=lambda p: (p / "config.json").stat().st_mtime, reverse=True)
-    return ([Path(env)] if env else []) + found
 
 
 def bucket(bits: float) -> str | None:
@@ -130,7 +118,7 @@ class TextDemo:
 def build_demo(ckpt: str | Path | None = None) -> gr.Blocks:
     """The text demo; with no usable checkpoint, a page that says how to make one."""
     try:
-        path = find_checkpoint([ckpt] if ckpt else default_checkpoints() or [REPO / "runs/text"], HOW_TO_TRAIN)
+        path = find_checkpoint(default_checkpoints("text"), HOW_TO_TRAIN, ckpt)
         app = TextDemo(path)
     except (FileNotFoundError, ValueError) as e:
         return message_demo("Byte-level text (MambaByte)", f"**No text model available.** {e}")

@@ -1,6 +1,6 @@
 """Exact bits/byte of a byte-level checkpoint on files:
 
-    python -m apps.text.evaluate --ckpt runs/text/mamba/version_0/pretrained --files a.txt docs/ ...
+    python -m apps.text.evaluate --ckpt runs/text/pretrained --files a.txt docs/ ...
 
 Each file is one document read whole, in ``--chunk-len`` pieces with the state carried across
 (apps.common.sequence_nll): exact for any length, memory of one piece. Folders are read recursively.
@@ -12,13 +12,86 @@ import argparse
 import math
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
-from .data import BOS, Doc, list_files
-from .generate import load_model
-from .model import corpus_bits_per_byte
+from apps.common import HeldOutEvaluation, sequence_nll
+from apps.text.data import BOS, ByteCorpus, Consecutive, Doc, list_files
+from apps.text.generate import load_model
 
-__all__ = ["evaluate_files", "main"]
+__all__ = ["evaluate_files", "corpus_bits_per_byte", "window_bits_per_byte", "HeldOutBitsPerByte", "main"]
+
+LN2 = math.log(2)
+
+
+@torch.no_grad()
+def corpus_bits_per_byte(model, docs: list[Doc], specials: bool, chunk_len: int = 8192,
+                         max_bytes: int | None = None) -> tuple[float, int]:
+    """Exact bits per byte over whole documents, each read in ``chunk_len`` pieces with the state carried
+    (apps.common.sequence_nll). With specials, BOS is context and every byte is scored (EOS too is
+    scored and counted); without, a document's first byte is context only. Returns (bits/byte, tokens scored).
+    ``max_bytes`` stops after that many scored tokens (a prefix of the split, for quick reports)."""
+    corpus = ByteCorpus(docs, specials)
+    vocab = 259 if specials else 256
+    total, n = 0.0, 0
+    for i in range(len(docs)):
+        tokens = corpus.doc_tokens(i)
+        if max_bytes is not None:
+            tokens = tokens[: max_bytes - n + 1]
+        if len(tokens) < 2:
+            continue
+        nll = sequence_nll(model, tokens, chunk_len=chunk_len, vocab_size=vocab)
+        total, n = total + float(nll.double().sum()), n + nll.numel()
+        if max_bytes is not None and n >= max_bytes:
+            break
+    if n == 0:
+        raise ValueError("corpus_bits_per_byte: nothing to score (empty documents)")
+    return total / n / LN2, n
+
+
+@torch.no_grad()
+def window_bits_per_byte(model, corpus: ByteCorpus, seq_len: int, n_scored: int, batch: int = 8) -> float:
+    """Bits per byte over non-overlapping ``seq_len`` windows of the stream, each window read from scratch
+    (the protocol a fixed-context Transformer is scored with)."""
+    was_training = model.training
+    model.eval()
+    ds = Consecutive(corpus, seq_len)
+    total, n = 0.0, 0
+    for s in range(0, len(ds), batch):
+        items = [ds[i] for i in range(s, min(s + batch, len(ds)))]
+        x = torch.stack([it["input_ids"] for it in items])
+        y = torch.stack([it["labels"] for it in items])
+        logits = model(x).logits[..., :n_scored].float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
+        n += int((y != -100).sum())
+    model.train(was_training)
+    return total / n / LN2
+
+
+class HeldOutBitsPerByte(HeldOutEvaluation):
+    """When fitting ends: exact bits/byte of the test split (whole files, state carried across chunks).
+    ``max_bytes`` bounds the time it takes. A model with attention layers is scored on windows of the training
+    length instead (its cache grows with the file and it was never trained beyond one window)."""
+
+    def __init__(self, split: str = "test", max_bytes: int | None = 300_000, chunk_len: int = 8192):
+        super().__init__(split)
+        self.max_bytes, self.chunk_len = max_bytes, chunk_len
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        dm = trainer.datamodule
+        docs = dm.split_docs()[self.split]
+        if pl_module.model.config.attn_layer_idx:
+            corpus = ByteCorpus(docs, dm.hparams.specials)
+            bpb = window_bits_per_byte(pl_module.model, corpus, dm.hparams.seq_len, pl_module.n_scored)
+            n, how = len(corpus) - 1, f"windows of {dm.hparams.seq_len}"
+        else:
+            bpb, n = corpus_bits_per_byte(pl_module.model, docs, dm.hparams.specials, self.chunk_len, self.max_bytes)
+            how = "whole files, state carried"
+        return {"metric": "bits/byte", "value": bpb, "tokens": n, "protocol": f"{n:,} bytes, {how}",
+                "files": [str(d.path) for d in docs]}
+
+
 
 
 def evaluate_files(ckpt: str | Path, files: list[str | Path], pattern: str = "*", chunk_len: int = 8192,

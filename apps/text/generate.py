@@ -1,6 +1,6 @@
 """Streaming byte generation, UTF-8 safe, with state cartridges and optional speculative decoding.
 
-    python -m apps.text.generate --ckpt runs/text/mamba/version_0/pretrained --prompt "The tutorial" \
+    python -m apps.text.generate --ckpt runs/text/pretrained --prompt "The tutorial" \
         --max-bytes 300 --temperature 0.8 --top-p 0.95
     python -m apps.text.generate --ckpt DIR --prompt-file book.txt --save-state book.state   # prefill once
     python -m apps.text.generate --ckpt DIR --state book.state --prompt "\n\nChapter 2"     # continue later
@@ -21,15 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from apps.common.evaluate import sequence_nll
+from apps.common import load_model as common_load_model
+from apps.common import prefill, sequence_nll
+from apps.text.data import BOS, EOS, encode
+from apps.text.model import TextLMModule
 from ssm_core import MambaLMHeadModel, ModelState, load_state, save_state
+from ssm_core.models.speculative import SpecStats
 
-from .data import BOS, EOS, encode
-from .speculative import SpecStats, speculative_stream
-
-__all__ = ["Utf8Stream", "load_model", "prefill", "save_cartridge", "load_cartridge", "stream_bytes", "stream_text",
+__all__ = ["Utf8Stream", "load_model", "save_cartridge", "load_cartridge", "stream_bytes", "stream_text",
            "byte_surprisal"]
 
 
@@ -49,23 +49,9 @@ class Utf8Stream:
 
 
 def load_model(ckpt: str | Path) -> MambaLMHeadModel:
-    """Any checkpoint ssm_core reads (hiss save_pretrained, mamba_ssm e.g. MambaByte, HF), in eval mode."""
-    model = MambaLMHeadModel.from_pretrained(ckpt)
-    if not 256 <= model.config.vocab_size <= 259:
-        raise ValueError(f"{ckpt}: vocab_size {model.config.vocab_size}: not a byte-level model (256 bytes, "
-                         "plus up to 3 special ids)")
-    return model.eval()
-
-
-@torch.inference_mode()
-def prefill(model, tokens: Tensor, state: ModelState | None = None, chunk_len: int = 8192) -> ModelState:
-    """Read tokens (L,) into the state, ``chunk_len`` at a time (memory: one chunk's activations)."""
-    ids = tokens.reshape(1, -1)
-    if state is None and ids.shape[1] == 0:
-        raise ValueError("prefill: nothing to read")
-    for s in range(0, ids.shape[1], chunk_len):
-        state = model(ids[:, s : s + chunk_len], state=state, return_state=True, num_last_tokens=1).state
-    return state
+    """Any byte-level checkpoint: hiss save_pretrained, mamba_ssm (e.g. MambaByte), HF, or a Lightning .ckpt of
+    TextLMModule; in eval mode. A model of another vocabulary is refused by name."""
+    return common_load_model(ckpt, lightning_module=TextLMModule, vocab_range=(256, 259), what="byte-level model")
 
 
 def save_cartridge(path: str | Path, model, document: bytes | str, bos: bool = False, chunk_len: int = 8192
@@ -94,14 +80,9 @@ def stream_bytes(model, prompt: bytes | str, max_new_bytes: int = 200, temperatu
                                                              "character to continue from)" if state else ""))
     vocab = min(model.config.vocab_size, 259)
     eos = EOS if stop_at_eos and vocab > EOS else None
-    if draft is not None:
-        it = speculative_stream(model, draft, ids, max_new_bytes, k=k, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed, state=state, vocab_size=vocab, eos_token_id=eos,
-                                stats=stats)
-    else:
-        it = model.stream(ids, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          state=state, vocab_size=vocab, eos_token_id=eos)
-    for tok in it:
+    spec = {"draft": draft, "k": k, "stats": stats} if draft is not None else {}
+    for tok in model.stream(ids, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                            state=state, vocab_size=vocab, eos_token_id=eos, **spec):
         t = int(tok[0])
         if t == EOS and eos is not None:
             return

@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from apps.common.cli import cli_main
-
-from .data import ByteDataModule
-from .model import TextLMModule
+from apps.text.data import ByteDataModule
+from apps.text.model import TextLMModule
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 

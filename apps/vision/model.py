@@ -31,7 +31,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -42,7 +41,8 @@ from ssm_core import BiMambaV2, Block, RMSNorm
 
 __all__ = [
     "VisionMamba", "VimBlock", "PatchEmbed", "POOLS", "checkpoint_filter_fn", "read_checkpoint", "load_hustvl",
-    "resample_pos_embed", "save_vision_model", "load_vision_model", "CheckpointError",
+    "resample_pos_embed", "save_vision_model", "load_vision_model", "read_any", "load_weights_into",
+    "CheckpointError", "infer_vim_variant",
     "vim_tiny_patch16_224", "vim_small_patch16_224", "vim_base_patch16_224",
     "vim_tiny_patch16_stride8_224", "vim_small_patch16_stride8_224", "vim_base_patch16_stride8_224",
 ]
@@ -358,7 +358,6 @@ def save_vision_model(model: nn.Module, path: str | Path, model_name: str, model
     """Write ``path/config.json`` and ``path/model.safetensors``; ``load_vision_model`` rebuilds the model with
     ``timm.create_model(model_name, **model_kwargs)`` (any timm model: Vim or the DeiT baseline)."""
     from safetensors.torch import save_file
-
     from timm.data import resolve_data_config
 
     path = Path(path)
@@ -376,12 +375,10 @@ def save_vision_model(model: nn.Module, path: str | Path, model_name: str, model
     return path
 
 
-def load_vision_model(path: str | Path, num_classes: int | None = None, **overrides) -> tuple[nn.Module, dict]:
-    """(model in eval mode, config dict) from a ``save_vision_model`` folder, a hustvl ``.pth`` (the Vim variant
-    is inferred from its shapes), or a Lightning ``.ckpt`` of apps.vision.train. ``num_classes`` different from
-    the checkpoint's gives a fresh head (fine-tuning); ``overrides`` go to timm.create_model (img_size=...)."""
-    import timm
-
+def read_any(path: str | Path, use_ema: bool = False) -> tuple[dict[str, Tensor], dict]:
+    """(state dict, config) of a ``save_vision_model`` folder, a Lightning ``.ckpt`` of apps.vision.train, or a
+    hustvl ``.pth`` / safetensors state dict in its layout (the Vim variant inferred from the shapes). config:
+    {"model", "model_kwargs" (with num_classes), "class_names", "data_config"}."""
     path = Path(path)
     if path.is_dir():
         cfg_file = path / CONFIG_NAME
@@ -390,48 +387,76 @@ def load_vision_model(path: str | Path, num_classes: int | None = None, **overri
                                     "apps.vision (save_vision_model)")
         try:
             cfg = json.loads(cfg_file.read_text())
-            name, kwargs = cfg["model"], dict(cfg["model_kwargs"])
-        except (json.JSONDecodeError, KeyError) as e:
+            cfg["model"], cfg["model_kwargs"] = str(cfg["model"]), dict(cfg["model_kwargs"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{cfg_file}: unreadable config ({e})") from None
-        sd = read_checkpoint(path / WEIGHTS_NAME)
-    elif path.suffix == ".ckpt":
+        return read_checkpoint(path / WEIGHTS_NAME), cfg
+    if path.suffix == ".ckpt":
         ckpt = _read_lightning(path)
         hp = ckpt.get("hyper_parameters", {})
         if "model_name" not in hp:
             raise CheckpointError(f"{path}: not a Lightning checkpoint of apps.vision.train (no model_name)")
-        name, kwargs = hp["model_name"], dict(hp.get("model_kwargs") or {}, num_classes=hp["num_classes"])
-        sd = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        cfg = {"model": name, "model_kwargs": kwargs, "class_names": hp.get("class_names"), "data_config": None}
-    else:  # a hustvl .pth (or safetensors state dict in its layout)
-        sd = read_checkpoint(path, use_ema=overrides.pop("use_ema", False))
-        name, kwargs = infer_vim_variant(sd, path)
-        cfg = {"model": name, "model_kwargs": kwargs, "class_names": None, "data_config": None}
-    src_classes = kwargs.get("num_classes")
-    kwargs.update(overrides)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    model = timm.create_model(name, **kwargs)
+        kwargs = dict(hp.get("model_kwargs") or {}, num_classes=hp["num_classes"])
+        sd = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        return sd, {"model": hp["model_name"], "model_kwargs": kwargs, "class_names": hp.get("class_names"),
+                    "data_config": None}
+    sd = read_checkpoint(path, use_ema=use_ema)
+    name, kwargs = infer_vim_variant(sd, path)
+    return sd, {"model": name, "model_kwargs": kwargs, "class_names": None, "data_config": None}
+
+
+def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source_kwargs: dict, path: str | Path,
+                      source_name: str | None = None) -> bool:
+    """Load ``sd`` (from ``read_any``) into ``model``: Vim position embeddings resampled to the model's grid,
+    the head left fresh when its shape differs. Returns whether the head was replaced; anything else that does
+    not fit is a CheckpointError naming ``path``."""
+    import timm
+
     if isinstance(model, VisionMamba):
         old_grid = None
-        if "img_size" in overrides or "stride" in overrides or "patch_size" in overrides:
-            src = timm.create_model(name, **{k: v for k, v in cfg["model_kwargs"].items() if k != "num_classes"},
-                                    num_classes=0) if path.is_dir() or path.suffix == ".ckpt" else None
-            old_grid = src.patch_embed.grid_size if src is not None else None
+        if source_name is not None and "pos_embed" in sd:
+            with torch.device("meta"):
+                src = timm.create_model(source_name, **dict(source_kwargs, num_classes=0))
+            old_grid = src.patch_embed.grid_size
         try:
             sd = checkpoint_filter_fn(sd, model, old_grid)
         except CheckpointError as e:
             raise CheckpointError(f"checkpoint {path}: {e}") from None
-    elif num_classes is not None and num_classes != src_classes:
-        sd = {k: v for k, v in sd.items() if not k.startswith(model.default_cfg.get("classifier", "head"))}
+    else:
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        own = model.state_dict()
+        sd = {k: v for k, v in sd.items() if not (k in own and own[k].shape != v.shape and head is not None
+                                                   and k.startswith(model.pretrained_cfg.get("classifier", "head")))}
+    own = model.state_dict()
+    wrong = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: shapes differ from the model for {wrong[:6]}")
     result = model.load_state_dict(sd, strict=False)
-    bad = [k for k in result.missing_keys if not k.startswith("head.")] + list(result.unexpected_keys)
+    head_prefix = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    bad = [k for k in result.missing_keys if not k.startswith(head_prefix + ".")] + list(result.unexpected_keys)
     if bad:
-        raise CheckpointError(f"checkpoint {path} does not fit {name}({kwargs}): keys {bad[:8]}")
-    if num_classes is None and kwargs.get("num_classes") not in (None, 0) and result.missing_keys:
+        raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: keys {bad[:8]}")
+    return bool(result.missing_keys)
+
+
+def load_vision_model(path: str | Path, num_classes: int | None = None, use_ema: bool = False,
+                      **overrides) -> tuple[nn.Module, dict]:
+    """(model in eval mode, config) from anything ``read_any`` reads. ``num_classes`` different from the
+    checkpoint's gives a fresh head (fine-tuning); ``overrides`` go to timm.create_model (img_size=, ...)."""
+    import timm
+
+    sd, cfg = read_any(path, use_ema=use_ema)
+    name, src_kwargs = cfg["model"], dict(cfg["model_kwargs"])
+    kwargs = dict(src_kwargs, **overrides)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = timm.create_model(name, **kwargs)
+    replaced = load_weights_into(model, sd, src_kwargs, path, name)
+    if replaced and num_classes is None:
         raise CheckpointError(f"checkpoint {path} has no classifier head for {name}")
-    cfg["model_kwargs"] = kwargs
-    if num_classes is not None and num_classes != src_classes:
+    if replaced:
         cfg["class_names"] = None
+    cfg["model_kwargs"] = kwargs
     return model.eval(), cfg
 
 

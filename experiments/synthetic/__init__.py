@@ -1,7 +1,7 @@
 """The Mamba paper's synthetic tasks on CPU (Gu & Dao 2023, section 4.1): selective copying (Table 1) and
 induction heads with length extrapolation (Table 2).
 
-    python -m experiments.synthetic train --task induction --model mamba   # -> experiments/synthetic/checkpoints/induction_mamba
+    python -m experiments.synthetic train --task induction --model mamba   # -> checkpoints/induction_mamba here
     python -m experiments.synthetic eval  --task induction --model mamba   # accuracy at 2^6 ... 2^20
     python -m experiments.synthetic report                                  # markdown tables + docs/img plots
 

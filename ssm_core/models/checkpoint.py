@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..io import atomic_write
+from ..io import CorruptFileError, atomic_write, read_safetensors
 from .config import MambaConfig
 
 __all__ = ["save_pretrained", "load_pretrained", "load_weights", "config_from_hf"]
@@ -30,8 +30,12 @@ def save_pretrained(model, save_directory: str | os.PathLike) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(model.config.to_json()))
+
+    def write(tmp: str) -> None:  # both files are written in full before either replaces the old one, so a
+        save_file(state, tmp, metadata={"format": "pt"})  # save killed midway leaves the old pair intact
+        atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(model.config.to_json()))
+
+    atomic_write(out / WEIGHTS_NAME, write)
 
 
 def _json_float(v) -> float:
@@ -91,24 +95,54 @@ def _read_config(directory: Path) -> tuple[MambaConfig, str]:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    if "model_type" in raw:
-        return config_from_hf(raw), "hf"
-    return MambaConfig.from_dict(raw), "native"
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(f"{path}: not a text file (byte {e.start} is not UTF-8): corrupt?") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of config fields, got a JSON {type(raw).__name__}")
+    try:
+        if "model_type" in raw:
+            return config_from_hf(raw), "hf"
+        return MambaConfig.from_dict(raw), "native"
+    except (ValueError, TypeError, KeyError) as e:  # name the file: "MambaConfig: ..." alone does not say which
+        msg = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path}: {msg}") from e
 
 
 def load_weights(directory: Path) -> dict[str, Tensor]:
-    """model.safetensors, sharded safetensors (model.safetensors.index.json) or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
+    """model.safetensors, sharded safetensors (model.safetensors.index.json) or pytorch_model.bin.
+    A corrupt or truncated file is a CorruptFileError (a ValueError) naming it."""
     if (directory / WEIGHTS_NAME).is_file():
-        return load_file(directory / WEIGHTS_NAME)
+        return read_safetensors(directory / WEIGHTS_NAME, kind="checkpoint")
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptFileError(f"{index}: not a valid shard index (expected JSON with a \"weight_map\" of "
+                                   f"tensor name -> shard file): {type(e).__name__}: {e}") from e
+        return {k: v for shard in shards for k, v in read_safetensors(directory / shard, kind="checkpoint").items()}
     if (directory / "pytorch_model.bin").is_file():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _torch_load(directory / "pytorch_model.bin")
     raise FileNotFoundError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _torch_load(path: Path) -> dict[str, Tensor]:
+    """torch.load with weights_only=True (never runs pickled code), its failures named and explained."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused something that is not plain tensors
+        lines = [ln.strip() for ln in str(e).splitlines() if "unsupported" in ln.lower() or "Unpickler error" in ln]
+        why = f" ({lines[0]})" if lines else ""
+        raise ValueError(f"{path}: refused to load: it holds more than plain tensors and containers, and hiss "
+                         f"never runs pickled code{why}") from e
+    except (PermissionError, IsADirectoryError):
+        raise
+    except (RuntimeError, EOFError, OSError) as e:  # a truncated zip: bad central directory, mmap EINVAL
+        raise CorruptFileError(f"{path}: cannot read this PyTorch checkpoint ({path.stat().st_size:,} bytes): it is "
+                               f"corrupt or truncated [{str(e).strip().splitlines()[0] if str(e).strip() else ''}]; "
+                               "replace it with a good copy") from e
 
 
 def _hf_to_native(weights: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -139,8 +173,8 @@ def load_pretrained(directory: str | os.PathLike, device=None, dtype=None, stric
                          f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
     for name, t in weights.items():
         if name in expected and model.state_dict()[name].shape != t.shape:
-            raise ValueError(f"{directory}: {name} has shape {tuple(t.shape)}, "
-                             f"config expects {tuple(model.state_dict()[name].shape)}")
+            raise ValueError(f"{directory}: the weights do not match config.json: {name} has shape "
+                             f"{tuple(t.shape)}, the config expects {tuple(model.state_dict()[name].shape)}")
     model.load_state_dict(weights, strict=False)
     model.tie_weights()
     if dtype is not None:

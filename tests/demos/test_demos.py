@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def markdown_text(blocks: gr.Blocks) -> str:
 
 
 def test_no_checkpoint_gives_a_clear_page(tmp_path, monkeypatch):
-    monkeypatch.setattr(text_demo, "default_checkpoints", lambda: [])
+    monkeypatch.setattr(text_demo, "default_checkpoints", lambda *a, **k: [])
     for ckpt in (None, tmp_path / "missing"):
         page = markdown_text(build_demo(ckpt))
         assert "No text model available" in page and "python -m apps.text.train" in page
@@ -100,3 +101,34 @@ def test_launcher_cli_rejects_ckpt_with_all():
 
     with pytest.raises(SystemExit):
         main(["all", "--ckpt", "x"])
+
+
+def layout_nodes(node):
+    yield node
+    for child in node.get("children", []):
+        yield from layout_nodes(child)
+
+
+def component_kinds(cfg: dict, root: dict) -> Counter:
+    """How many components of each type are drawn under ``root`` of a Blocks config (root itself excluded)."""
+    kinds = {c["id"]: c["type"] for c in cfg["components"]}
+    return Counter(kinds[n["id"]] for n in layout_nodes(root) if n is not root and n["id"] in kinds)
+
+
+def test_launcher_draws_each_app_once_in_its_own_tab(ckpt):
+    """Gradio 6 draws a Blocks built inside an open Blocks where it is built; the launcher used to render it
+    again, so every app appeared twice and the first copy's buttons filled the second copy."""
+    app = demos.build_all({"text": str(ckpt)})
+    cfg = app.get_config_file()
+    drawn = Counter(n["id"] for n in layout_nodes(cfg["layout"]))
+    assert max(drawn.values()) == 1, "a component is drawn more than once"
+    elem_ids = Counter(c["props"].get("elem_id") for c in cfg["components"] if c["props"].get("elem_id"))
+    assert elem_ids["text-prompt"] == 1 and elem_ids["text-generate"] == 1
+    comps = {c["id"]: c for c in cfg["components"]}
+    tabs = {comps[n["id"]]["props"]["label"]: n for n in layout_nodes(cfg["layout"])
+            if comps.get(n["id"], {}).get("type") == "tabitem"}
+    for name, (_, title) in demos.APPS.items():
+        alone = demos.build(name, str(ckpt) if name == "text" else None).get_config_file()
+        want = component_kinds(alone, alone["layout"])
+        assert want and component_kinds(cfg, tabs[title]) == want, f"tab {title!r} is not one copy of its app"
+        assert sum(1 for d in cfg["dependencies"] if d["id"] is not None) >= len(alone["dependencies"])

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from apps.common import CausalLMModule, ExportPretrained, sequence_nll, transformer_like
 from apps.common.baselines import count_parameters
 from apps.common.cli import cli_main
-from apps.common.lm import param_groups, warmup_cosine
+from apps.common.optim import param_groups, warmup_cosine
 from ssm_core import MambaConfig, MambaLMHeadModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,7 +1,7 @@
 """Plain vs speculative byte generation, side by side in one process:
 
-    python -m apps.text.bench_speculative --target runs/text/mamba/version_0/pretrained \
-        --draft runs/text/draft/version_0/pretrained --k 2 4 6 --bytes 256 --repeats 5
+    python -m benchmarks.speculative --target runs/text/pretrained --draft runs/text_draft/pretrained
+        --k 2 4 6 --bytes 256 --repeats 5
 
 For each prompt (slices of the held-out sample files) and repeat, the same seed is generated plainly and
 speculatively, interleaved so load changes on a shared machine hit both alike; medians are reported.
@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ssm_core import MambaConfig, MambaLMHeadModel
-
-from .data import SAMPLE_DIR, list_files, split_files
-from .generate import load_model, stream_bytes
-from .speculative import SpecStats
+from apps.text.data import SAMPLE_DIR, list_files, split_files
+from apps.text.generate import load_model, stream_bytes
+from ssm_core import MambaConfig, MambaLMHeadModel, SpecStats
 
 __all__ = ["main", "time_costs", "predicted_speedup"]
 
