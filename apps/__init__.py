@@ -1,2 +1,2 @@
-"""hiss domain apps: genomics, audio, vision, text. Each app: data.py, model.py/heads.py, train.py, demo.py,
-configs/. Shared Lightning and demo glue lives in apps.common; SSM maths lives in ssm_core."""
+"""hiss domain apps on ssm_core, each with the same rooms (data, model, train, evaluate, generate/predict, demo,
+configs) on the shared kit in apps.common. The floor plan and how to add a domain: docs/apps.md."""

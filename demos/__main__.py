@@ -1,4 +1,4 @@
-"""python -m demos [genomics|text|all] [--port N] [--ckpt DIR]: serve one app's demo or all of them as tabs."""
+"""python -m demos [genomics|text|all] [--port N] [--ckpt DIR] [--debug]: serve one app's demo or all of them as tabs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from apps.common.demo import launch
+from apps.common.errors import run_cli
 
 from . import APPS, build, build_all
 
@@ -25,4 +26,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

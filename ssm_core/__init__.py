@@ -15,7 +15,7 @@ from .models import (
     chunked_lm_loss,
     speculative_stream,
 )
-from .modules import MHA, BiMambaV2, Bidirectional, Block, GatedMLP, Mamba, Mamba2
+from .modules import MHA, Bidirectional, BiMambaV2, Block, GatedMLP, Mamba, Mamba2
 from .ops import (
     RMSNorm,
     RMSNormGated,

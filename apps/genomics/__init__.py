@@ -1,2 +1,7 @@
-"""hiss genomics: DNA language models on ssm_core. data.py (tokenizer, FASTA/BED/GenBank readers, the
-LightningDataModule), model.py (DNALM), train.py / evaluate.py (command lines), configs/ (YAML)."""
+"""hiss genomics: DNA language models and classifiers on ssm_core.
+
+data.py (HyenaDNA tokenizer, pyfaidx FASTA, BED splits, GenBank, DNADataModule), tasks.py (labelled TSV sets for
+fine-tuning), model.py (DNALM, DNAModel: BiMamba / RC-equivariant / Transformer backbones with heads, DNAClassifier,
+MaskedLMModule), train.py (causal LM), finetune.py (classification, masked-LM pretraining), evaluate.py (exact
+bits/base), predict.py (likelihoods, variant scores, embeddings, generation), demo.py (Gradio), configs/ (YAML).
+"""

@@ -113,26 +113,29 @@ class Mamba(nn.Module):
         (batch, d_inner) in a decode step, differentiable (a penalty on it trains dt_proj and the bias);
         u: the scan input (after the conv and SiLU), same shape, the module's dtype; Δ·u·B is what a token
         writes into the state. The hook may return a tensor of delta's shape that replaces Δ (later hooks
-        see the replacement), or None. While any hook is registered, Δ is computed here and handed to the
-        scan as is (``delta_softplus=False``, no bias), equal to the scan's own up to rounding; with none the
-        forward is unchanged. Returns a handle whose ``remove()`` unregisters the hook.
+        see the replacement), or None. When a hook replaces Δ, the scan takes the final Δ as is
+        (``delta_softplus=False``, no bias); when none does, the scan computes Δ itself as without hooks, so
+        hooks that only observe leave the forward bit-identical (the Δ they see equals the scan's up to
+        rounding). Returns a handle whose ``remove()`` unregisters the hook.
         """
         handle = RemovableHandle(self._delta_hooks)
         self._delta_hooks[handle.id] = hook
         return handle
 
-    def _hooked_delta(self, dt: Tensor, u: Tensor) -> Tensor:
-        """dt (pre-bias): (batch, d_inner[, L]) -> Δ after every delta hook has seen (and maybe replaced) it."""
+    def _run_delta_hooks(self, dt: Tensor, u: Tensor) -> Tensor | None:
+        """dt (pre-bias): (batch, d_inner[, L]) -> the Δ that replaces the scan's own after every delta hook has
+        seen it, or None when no hook replaced it."""
         bias = self._dt_bias()
         delta = F.softplus(fp32(dt) + (bias[:, None] if dt.dim() == 3 else bias))
+        replaced = None
         for hook in list(self._delta_hooks.values()):
-            replaced = hook(self, delta, u)
-            if replaced is not None:
-                if replaced.shape != delta.shape:
+            result = hook(self, delta, u)
+            if result is not None:
+                if result.shape != delta.shape:
                     raise ValueError(f"Mamba delta hook: a replacement Δ must have shape {tuple(delta.shape)}, "
-                                     f"got {tuple(replaced.shape)}")
-                delta = replaced
-        return delta
+                                     f"got {tuple(result.shape)}")
+                delta = replaced = result
+        return replaced
 
     def empty_state(self, batch: int, device=None, dtype=None) -> SSMState:
         device = device or self.A_log.device
@@ -163,8 +166,8 @@ class Mamba(nn.Module):
         )
         dt, B, C = self._dt_B_C(x.transpose(1, 2))
         dt, dt_bias = dt.transpose(1, 2), self._dt_bias()
-        if self._delta_hooks:  # Δ explicit, so hooks can see and replace it; the scan then takes it as is
-            dt, dt_bias = self._hooked_delta(dt, x), None
+        if self._delta_hooks and (delta := self._run_delta_hooks(dt, x)) is not None:
+            dt, dt_bias = delta, None  # a hook replaced Δ: the scan takes it as is
         y, ssm_state = selective_scan(
             x, dt, A, B.transpose(1, 2), C.transpose(1, 2), fp32(self.D), z.transpose(1, 2),
             delta_bias=dt_bias, delta_softplus=dt_bias is not None,
@@ -190,8 +193,8 @@ class Mamba(nn.Module):
                                               "silu", inplace=False)
         dt, B, C = self._dt_B_C(xc)
         dt_bias = self._dt_bias()
-        if self._delta_hooks:
-            dt, dt_bias = self._hooked_delta(dt, xc), None
+        if self._delta_hooks and (delta := self._run_delta_hooks(dt, xc)) is not None:
+            dt, dt_bias = delta, None
         y, ssm = selective_state_update(
             state.ssm, xc, dt, A, B, C, fp32(self.D), z, dt_bias=dt_bias,
             dt_softplus=dt_bias is not None, inplace=False,

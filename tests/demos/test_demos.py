@@ -127,8 +127,10 @@ def test_launcher_draws_each_app_once_in_its_own_tab(ckpt):
     comps = {c["id"]: c for c in cfg["components"]}
     tabs = {comps[n["id"]]["props"]["label"]: n for n in layout_nodes(cfg["layout"])
             if comps.get(n["id"], {}).get("type") == "tabitem"}
+    events = 0
     for name, (_, title) in demos.APPS.items():
         alone = demos.build(name, str(ckpt) if name == "text" else None).get_config_file()
         want = component_kinds(alone, alone["layout"])
         assert want and component_kinds(cfg, tabs[title]) == want, f"tab {title!r} is not one copy of its app"
-        assert sum(1 for d in cfg["dependencies"] if d["id"] is not None) >= len(alone["dependencies"])
+        events += len(alone["dependencies"])
+    assert len(cfg["dependencies"]) == events  # every app's event handlers, once
