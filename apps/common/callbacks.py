@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytorch_lightning as pl
 
 from ssm_core import atomic_write
 
-__all__ = ["ExportPretrained", "CPUTimeBudget", "HeldOutEvaluation", "log_dir"]
+__all__ = ["ExportPretrained", "CPUTimeBudget", "HeldOutEvaluation", "RemoveEmptyRunOnFailure", "log_dir"]
 
 
 def log_dir(trainer: pl.Trainer) -> Path:
@@ -105,3 +106,21 @@ class HeldOutEvaluation(pl.Callback):
         detail = result.get("protocol", "")
         print(f"held-out {result['metric']} ({self.split}{', ' + detail if detail else ''}): "
               f"{result['value']:.4f}  -> {out}")
+
+
+class RemoveEmptyRunOnFailure(pl.Callback):
+    """A run that fails before it wrote anything worth keeping (no checkpoint, no metrics) leaves no empty
+    ``version_N`` folder behind (only Lightning's config.yaml / hparams.yaml would be in it). cli_main adds it to
+    every app's trainer. Single-process runs only: under DDP the folder name is a collective."""
+
+    KEEP = ("checkpoints", "metrics.csv", "heldout.json", "events.out.tfevents")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.world_size != 1 or trainer.logger is None:
+            return
+        folder = Path(trainer.logger.log_dir) if getattr(trainer.logger, "log_dir", None) else None
+        if folder is None or not folder.is_dir():
+            return
+        if any(f.name.startswith(self.KEEP) for f in folder.iterdir()):
+            return
+        shutil.rmtree(folder, ignore_errors=True)

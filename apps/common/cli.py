@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pytorch_lightning.cli import LightningCLI
 
+from .callbacks import RemoveEmptyRunOnFailure
+
 __all__ = ["cli_main"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -24,6 +26,9 @@ def cli_main(model_class, datamodule_class, default_config: str | Path, args: li
         argv = ["fit", *argv]
     defaults = {"default_config_files": [str(default_config)]}
     cli_kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    trainer_defaults = dict(cli_kwargs.pop("trainer_defaults", None) or {})
+    trainer_defaults.setdefault("callbacks", []).append(RemoveEmptyRunOnFailure())  # appended to the config's
+    cli_kwargs["trainer_defaults"] = trainer_defaults
     cli_kwargs.setdefault("seed_everything_default", 0)
     parser_kwargs = {sub: dict(defaults) for sub in SUBCOMMANDS}
     if args is not None:

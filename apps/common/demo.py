@@ -12,7 +12,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-__all__ = ["HOST", "launch", "cap_text", "find_checkpoint", "message_demo", "gr"]
+__all__ = ["HOST", "launch", "cap_text", "checked_seed", "utf8", "find_checkpoint", "message_demo", "gr"]
 
 HOST = "127.0.0.1"
 
@@ -30,6 +30,27 @@ def cap_text(text: str, max_chars: int, what: str = "input") -> str:
     if len(text) > max_chars:
         raise gr.Error(f"{what} is {len(text):,} characters; this demo takes at most {max_chars:,}")
     return text
+
+
+def checked_seed(seed) -> int | None:
+    """A seed from a number box: empty -> None (random); else an integer torch accepts (0 <= seed < 2**63)."""
+    if seed is None or (isinstance(seed, float) and seed != seed):
+        return None
+    if isinstance(seed, float) and not seed.is_integer():
+        raise gr.Error(f"the seed must be a whole number, got {seed}")
+    if not 0 <= seed < 2**63:
+        raise gr.Error(f"the seed must be between 0 and 2**63 - 1, got {seed:g}")
+    return int(seed)
+
+
+def utf8(text: str, what: str = "the text") -> bytes:
+    """``text`` as UTF-8, or a message naming where it cannot be (a lone surrogate pasted from a broken source)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        raise gr.Error(f"{what} has a character that is not valid Unicode (an unpaired surrogate, U+{code:04X}) at "
+                       f"position {e.start}; remove it") from None
 
 
 def find_checkpoint(candidates: list[str | Path], how_to_make: str, ckpt: str | Path | None = None) -> Path:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure registry
 
-from apps.common.demo import cap_text, find_checkpoint, gr, launch
+from apps.common.demo import cap_text, checked_seed, find_checkpoint, gr, launch
+from apps.common.errors import run_cli
 from apps.common.paths import REPO_ROOT, default_checkpoints, run_dir
 from apps.genomics.predict import (
     SequenceDict,
@@ -42,6 +43,7 @@ MAX_CHARS = 60_000  # pasted/uploaded FASTA text
 MAX_BASES = 20_000  # bases scored per request
 MAX_VARIANTS = 50
 MAX_NEW = 2_000
+AMBIGUITY_CODES = "RYKMSWBDHV"  # read as N by the tokenizer
 EXAMPLE = (">ecoli_thrL_region\nAGCTTTTCATTCTGACTGCAACGGGCAATATGTCTCTGTGTGGATTAAAAAAAGAGTGTCTGATAGCAGCTTCTGAACTGGTTACC"
            "TGCCGTGAGTAAATTAAAATTTTATTGACTTAGGTCACTAAATACTTTAACCAATATAGGCATAGCGCACAGACAGATAAAAATTACAGAGTACACAA"
            "CATCCATGAAACGCATTAGCACCACCATTACCACCACCATCACCATTACCACAGGTAACGGTGCGGGCTGACGCGTACAGGAAACACAGAAAAAAG\n")
@@ -65,13 +67,22 @@ def find_classifiers(candidates: list[Path] | None = None) -> dict[str, object]:
 
 
 def read_upload(path: str | None) -> str:
-    """Text of an uploaded FASTA (plain or .gz), capped."""
+    """Text of an uploaded FASTA (plain or .gz), capped; a binary or corrupt file is refused by name."""
     if not path:
         return ""
     p = Path(path)
-    opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt", errors="replace") as f:
-        text = f.read(MAX_CHARS + 1)
+    try:
+        with (gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")) as f:
+            raw = f.read(MAX_CHARS + 1)
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated .gz ends in EOFError
+        raise gr.Error(f"{p.name}: cannot read it ({e}); upload a FASTA file, plain or .gz") from None
+    bad = next((i for i, b in enumerate(raw[:65536]) if b == 0 or (b < 32 and b not in (9, 10, 13))), None)
+    if bad is not None:
+        raise gr.Error(f"{p.name}: not a text FASTA file (binary byte 0x{raw[bad]:02x} at offset {bad})")
+    try:
+        text = raw.decode("utf-8") if len(raw) <= MAX_CHARS else raw[:MAX_CHARS + 1].decode("utf-8", "ignore")
+    except UnicodeDecodeError as e:
+        raise gr.Error(f"{p.name}: not a text FASTA file (invalid UTF-8 at byte {e.start})") from None
     return cap_text(text, MAX_CHARS, f"uploaded file {p.name}")
 
 
@@ -86,6 +97,11 @@ def _records(text: str) -> dict[str, str]:
     total = sum(len(s) for s in recs.values())
     if total > MAX_BASES:
         raise gr.Error(f"{total:,} bases in total; this demo scores at most {MAX_BASES:,}")
+    for name, seq in recs.items():
+        ambiguous = sum(seq.count(c) for c in AMBIGUITY_CODES)
+        if ambiguous > 0.25 * len(seq):  # IUPAC codes are rare in real DNA; protein letters are mostly codes
+            raise gr.Error(f"record {name!r}: {ambiguous:,} of its {len(seq):,} letters are IUPAC ambiguity codes "
+                           f"({AMBIGUITY_CODES}); this looks like a protein or another alphabet, not DNA")
     return recs
 
 
@@ -191,7 +207,7 @@ def continuation(model, text: str, n: int = 200, temperature: float = 1.0, seed:
     n = int(n)
     if not 1 <= n <= MAX_NEW:
         raise gr.Error(f"number of bases must be 1..{MAX_NEW}")
-    new = generate_dna(model, prompt, n, temperature=float(temperature), seed=int(seed))
+    new = generate_dna(model, prompt, n, temperature=float(temperature), seed=checked_seed(seed))
     body = prompt + new.lower()
     return f">{name}_continued n={n} T={temperature} seed={seed}\n" + "\n".join(
         body[i: i + 80] for i in range(0, len(body), 80))
@@ -212,7 +228,8 @@ def build_demo(ckpt: str | None = None) -> gr.Blocks:
     with gr.Blocks(title="hiss DNA") as demo:
         gr.Markdown("## hiss DNA: surprisal, classification, variant effects, generation\n" + status)
         with gr.Row():
-            text = gr.Textbox(value=EXAMPLE, lines=8, label=f"FASTA (paste; up to {MAX_BASES:,} bases)")
+            text = gr.Textbox(value=EXAMPLE, lines=8, label=f"FASTA (paste; up to {MAX_BASES:,} bases)",
+                              max_length=MAX_CHARS)
             upload = gr.File(label="or upload .fa / .fa.gz", type="filepath")
         upload.change(read_upload, upload, text)
         with gr.Tab("Surprisal"):
@@ -220,14 +237,16 @@ def build_demo(ckpt: str | None = None) -> gr.Blocks:
             plot = gr.Plot(label="per-base surprisal and GC content")
             summary = gr.Markdown()
             classes = gr.Markdown()
-            go.click(lambda t: analyse(lm, t), text, [plot, summary])
-            go.click(lambda t: classify(classifiers, t), text, classes)
+            go.click(lambda: (None, "", ""), None, [plot, summary, classes], queue=False).then(
+                lambda t: analyse(lm, t), text, [plot, summary]).then(
+                lambda t: classify(classifiers, t), text, classes)
         with gr.Tab("Variant effects"):
             vtext = gr.Textbox(value=EXAMPLE_VARIANTS, lines=4, label="variants: record pos ref alt (1-based)")
             vgo = gr.Button("Score variants", variant="primary")
             table = gr.Dataframe(headers=["record", "pos", "ref", "alt", "LLR (nats)", "verdict"],
                                  label="log P(alt) - log P(ref)")
-            vgo.click(lambda t, v: variant_table(lm, t, v), [text, vtext], table)
+            vgo.click(lambda: None, None, table, queue=False).then(
+                lambda t, v: variant_table(lm, t, v), [text, vtext], table)
         with gr.Tab("Continue"):
             with gr.Row():
                 n = gr.Slider(10, MAX_NEW, value=200, step=10, label="new bases")
@@ -235,7 +254,8 @@ def build_demo(ckpt: str | None = None) -> gr.Blocks:
                 seed = gr.Number(value=0, precision=0, label="seed")
             cgo = gr.Button("Generate", variant="primary")
             out = gr.Textbox(lines=8, label="continuation (new bases in lower case)")
-            cgo.click(lambda t, k, tt, s: continuation(lm, t, k, tt, s), [text, n, temp, seed], out)
+            cgo.click(lambda: "", None, out, queue=False).then(
+                lambda t, k, tt, s: continuation(lm, t, k, tt, s), [text, n, temp, seed], out)
     return demo
 
 
@@ -249,4 +269,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

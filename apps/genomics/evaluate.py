@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from apps.common import HeldOutEvaluation, sequence_nll
 from apps.common import load_model as common_load_model
+from apps.common.errors import run_cli
 from apps.genomics.data import A_ID, T_ID, VOCAB_SIZE, FastaReader, Interval, holdout_intervals, read_bed
 from apps.genomics.model import DNALM
 
@@ -111,4 +112,4 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

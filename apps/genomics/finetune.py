@@ -24,6 +24,7 @@ import torch
 
 from apps.common import CPUTimeBudget
 from apps.common.cli import cli_main
+from apps.common.errors import run_cli
 from apps.genomics.data import DNADataModule
 from apps.genomics.model import DNAClassifier, MaskedLMModule
 from apps.genomics.tasks import LabelledDNADataModule
@@ -83,4 +84,4 @@ def main(args: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from apps.common import load_model as common_load_model
 from apps.common import pool, sequence_nll
+from apps.common.errors import run_cli
 from apps.genomics.data import A_ID, MASK_ID, T_ID, VOCAB_SIZE, decode, encode
 from apps.genomics.model import DNAModel
 from ssm_core import MambaLMHeadModel, atomic_write
@@ -371,4 +372,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

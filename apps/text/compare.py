@@ -21,6 +21,7 @@ import torch
 
 from apps.common import transformer_like
 from apps.common.baselines import count_parameters
+from apps.common.errors import run_cli
 from apps.text.evaluate import corpus_bits_per_byte, window_bits_per_byte
 from apps.text.train import main as train_main
 from ssm_core import MambaConfig
@@ -64,4 +65,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from apps.common.demo import cap_text, find_checkpoint, gr, launch, message_demo
+from apps.common.demo import cap_text, checked_seed, find_checkpoint, gr, launch, message_demo, utf8
+from apps.common.errors import run_cli
 from apps.common.paths import default_checkpoints
 from apps.text.data import BOS
 from apps.text.generate import Utf8Stream, byte_surprisal, load_cartridge, load_model, save_cartridge, stream_bytes
@@ -71,8 +72,9 @@ class TextDemo:
         if not prompt:
             raise gr.Error("type a prompt" + (" (at least one character continues the cartridge)" if cartridge
                                               else ""))
+        utf8(prompt, "the prompt")
         max_bytes = max(1, min(int(max_bytes), MAX_NEW_BYTES))
-        seed = None if seed is None or (isinstance(seed, float) and math.isnan(seed)) else int(seed)
+        seed = checked_seed(seed)
         dec, text, new = Utf8Stream(), "", bytearray()
         t0 = last = time.perf_counter()
         for t in stream_bytes(self.model, prompt, max_bytes, temperature=float(temperature), top_k=int(top_k),
@@ -103,14 +105,17 @@ class TextDemo:
         return str(path), f"saved the state after {state.seqlen_offset:,} tokens ({path.stat().st_size:,} bytes)"
 
     def load(self, file) -> tuple[ModelState | None, str]:
-        """Read an uploaded cartridge; a cartridge of another model is refused with the reason."""
+        """Read an uploaded cartridge. One that cannot be used (corrupt, another model's) is refused with the
+        reason, and the previously loaded cartridge is dropped: generation never silently uses a stale one."""
         if file is None:
             return None, "no cartridge: generation starts from the prompt alone"
         path = getattr(file, "name", file)
         try:
             state = load_cartridge(path, self.model)
-        except (ValueError, OSError) as e:
-            raise gr.Error(f"cannot use this cartridge: {e}") from e
+        except (ValueError, OSError, KeyError) as e:
+            message = f"cannot use this cartridge ({Path(path).name}): {e}"
+            gr.Warning(message)
+            return None, f"**{message}** Generation starts from the prompt alone."
         return state, (f"cartridge loaded: the next prompt continues a {state.seqlen_offset:,}-token context "
                        "(type at least one character)")
 
@@ -152,10 +157,14 @@ def build_demo(ckpt: str | Path | None = None) -> gr.Blocks:
                                      combine_adjacent=True, show_legend=True, elem_id="text-surprisal")
 
         def on_generate(p, n, t, k, tp, s, use, state):
+            if use and state is None:
+                raise gr.Error("'Continue from the uploaded cartridge' is ticked but no usable cartridge is loaded")
             yield from app.generate(p, n, t, k, tp, s, state if use else None)
 
-        run.click(on_generate, [prompt, max_bytes, temperature, top_k, top_p, seed, use_cart, cart],
-                  [output, colours, status])
+        # clear the last result first: after an error nothing stale stays on screen
+        shown = [output, colours, status]
+        run.click(lambda: ("", [], ""), None, shown, queue=False).then(
+            on_generate, [prompt, max_bytes, temperature, top_k, top_p, seed, use_cart, cart], shown)
         save_btn.click(app.save, [prompt], [cart_file, status])
         cart_file.upload(app.load, [cart_file], [cart, status])
     return demo
@@ -174,4 +183,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from apps.common import HeldOutEvaluation, sequence_nll
+from apps.common.errors import run_cli
 from apps.text.data import BOS, ByteCorpus, Consecutive, Doc, list_files
 from apps.text.generate import load_model
 
@@ -132,4 +133,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,6 +24,7 @@ import torch
 
 from apps.common import load_model as common_load_model
 from apps.common import prefill, sequence_nll
+from apps.common.errors import run_cli
 from apps.text.data import BOS, EOS, encode
 from apps.text.model import TextLMModule
 from ssm_core import MambaLMHeadModel, ModelState, load_state, save_state
@@ -133,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     model = load_model(a.ckpt)
     bos = model.config.vocab_size > BOS
+    # surrogateescape: a --prompt with invalid UTF-8 bytes (decoded by Python with surrogateescape) is those bytes
     prompt = a.prompt_file.read_bytes() if a.prompt_file else a.prompt.replace("\\n", "\n").replace(
-        "\\t", "\t").encode()
+        "\\t", "\t").encode("utf-8", "surrogateescape")
     if a.save_state:
         state = save_cartridge(a.save_state, model, prompt, bos=bos)
         print(f"{a.save_state}: state after {state.seqlen_offset:,} bytes ({state.nbytes:,} bytes on disk)")
@@ -156,4 +158,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from apps.common.cli import cli_main
+from apps.common.errors import run_cli
 from apps.text.data import ByteDataModule
 from apps.text.model import TextLMModule
 
@@ -23,4 +24,4 @@ def main(args: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 
 import pytest
@@ -134,3 +135,21 @@ def test_launcher_draws_each_app_once_in_its_own_tab(ckpt):
         assert want and component_kinds(cfg, tabs[title]) == want, f"tab {title!r} is not one copy of its app"
         events += len(alone["dependencies"])
     assert len(cfg["dependencies"]) == events  # every app's event handlers, once
+
+
+def test_launcher_cli_says_one_line_when_the_port_is_taken(tmp_path):
+    """python -m demos goes through apps.common.errors.run_cli: an OSError is one line and status 2."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "demos", "text", "--port", str(port), "--ckpt", str(tmp_path),
+                            "--threads", "1"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "HISS_DEBUG": ""})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: Cannot find empty port in range: {port}-{port}")
+    assert "Traceback" not in r.stderr
