@@ -30,7 +30,7 @@ __all__ = ["FastStepper", "fast_supported", "fast_unavailable_reason", "load_ext
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).parent / "csrc" / "unet_step.cpp"
-_CFLAGS = ["-O3", "-std=c++17"]
+_CFLAGS = ["-O3", "-std=c++17", "-ffast-math", "-fopenmp-simd"]
 _lock = threading.Lock()
 _ext = None
 _reason: str | None = None

@@ -23,16 +23,19 @@ std::vector<float> vec(const torch::Tensor& t) {
 
 struct Linear {
   int in = 0, out = 0;
-  std::vector<float> W, b;
+  std::vector<float> Wt, b;  // Wt: (in, out), the transposed weight: the inner loop runs over outputs (SIMD)
   Linear() = default;
-  Linear(const torch::Tensor& w, const torch::Tensor& bias) : in(w.size(1)), out(w.size(0)), W(vec(w)), b(vec(bias)) {}
+  Linear(const torch::Tensor& w, const torch::Tensor& bias)
+      : in(w.size(1)), out(w.size(0)), Wt(vec(w.t())), b(vec(bias)) {}
   // y[o] = b[o] + sum_i W[o, i] x[i]
-  void apply(const float* x, float* y) const {
-    for (int o = 0; o < out; ++o) {
-      const float* w = W.data() + static_cast<size_t>(o) * in;
-      float acc = 0.f;
-      for (int i = 0; i < in; ++i) acc += w[i] * x[i];
-      y[o] = acc + (b.empty() ? 0.f : b[o]);
+  void apply(const float* __restrict x, float* __restrict y) const {
+    if (b.empty()) std::fill(y, y + out, 0.f);
+    else std::copy(b.begin(), b.end(), y);
+    const float* w = Wt.data();
+    for (int i = 0; i < in; ++i, w += out) {
+      const float xi = x[i];
+#pragma omp simd
+      for (int o = 0; o < out; ++o) y[o] += w[o] * xi;
     }
   }
 };
@@ -101,12 +104,14 @@ struct Block {
     for (int c = 0; c < Di; ++c) {
       const float d = softplus(dt[c]);
       const float dx = d * xc[c];
-      const float* a = A.data() + static_cast<size_t>(c) * N;
-      float* st = ss + static_cast<size_t>(c) * N;
+      const float* __restrict a = A.data() + static_cast<size_t>(c) * N;
+      float* __restrict st = ss + static_cast<size_t>(c) * N;
       float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
       for (int n = 0; n < N; ++n) {
-        st[n] = std::exp(d * a[n]) * st[n] + dx * B[n];
-        acc += st[n] * C[n];
+        const float v = std::exp(d * a[n]) * st[n] + dx * B[n];
+        st[n] = v;
+        acc += v * C[n];
       }
       y[c] = (acc + Dskip[c] * xc[c]) * silu(z[c]);
     }
