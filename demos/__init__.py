@@ -18,6 +18,7 @@ __all__ = ["APPS", "build", "build_all"]
 APPS: dict[str, tuple[str, str]] = {
     "genomics": ("apps.genomics.demo", "DNA (genomics)"),
     "text": ("apps.text.demo", "Byte-level text"),
+    "audio": ("apps.audio.demo", "Audio (waveform U-Net)"),
 }
 
 

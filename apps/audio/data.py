@@ -373,7 +373,7 @@ class AudioDataModule(pl.LightningDataModule):
     def data_root(self) -> Path:
         hp = self.hparams
         if hp.root:
-            return Path(hp.root)
+            return Path(hp.root).expanduser()
         if hp.source == "digits":
             return default_data_root() / "digits"
         raise ValueError("AudioDataModule: source='sc09' needs root (the folder holding zero/ ... nine/)")
@@ -388,7 +388,12 @@ class AudioDataModule(pl.LightningDataModule):
         if self._splits is None:
             hp = self.hparams
             if hp.source == "folder":
-                self._splits = folder_splits(hp.paths, hp.valid_frac, hp.test_frac)
+                paths = [Path(p).expanduser() for p in hp.paths]
+                missing = [str(p) for p in paths if not p.exists()]
+                if missing:
+                    raise FileNotFoundError(f"no such file or folder: {', '.join(missing)} (audio recipes: python "
+                                            "datasets/recipes/audio.py codec2|czech|gradio --out DIR)")
+                self._splits = folder_splits(paths, hp.valid_frac, hp.test_frac)
             else:
                 self._splits = speech_commands_splits(self.data_root())
         return self._splits

@@ -23,7 +23,7 @@ from apps.common.callbacks import ExportPretrained
 from apps.common.classify import ClassifierModule
 from apps.common.optim import adamw_warmup_cosine, attached_trainer, warmup_cosine
 
-from .model import load_weights_into, read_any, save_vision_model
+from .model import apply_data_config, load_weights_into, read_any, save_vision_model
 
 __all__ = ["VisionClassifier", "ExportVisionModel"]
 
@@ -44,11 +44,11 @@ class VisionClassifier(ClassifierModule):
         super().__init__(net, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                          min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, pass_lengths=False)
         self.save_hyperparameters()
-        self.data_config = resolve_data_config({}, model=net)
         self.class_names = list(class_names) if class_names else None
         self.head_replaced = None
         if init_from:
             sd, cfg = read_any(init_from, use_ema=init_use_ema)
+            apply_data_config(net, cfg.get("data_config"))  # keep the checkpoint's normalisation
             self.head_replaced = load_weights_into(net, sd, cfg["model_kwargs"], init_from, cfg["model"])
             if not self.head_replaced and cfg.get("class_names") and not self.class_names:
                 self.class_names = cfg["class_names"]
@@ -62,8 +62,19 @@ class VisionClassifier(ClassifierModule):
                                  f"{list(names)[:10]}: fine-tune with a new head (apps.vision.finetune)")
             self.class_names = list(names)
 
+    @property
+    def data_config(self) -> dict:
+        """The network's timm data config (the data module reads its defaults from here)."""
+        return resolve_data_config({}, model=self.model)
+
+    def trained_data_config(self) -> dict:
+        """What the data module actually fed the network (explicit data.* options included)."""
+        dm = getattr(attached_trainer(self), "datamodule", None)
+        return dict(getattr(dm, "cfg", None) or self.data_config)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hyper_parameters"]["class_names"] = self.class_names
+        checkpoint["hyper_parameters"]["data_config"] = self.trained_data_config()
 
     def configure_optimizers(self):
         o = dict(self.optim)
@@ -102,5 +113,6 @@ class ExportVisionModel(ExportPretrained):
         if trainer.is_global_zero and not trainer.sanity_checking:
             hp = pl_module.hparams
             save_vision_model(pl_module.model, out, hp.model_name, dict(hp.model_kwargs or {}),
-                              pl_module.class_names, extra={"trained_steps": trainer.global_step})
+                              pl_module.class_names, extra={"trained_steps": trainer.global_step},
+                              data_config=pl_module.trained_data_config())
             print(f"model written to {Path(out)}")

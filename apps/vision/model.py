@@ -42,7 +42,7 @@ from ssm_core import BiMambaV2, Block, RMSNorm
 __all__ = [
     "VisionMamba", "VimBlock", "PatchEmbed", "POOLS", "checkpoint_filter_fn", "read_checkpoint", "load_hustvl",
     "resample_pos_embed", "save_vision_model", "load_vision_model", "read_any", "load_weights_into",
-    "CheckpointError", "infer_vim_variant",
+    "CheckpointError", "infer_vim_variant", "apply_data_config",
     "vim_tiny_patch16_224", "vim_small_patch16_224", "vim_base_patch16_224",
     "vim_tiny_patch16_stride8_224", "vim_small_patch16_stride8_224", "vim_base_patch16_stride8_224",
 ]
@@ -354,9 +354,12 @@ def load_hustvl(path: str | Path, model: VisionMamba, use_ema: bool = False, old
 # --- our own exported format: config.json (timm name + kwargs + class names + data config) + safetensors ----------
 
 def save_vision_model(model: nn.Module, path: str | Path, model_name: str, model_kwargs: dict,
-                      class_names: list[str] | None = None, extra: dict | None = None) -> Path:
+                      class_names: list[str] | None = None, extra: dict | None = None,
+                      data_config: dict | None = None) -> Path:
     """Write ``path/config.json`` and ``path/model.safetensors``; ``load_vision_model`` rebuilds the model with
-    ``timm.create_model(model_name, **model_kwargs)`` (any timm model: Vim or the DeiT baseline)."""
+    ``timm.create_model(model_name, **model_kwargs)`` (any timm model: Vim or the DeiT baseline). data_config:
+    the preprocessing the model was trained with (input size, mean / std, crop, interpolation); default the
+    model's timm data config."""
     from safetensors.torch import save_file
     from timm.data import resolve_data_config
 
@@ -365,7 +368,7 @@ def save_vision_model(model: nn.Module, path: str | Path, model_name: str, model
     num_classes = getattr(model, "num_classes", None)
     if class_names is not None and num_classes is not None and len(class_names) != num_classes:
         raise ValueError(f"save_vision_model: {len(class_names)} class names for a {num_classes}-class model")
-    data_cfg = resolve_data_config({}, model=model)
+    data_cfg = dict(resolve_data_config({}, model=model), **(data_config or {}))
     cfg = {"model": model_name, "model_kwargs": dict(model_kwargs, num_classes=num_classes),
            "class_names": class_names, "data_config": {k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in data_cfg.items()}, **(extra or {})}
@@ -399,7 +402,7 @@ def read_any(path: str | Path, use_ema: bool = False) -> tuple[dict[str, Tensor]
         kwargs = dict(hp.get("model_kwargs") or {}, num_classes=hp["num_classes"])
         sd = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         return sd, {"model": hp["model_name"], "model_kwargs": kwargs, "class_names": hp.get("class_names"),
-                    "data_config": None}
+                    "data_config": hp.get("data_config")}
     sd = read_checkpoint(path, use_ema=use_ema)
     name, kwargs = infer_vim_variant(sd, path)
     return sd, {"model": name, "model_kwargs": kwargs, "class_names": None, "data_config": None}
@@ -451,6 +454,7 @@ def load_vision_model(path: str | Path, num_classes: int | None = None, use_ema:
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     model = timm.create_model(name, **kwargs)
+    apply_data_config(model, cfg.get("data_config"))
     replaced = load_weights_into(model, sd, src_kwargs, path, name)
     if replaced and num_classes is None:
         raise CheckpointError(f"checkpoint {path} has no classifier head for {name}")
@@ -458,6 +462,23 @@ def load_vision_model(path: str | Path, num_classes: int | None = None, use_ema:
         cfg["class_names"] = None
     cfg["model_kwargs"] = kwargs
     return model.eval(), cfg
+
+
+def apply_data_config(model: nn.Module, data_config: dict | None) -> None:
+    """Make ``timm.data.resolve_data_config(model=model)`` return the preprocessing a checkpoint was trained with
+    (its mean / std / crop / interpolation; the input size stays the model's own)."""
+    if not data_config:
+        return
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode"):
+        if data_config.get(k) is not None:
+            cfg[k] = tuple(data_config[k]) if k in ("mean", "std") else data_config[k]
+    c = getattr(model, "in_chans", None) or cfg.get("input_size", (3,))[0]
+    if len(cfg.get("mean", ())) != c:  # a grey checkpoint's statistics for an RGB model or the reverse
+        return
+    if "input_size" not in cfg and data_config.get("input_size"):
+        cfg["input_size"] = tuple(data_config["input_size"])
+    model.pretrained_cfg = model.default_cfg = cfg
 
 
 def _read_lightning(path: Path) -> dict:

@@ -64,9 +64,27 @@ def test_cartridge_round_trip_in_the_demo(ckpt, tmp_path):
     assert a == b
     other = tmp_path / "other"
     MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=256)).save_pretrained(other)
-    with pytest.raises(gr.Error, match="different model"):
-        TextDemo(other).load(path)
+    state, msg = TextDemo(other).load(path)  # refused with the reason, and no cartridge stays loaded
+    assert state is None and "different model" in msg
     assert app.load(None)[0] is None
+
+
+def test_garbage_cartridge_upload_says_why_and_drops_the_old_one(ckpt, tmp_path):
+    app = TextDemo(ckpt)
+    junk = tmp_path / "junk.state"
+    junk.write_bytes(b"\x00\x01 not a safetensors file" * 10)
+    state, msg = app.load(str(junk))
+    assert state is None and "cannot use this cartridge (junk.state)" in msg
+
+
+@pytest.mark.parametrize("seed, prompt, message", [
+    (1e30, "hi", "seed must be between 0 and 2\\*\\*63 - 1"),
+    (1.5, "hi", "whole number"),
+    (0, "a\ud800b", "unpaired surrogate, U\\+D800\\) at position 1"),
+])
+def test_demo_refuses_bad_seeds_and_lone_surrogates_with_a_message(ckpt, seed, prompt, message):
+    with pytest.raises(gr.Error, match=message):
+        list(TextDemo(ckpt).generate(prompt, 5, seed=seed))
 
 
 def test_highlight_groups_multibyte_characters():

@@ -4,10 +4,10 @@
 import pytest
 import torch
 
+from apps.common import HeadConfig
 from apps.common.demo import gr
 from apps.genomics import demo
 from apps.genomics.data import VOCAB_SIZE
-from apps.common import HeadConfig
 from apps.genomics.model import DNAModel, backbone_config
 from apps.genomics.predict import load_model
 from ssm_core import MambaConfig, MambaLMHeadModel
@@ -103,3 +103,29 @@ def test_read_upload(tmp_path):
     with gzip.open(p, "wt") as f:
         f.write(FASTA)
     assert demo.read_upload(str(p)) == FASTA and demo.read_upload(None) == ""
+
+
+def test_a_mistyped_ckpt_is_an_error_not_the_default_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        demo.find_lm(str(tmp_path / "typo"))
+
+
+@pytest.mark.parametrize("content, name, message", [
+    (bytes(range(256)) * 4, "random.bin", "not a text FASTA file \\(binary byte 0x00 at offset 0\\)"),
+    (b"\x1f\x8b\x08\x00garbage", "reads.fa.gz", "reads.fa.gz: cannot read it"),
+    (b">p\n\xff\xfeACGT\n", "latin.fa", "invalid UTF-8 at byte 3"),
+])
+def test_bad_uploads_are_named(tmp_path, content, name, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(gr.Error, match=message):
+        demo.read_upload(str(path))
+
+
+def test_protein_letters_are_not_scored_as_dna(lm):
+    protein = ">insulin\nMALWMRLLPLLALLALWGPDPAAAFVNQHLCGSHLVEALYLVCGERGFFYTPKTRREAEDLQVGQ\n"
+    letters = ">iupac\n" + "RYKMSWBDHV" * 5 + "\n"
+    with pytest.raises(gr.Error, match="IUPAC ambiguity codes"):
+        demo.analyse(lm, letters)
+    with pytest.raises(gr.Error):  # E, F, I, L, P, Q are not nucleotide letters at all
+        demo.analyse(lm, protein)
