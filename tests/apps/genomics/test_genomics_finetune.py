@@ -10,8 +10,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from apps.genomics.data import A_ID, PAD_ID, VOCAB_SIZE, decode, encode
 from apps.common import CPUTimeBudget
+from apps.genomics.data import A_ID, PAD_ID, VOCAB_SIZE, decode, encode
 from apps.genomics.finetune import main, report
 from apps.genomics.model import DNAClassifier, DNAModel, MaskedLMModule
 from apps.genomics.tasks import GENUS_SAMPLE, SPLICE_SAMPLE, LabelledDNADataModule, collate, read_labelled_tsv

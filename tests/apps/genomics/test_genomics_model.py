@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from apps.common import HeadConfig
 from apps.common.baselines import count_parameters
 from apps.genomics.data import A_ID, MASK_ID, N_ID, PAD_ID, T_ID, VOCAB_SIZE, decode, encode
-from apps.common import HeadConfig
 from apps.genomics.model import (
     DNAModel,
     backbone_config,
