@@ -19,6 +19,7 @@ APPS: dict[str, tuple[str, str]] = {
     "genomics": ("apps.genomics.demo", "DNA (genomics)"),
     "text": ("apps.text.demo", "Byte-level text"),
     "audio": ("apps.audio.demo", "Audio (waveform U-Net)"),
+    "vision": ("apps.vision.demo", "Vision (Vim)"),
 }
 
 

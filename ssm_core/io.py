@@ -3,16 +3,63 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+STALE_TEMP_AGE_S = 60.0  # a dead writer's temp file is removed once it has not changed for this long
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only the existence check
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    except OverflowError:  # not a PID this system could have
+        return False
+    return True
+
+
+def remove_stale_temp_files(path: str | os.PathLike, min_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Delete the temp files an ``atomic_write`` to ``path`` left behind when its process was killed (``kill -9``,
+    a power cut): ``.NAME.PID.HEX.tmp`` beside ``path`` whose PID is no longer running here and which have not
+    changed for ``min_age_s`` seconds (a writer on another machine sharing the folder, whose PID means nothing
+    here, is still writing to its file). A live process's temp file is never touched. Returns what was removed.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{32}}\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < min_age_s:
+                continue
+            os.remove(entry.path)
+        except OSError:  # gone already (another process cleaning up), or not ours to remove
+            continue
+        removed.append(Path(entry.path))
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Write through a temp file in the same directory, then rename: a failed write leaves the old
     file intact. The temp file is created by ``write`` itself (not mkstemp, whose 0600 mode would
-    survive the rename), so the result gets the usual umask permissions."""
+    survive the rename), so the result gets the usual umask permissions. It is named
+    ``.NAME.PID.HEX.tmp``; a failed write removes it, a killed one cannot, so each write first removes
+    the temp files of earlier writes to the same target whose process is dead (``remove_stale_temp_files``)."""
     path = Path(path)
+    remove_stale_temp_files(path)
     tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)

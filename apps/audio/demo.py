@@ -153,10 +153,10 @@ def build_demo(ckpt: str | Path | None = None) -> gr.Blocks:
                 player = gr.Audio(label="Result", type="filepath", interactive=False, elem_id="audio-output")
                 plot = gr.Plot(label="Waveform and spectrogram", elem_id="audio-plot")
 
-        def on_generate(d, s, t, p, sd, progress=gr.Progress()):
+        def on_generate(d, s, t, p, sd, progress=gr.Progress()):  # noqa: B008 - how Gradio injects progress
             return app.generate(d, s, t, p, sd, progress)
 
-        def on_continue(a, s, d, t, p, sd, progress=gr.Progress()):
+        def on_continue(a, s, d, t, p, sd, progress=gr.Progress()):  # noqa: B008
             return app.continue_clip(a, s, d, t, p, sd, progress)
 
         run.click(on_generate, [digit, seconds, temperature, top_p, seed], [player, plot, status])

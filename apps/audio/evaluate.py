@@ -138,7 +138,6 @@ class HeldOutNLL(HeldOutEvaluation):
         clips = evenly_spaced(dm.splits()[self.split], self.max_clips)
         chunk = pl_module.hparams.chunk_len or dm.hparams.clip_len or dm.hparams.seq_len
         r = evaluate_clips(pl_module.model, clips, self.batch_size, chunk, progress=False)
-        print(f"held-out ({self.split}): {r['nats_per_sample']:.4f} nats/sample, {r['bits_per_sample']:.4f} "
-              f"bits/sample over {r['samples']:,} samples in {r['clips']} clips")
         return {"metric": "nats_per_sample", "value": r["nats_per_sample"], **r,
-                "protocol": f"{r['clips']} whole clips, exact"}
+                "protocol": f"{r['clips']} whole clips, {r['samples']:,} samples, exact; "
+                            f"= {r['bits_per_sample']:.4f} bits/sample"}

@@ -1,23 +1,29 @@
 """The whole U-Net's recurrent step in compiled C++ (csrc/unet_step.cpp): no Python per layer, one call per
-sample for the whole batch (rows in parallel on torch's intra-op threads).
+sample for the whole batch (rows in parallel with OpenMP).
 
-Built with torch.utils.cpp_extension on first use (about 30 s; cached under ~/.cache/hiss/audio_step/<hash>, or
-$HISS_AUDIO_STEP_CACHE). Covers U-Nets of Mamba and LTI blocks (with or without gated MLPs), conditional or
-not; a model with attention blocks, or a machine that cannot build it (no C++ compiler, HISS_DISABLE_KERNELS
-set), uses the Python step (``fast_supported`` says which, ``fast_unavailable_reason`` why). The result equals
+The source has no torch headers: it is built with the system C++ compiler on first use in about 2 seconds
+(cached under ~/.cache/hiss/audio_step/<hash of source, flags, machine>, or $HISS_AUDIO_STEP_CACHE) and called
+through ctypes, which releases the GIL. It covers U-Nets of Mamba and LTI blocks (with or without gated MLPs),
+conditional or not. A model with attention blocks, or a machine that cannot build it (no C++ compiler, or
+HISS_DISABLE_KERNELS set), uses the Python step: ``fast_unavailable_reason`` says why. The result equals
 ``AudioUNet.step`` up to float rounding (tests/apps/audio).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
+import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -25,60 +31,75 @@ from ssm_core import Mamba
 
 from .model import AudioUNet, UNetState
 
-__all__ = ["FastStepper", "fast_supported", "fast_unavailable_reason", "load_extension"]
+__all__ = ["FastStepper", "fast_supported", "fast_unavailable_reason", "load_library"]
 
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).parent / "csrc" / "unet_step.cpp"
-_CFLAGS = ["-O3", "-std=c++17", "-ffast-math", "-fopenmp-simd"]
+_FLAGS = ["-O3", "-std=c++17", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
-_ext = None
+_lib = None
 _reason: str | None = None
 
 
-def _build_dir() -> Path:
+def _build_path() -> Path:
+    cxx = os.environ.get("CXX", "c++")
     h = hashlib.sha256(_SRC.read_bytes())
-    for part in (torch.__version__, sys.version, " ".join(_CFLAGS)):
+    for part in (cxx, " ".join(_FLAGS), platform.machine(), sys.platform):
         h.update(part.encode())
     base = os.environ.get("HISS_AUDIO_STEP_CACHE") or Path.home() / ".cache" / "hiss" / "audio_step"
-    return Path(base) / h.hexdigest()[:16]
+    return Path(base) / h.hexdigest()[:16] / "unet_step.so"
 
 
-def load_extension():
-    """The compiled module; raises RuntimeError with the reason when it cannot be built."""
-    global _ext, _reason
+def load_library() -> ctypes.CDLL:
+    """The compiled library (built on first use); RuntimeError with the reason when it cannot be built."""
+    global _lib, _reason
     with _lock:
-        if _ext is not None:
-            return _ext
+        if _lib is not None:
+            return _lib
         if _reason is not None:
             raise RuntimeError(_reason)
         try:
             if os.environ.get("HISS_DISABLE_KERNELS", "").strip() not in ("", "0"):
                 raise RuntimeError("disabled by HISS_DISABLE_KERNELS")
-            if shutil.which(os.environ.get("CXX", "c++")) is None:
-                raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-            from torch.utils import cpp_extension
-
-            folder = _build_dir()
-            folder.mkdir(parents=True, exist_ok=True)
-            _ext = cpp_extension.load(name=f"hiss_audio_unet_step_{folder.name}", sources=[str(_SRC)],
-                                      extra_cflags=_CFLAGS, build_directory=str(folder), with_cuda=False,
-                                      verbose=False)
-        except Exception as e:  # noqa: BLE001 - any build failure means: use the Python step, and say why
-            _reason = f"{type(e).__name__}: {e}"
+            cxx = os.environ.get("CXX", "c++")
+            if shutil.which(cxx) is None:
+                raise RuntimeError(f"no C++ compiler found (looked for {cxx!r}; set CXX or install g++)")
+            so = _build_path()
+            if not so.is_file():
+                so.parent.mkdir(parents=True, exist_ok=True)
+                tmp = so.with_name(f".{so.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+                r = subprocess.run([cxx, *_FLAGS, "-o", str(tmp), str(_SRC)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    tmp.unlink(missing_ok=True)
+                    raise RuntimeError(f"{cxx} failed to build {_SRC.name}: {r.stderr.strip()[-2000:]}")
+                os.replace(tmp, so)  # atomic: a concurrent build or a crash never leaves half a library
+            lib = ctypes.CDLL(str(so))
+            lib.unet_create.restype = ctypes.c_void_p
+            lib.unet_create.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_char_p, ctypes.c_int64]
+            lib.unet_step.restype = ctypes.c_int
+            lib.unet_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            lib.unet_position.restype = ctypes.c_int64
+            lib.unet_position.argtypes = [ctypes.c_void_p]
+            lib.unet_destroy.restype = None
+            lib.unet_destroy.argtypes = [ctypes.c_void_p]
+            _lib = lib
+        except (RuntimeError, OSError) as e:
+            _reason = str(e)
             log.warning("compiled audio step unavailable (%s); using the Python step", _reason)
             raise RuntimeError(_reason) from e
-        return _ext
+        return _lib
 
 
 def fast_unavailable_reason(model: AudioUNet) -> str | None:
     """None if the compiled step can run this model, else why not."""
-    if model.head.weight.device.type != "cpu" or model.head.weight.dtype != torch.float32:
-        return "the compiled step runs fp32 models on the CPU"
+    if model.head.weight.device.type != "cpu":
+        return "the compiled step runs on the CPU"
     if any(not isinstance(b.mixer, Mamba) for b in model.blocks_in_order()):
         return "attention blocks are stepped in Python"
     try:
-        load_extension()
+        load_library()
     except RuntimeError as e:
         return str(e)
     return None
@@ -88,57 +109,121 @@ def fast_supported(model: AudioUNet) -> bool:
     return fast_unavailable_reason(model) is None
 
 
-def _t(x: Tensor | None) -> Tensor:
-    return x.detach().float().contiguous() if x is not None else torch.empty(0)
+class _Packer:
+    """ints (sizes, flags) and floats (weights, states) in the order csrc/unet_step.cpp reads them."""
+
+    def __init__(self):
+        self.ints: list[int] = []
+        self.floats: list[np.ndarray] = []
+
+    def i(self, *values: int) -> None:
+        self.ints.extend(int(v) for v in values)
+
+    def v(self, x: Tensor | float | None) -> None:
+        if x is None:
+            arr = np.zeros(0, np.float32)
+        elif isinstance(x, Tensor):
+            arr = x.detach().float().contiguous().cpu().numpy().reshape(-1)
+        else:
+            arr = np.array([x], np.float32)
+        self.i(arr.size)
+        self.floats.append(arr)
+
+    def linear(self, lin: nn.Linear) -> None:
+        self.i(lin.out_features, lin.in_features)
+        self.v(lin.weight)
+        self.v(lin.bias)
+
+
+def _pack(model: AudioUNet, state: UNetState, label) -> _Packer:
+    c = model.config
+    S = len(c.pool)
+    batch = state.blocks[0].conv.shape[0]
+    p = _Packer()
+    p.i(S, batch, state.t, *[c.width(s) for s in range(S + 1)], *c.pool)
+    p.v(model.embedding.weight)
+    p.v(model.norm_f.weight)
+    p.v(float(model.norm_f.eps))
+    p.linear(model.head)
+    for s in range(S):
+        p.linear(model.down_pool[s].linear)
+        p.linear(model.up_pool[s].linear)
+    cond = model.conditioning(label, batch)
+    for s in range(S + 1):
+        p.v(cond[s] if cond is not None else None)
+    places = [(0, s) for s in range(S) for _ in model.down[s]] + [(1, S)] * len(model.center)
+    places += [(2, s) for s in reversed(range(S)) for _ in model.up[s]]
+    blocks = model.blocks_in_order()
+    p.i(len(blocks))
+    for (where, level), block, st in zip(places, blocks, state.blocks):
+        m: Mamba = block.mixer
+        mlp = block.mlp
+        p.i(where, level, m.selective, mlp is not None, m.d_model, m.d_inner, m.d_state, m.d_conv)
+        p.v(block.norm.weight)
+        p.v(float(block.norm.eps))
+        p.linear(m.in_proj)
+        p.v(m.conv1d.weight.squeeze(1))
+        p.v(m.conv1d.bias)
+        if m.selective:
+            p.linear(m.x_proj)
+            p.linear(m.dt_proj)
+        else:
+            p.v(m.dt_bias)
+            p.v(m.B)
+            p.v(m.C)
+        p.v(-torch.exp(m.A_log.float()))
+        p.v(m.D)
+        p.linear(m.out_proj)
+        if mlp is not None:
+            p.v(block.norm2.weight)
+            p.v(float(block.norm2.eps))
+            p.linear(mlp.fc1)
+            p.linear(mlp.fc2)
+        p.v(st.conv)
+        p.v(st.ssm)
+    for s in range(S):
+        p.v(state.buffers[s])
+        p.v(state.pending[s])
+    return p
 
 
 class FastStepper:
-    """Holds a copy of the model's weights and a state in C++; ``step(tokens (B,)) -> logits (B, vocab)``.
-    Built from a UNetState (e.g. after ``generate.prefill``); weights changed later are not seen."""
+    """A copy of the model's weights and a state in C++; ``step(tokens (B,)) -> logits (B, vocab)``.
+    Built from a UNetState (e.g. after ``generate.prefill``); weights changed later are not seen.
+    ``threads``: OpenMP threads over the batch rows (default: torch.get_num_threads())."""
 
-    def __init__(self, model: AudioUNet, state: UNetState, label=None):
+    def __init__(self, model: AudioUNet, state: UNetState, label=None, threads: int | None = None):
         reason = fast_unavailable_reason(model)
         if reason:
             raise RuntimeError(f"compiled step unavailable: {reason}")
-        ext = load_extension()
-        c = model.config
-        S = len(c.pool)
-        batch = state.buffers[0].shape[0] if S else state.blocks[0].conv.shape[0]
-        self.batch = batch
-        self.net = ext.UNetStep(list(c.pool), [c.width(s) for s in range(S + 1)], batch)
-        self.net.set_io(_t(model.embedding.weight), _t(model.norm_f.weight), float(model.norm_f.eps),
-                        _t(model.head.weight), _t(model.head.bias))
-        for s in range(S):
-            dp, up = model.down_pool[s].linear, model.up_pool[s].linear
-            self.net.set_pool(s, _t(dp.weight), _t(dp.bias), _t(up.weight), _t(up.bias))
-        cond = model.conditioning(label, batch)
-        for s in range(S + 1):
-            self.net.set_cond(s, _t(cond[s]) if cond is not None else torch.empty(0))
-        places = [(0, s) for s in range(S) for _ in model.down[s]] + [(1, S)] * len(model.center)
-        places += [(2, s) for s in reversed(range(S)) for _ in model.up[s]]
-        for (where, level), block, st in zip(places, model.blocks_in_order(), state.blocks):
-            self._add(where, level, block, st)
-        self.net.set_position(state.t, [_t(b) for b in state.buffers], [_t(p) for p in state.pending])
-
-    def _add(self, where: int, level: int, block: nn.Module, st) -> None:
-        m: Mamba = block.mixer
-        sel = m.selective
-        mlp = block.mlp
-        self.net.add_block(
-            where, level, sel, _t(block.norm.weight), float(block.norm.eps), _t(m.in_proj.weight),
-            _t(m.in_proj.bias), _t(m.conv1d.weight.squeeze(1)), _t(m.conv1d.bias),
-            _t(m.x_proj.weight) if sel else torch.empty(0), _t(m.dt_proj.weight) if sel else torch.empty(0),
-            _t(m.dt_proj.bias if sel else m.dt_bias), _t(None if sel else m.B), _t(None if sel else m.C),
-            _t(-torch.exp(m.A_log.float())), _t(m.D), _t(m.out_proj.weight), _t(m.out_proj.bias),
-            _t(block.norm2.weight) if mlp is not None else torch.empty(0),
-            float(block.norm2.eps) if mlp is not None else 1e-5,
-            _t(mlp.fc1.weight) if mlp is not None else torch.empty(0),
-            _t(mlp.fc2.weight) if mlp is not None else torch.empty(0),
-            _t(st.conv), _t(st.ssm))
+        self._lib = load_library()
+        p = _pack(model, state, label)
+        ints = np.asarray(p.ints, dtype=np.int64)
+        floats = np.concatenate(p.floats) if p.floats else np.zeros(0, np.float32)
+        err = ctypes.create_string_buffer(512)
+        handle = self._lib.unet_create(ints.ctypes.data, ints.size, floats.ctypes.data, floats.size, err, 512)
+        if not handle:
+            raise RuntimeError(f"compiled step: {err.value.decode()}")
+        self._h = handle
+        self.batch = state.blocks[0].conv.shape[0]
+        self.vocab = model.config.vocab_size
+        self.threads = threads or torch.get_num_threads()
+        self._logits = None
 
     @property
     def t(self) -> int:
-        return int(self.net.position())
+        return int(self._lib.unet_position(self._h))
 
     def step(self, tokens: Tensor) -> Tensor:
-        return self.net.step(tokens)
+        tok = np.ascontiguousarray(tokens.detach().cpu().numpy(), dtype=np.int64).reshape(-1)
+        if tok.size != self.batch:
+            raise ValueError(f"step: expected {self.batch} tokens, got {tok.size}")
+        logits = np.empty((self.batch, self.vocab), np.float32)
+        if self._lib.unet_step(self._h, tok.ctypes.data, logits.ctypes.data, self.threads) != 0:
+            raise ValueError(f"step: token out of range 0..{self.vocab - 1}: {tok.tolist()}")
+        return torch.from_numpy(logits)
+
+    def __del__(self):
+        h, self._h = getattr(self, "_h", None), None
+        if h:
+            self._lib.unet_destroy(h)

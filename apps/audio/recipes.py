@@ -131,7 +131,7 @@ def ensure_digits(root: str | Path, per_voice: int = 1, seed: int = 0, progress:
     jobs = []
     for accent in ACCENTS:
         for variant in variants:
-            for d, word in enumerate(DIGITS):
+            for word in DIGITS:
                 for k in range(per_voice):
                     rng = random.Random(f"{seed}/{accent}/{variant}/{word}/{k}")
                     jobs.append((word, accent, variant, k, rng.randint(*SPEED), rng.randint(*PITCH),

@@ -247,6 +247,11 @@ class DNAModel(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
+        if not is_classifier_dir(path):  # a Caduceus (Hugging Face) folder: apps.genomics.caduceus converts it
+            from apps.genomics.caduceus import is_caduceus_dir, load_caduceus
+
+            if is_caduceus_dir(path):
+                return load_caduceus(path, map_location)
         head = read_head_config(path)
         model = cls(MambaConfig.load(path / "config.json"), head)
         state = load_file(str(path / WEIGHTS), device=map_location)
@@ -261,10 +266,15 @@ class DNAModel(nn.Module):
 def load_backbone_weights(backbone: DNABackbone, path: str | os.PathLike) -> int:
     """Initialise ``backbone`` from a save_pretrained directory: a causal MambaLMHeadModel (e.g. the pretrained
     DNALM; its causal mixers become the tied forward/backward mixers of a bidirectional backbone) or a
-    DNAModel. Returns the number of tensors copied; a shape mismatch or a backbone key left unset raises."""
+    DNAModel, or a Caduceus folder (apps.genomics.caduceus). Returns the number of tensors copied; a shape
+    mismatch or a backbone key left unset raises."""
     from safetensors.torch import load_file
 
+    from apps.genomics.caduceus import is_caduceus_dir, load_caduceus_backbone
+
     path = Path(path)
+    if is_caduceus_dir(path):
+        return load_caduceus_backbone(backbone, path)
     src = load_file(str(path / WEIGHTS))
     prefix = "backbone.core." if is_classifier_dir(path) else "backbone."
     src_cfg = MambaConfig.load(path / "config.json")

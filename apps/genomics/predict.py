@@ -6,7 +6,8 @@
     python -m apps.genomics.predict generate --ckpt DIR --prompt ACGTTGCA --n 200 --seed 0
 
 A checkpoint is a save_pretrained directory, read by apps.common.load_model: a causal next-base LM (model.DNALM /
-MambaLMHeadModel: config.json + model.safetensors) or a model.DNAModel (adds head.json: masked LM or classifier).
+MambaLMHeadModel: config.json + model.safetensors) or a model.DNAModel (adds head.json: masked LM or classifier);
+a kuleshov-group Caduceus folder (Hugging Face layout) loads as a masked-LM DNAModel (apps.genomics.caduceus).
 Causal models give exact log p(x_t | x_<t) (apps.common.sequence_nll, read in pieces with the state carried);
 masked LMs give the pseudo-log-likelihood log p(x_t | x without t) (one masked copy per base).
 """
@@ -28,6 +29,7 @@ from torch import Tensor
 from apps.common import load_model as common_load_model
 from apps.common import pool, sequence_nll
 from apps.common.errors import run_cli
+from apps.genomics.caduceus import is_caduceus_dir, load_caduceus
 from apps.genomics.data import A_ID, MASK_ID, T_ID, VOCAB_SIZE, decode, encode
 from apps.genomics.model import DNAModel
 from ssm_core import MambaLMHeadModel, atomic_write
@@ -39,7 +41,10 @@ Model = MambaLMHeadModel | DNAModel
 
 
 def load_model(path: str | os.PathLike) -> Model:
-    """A save_pretrained directory -> MambaLMHeadModel (causal LM) or DNAModel (has head.json), in eval mode."""
+    """A save_pretrained directory -> MambaLMHeadModel (causal LM) or DNAModel (has head.json, or a Caduceus
+    folder: apps.genomics.caduceus), in eval mode."""
+    if is_caduceus_dir(path):
+        return load_caduceus(path)
     return common_load_model(path, head_model=DNAModel, vocab_range=(VOCAB_SIZE, 1 << 20), what="DNA model")
 
 

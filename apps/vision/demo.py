@@ -98,14 +98,15 @@ def build_demo(ckpt: str | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="filepath", label="image (PNG / JPEG / WebP ..., up to 10 MB)",
-                                 sources=["upload", "clipboard"], height=300)
-                go = gr.Button("Classify", variant="primary")
+                                 sources=["upload", "clipboard"], height=300, elem_id="vision-image")
+                go = gr.Button("Classify", variant="primary", elem_id="vision-classify")
                 gr.Examples([[str(p)] for p in EXAMPLES], inputs=[image], label="examples (Fashion-MNIST test "
                             "images; two ImageNet validation photos, out of the shipped model's domain)")
             with gr.Column():
-                label = gr.Label(num_top_classes=5, label="top-5")
-                sal = gr.Image(label="saliency (gradient map)", interactive=False, height=300)
-                note = gr.Markdown()
+                label = gr.Label(num_top_classes=5, label="top-5", elem_id="vision-top5")
+                sal = gr.Image(label="saliency (gradient map)", interactive=False, height=300,
+                               elem_id="vision-saliency")
+                note = gr.Markdown(elem_id="vision-note")
         go.click(lambda p: classify(pred, p), image, [label, sal, note])
         image.upload(lambda p: classify(pred, p), image, [label, sal, note])
     return demo

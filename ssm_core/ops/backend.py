@@ -50,6 +50,11 @@ KERNELS: dict[str, dict[str, str]] = {
         "cpu": "kernels.cpu:causal_conv1d_update_cpu",
         "triton": "kernels.triton:causal_conv1d_update_triton",
     },
+    # the whole-model decode step (every layer of an LM in one call); CPU only, used by
+    # ssm_core.models.fast_decode.FastDecoder (generate / stream / speculative decoding)
+    "model_step": {
+        "cpu": "kernels.model_step:decode_model_cpu",
+    },
 }
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from ssm_core import CorruptFileError, MambaConfig, MambaLMHeadModel, load_state, read_safetensors, save_state
-from ssm_core.io import read_safetensors_metadata
+from ssm_core.io import atomic_write, read_safetensors_metadata, remove_stale_temp_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -308,3 +309,40 @@ def test_save_killed_midway_leaves_the_old_files(what, ckpt, cartridge):
         MambaLMHeadModel.from_pretrained(ckpt)
     else:
         assert load_state(cartridge, CFG).seqlen_offset == 4
+    # the next save to the same target removes the dead writer's temp file (once it is a minute old)
+    left = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1
+    os.utime(left[0], (time.time() - 120, time.time() - 120))
+    model = bigger_model()
+    if what == "checkpoint":
+        model.save_pretrained(ckpt)
+    else:
+        with torch.no_grad():
+            save_state(cartridge, model(torch.ones(1, 9, dtype=torch.long), return_state=True).state, model.config)
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_atomic_write_removes_only_dead_writers_stale_temp_files(tmp_path):
+    """A killed atomic_write leaves .NAME.PID.HEX.tmp; the next write to NAME removes those of dead processes
+    that have not changed for a minute, never a live process's, a fresh one or another target's."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a PID that has exited (and is very unlikely reused yet)
+    live = str(os.getppid())
+    def temp(name: str, pid: str, age_s: float | None = None) -> Path:
+        p = tmp_path / f".{name}.{pid}.{uuid.uuid4().hex}.tmp"
+        p.write_bytes(b"half a file")
+        if age_s is not None:
+            os.utime(p, (time.time() - age_s, time.time() - age_s))
+        return p
+
+    stale = temp("w.bin", dead, 3600)
+    keep = [temp("w.bin", live, 3600),         # its writer is alive
+            temp("w.bin", dead),               # fresh: a writer on another machine may still be writing
+            temp("other.bin", dead, 3600),     # another target's
+            temp("w.bin.x", dead, 3600)]       # a name that only starts like ours
+    (tmp_path / "w.bin.notes.tmp").write_text("not a temp file of atomic_write")
+    atomic_write(tmp_path / "w.bin", lambda p: Path(p).write_bytes(b"new"))
+    assert (tmp_path / "w.bin").read_bytes() == b"new"
+    assert not stale.exists()
+    assert all(p.exists() for p in keep) and (tmp_path / "w.bin.notes.tmp").exists()
+    assert remove_stale_temp_files(tmp_path / "w.bin", min_age_s=0) == [keep[1]]

@@ -4,29 +4,53 @@
 // step(tokens) consumes one µ-law sample per batch row and returns the logits of the next one. The maths is
 // the Python step's: ssm_core's RMSNorm, Mamba decode step (conv update with SiLU, selective or LTI Δ/B/C,
 // softplus(Δ + bias) with torch's threshold 20, exp(ΔA) state update, D skip, SiLU(z) gate), the gated MLP,
-// DownPool / UpPool linears with the one-frame shift. Rows are independent and run in parallel
-// (at::parallel_for, torch's intra-op threads). Checked against the Python step in tests/apps/audio.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
+// DownPool / UpPool linears with the one-frame shift. Rows are independent and run in parallel (OpenMP).
+// A plain C ABI (called through ctypes, which releases the GIL) and no torch headers, so it builds in seconds.
+// Checked against the Python step in tests/apps/audio.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
 #include <vector>
 
 namespace {
 
-std::vector<float> vec(const torch::Tensor& t) {
-  if (!t.defined() || t.numel() == 0) return {};
-  auto c = t.detach().to(torch::kFloat32).contiguous().cpu();
-  return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
-}
+// Reads what apps/audio/fast.py packs: ints (sizes, flags) and floats (weights, state) in one agreed order;
+// every float vector is preceded by its length in the ints.
+struct Reader {
+  const int64_t* ints;
+  int64_t ni, pi = 0;
+  const float* floats;
+  int64_t nf, pf = 0;
+  int64_t i() {
+    if (pi >= ni) throw std::runtime_error("unet_step: ints exhausted");
+    return ints[pi++];
+  }
+  std::vector<float> v() {
+    const int64_t n = i();
+    if (pf + n > nf) throw std::runtime_error("unet_step: floats exhausted");
+    std::vector<float> out(floats + pf, floats + pf + n);
+    pf += n;
+    return out;
+  }
+  float f() { return v().at(0); }
+};
 
 struct Linear {
   int in = 0, out = 0;
   std::vector<float> Wt, b;  // Wt: (in, out), the transposed weight: the inner loop runs over outputs (SIMD)
   Linear() = default;
-  Linear(const torch::Tensor& w, const torch::Tensor& bias)
-      : in(w.size(1)), out(w.size(0)), Wt(vec(w.t())), b(vec(bias)) {}
+  explicit Linear(Reader& r) {
+    out = static_cast<int>(r.i());
+    in = static_cast<int>(r.i());
+    std::vector<float> W = r.v();  // (out, in), row-major
+    b = r.v();
+    if (static_cast<int64_t>(W.size()) != static_cast<int64_t>(out) * in) throw std::runtime_error("unet_step: bad Linear");
+    Wt.resize(W.size());
+    for (int o = 0; o < out; ++o)
+      for (int k = 0; k < in; ++k) Wt[static_cast<size_t>(k) * out + o] = W[static_cast<size_t>(o) * in + k];
+  }
   // y[o] = b[o] + sum_i W[o, i] x[i]
   void apply(const float* __restrict x, float* __restrict y) const {
     if (b.empty()) std::fill(y, y + out, 0.f);
@@ -39,7 +63,6 @@ struct Linear {
     }
   }
 };
-
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 inline float softplus(float v) { return v > 20.f ? v : std::log1p(std::exp(v)); }
 
@@ -132,102 +155,95 @@ struct Block {
 
 class UNetStep {
  public:
-  UNetStep(std::vector<int64_t> pool, std::vector<int64_t> width, int64_t batch)
-      : pool_(pool.begin(), pool.end()), width_(width.begin(), width.end()), batch_(batch) {
-    S_ = static_cast<int>(pool_.size());
+  // The layout fast.py packs (see its _pack): sizes, then embedding, final norm, head, pools, conditioning,
+  // blocks in the model's blocks_in_order() order, each with its state, then the pooling buffers.
+  explicit UNetStep(Reader& r) {
+    S_ = static_cast<int>(r.i());
+    batch_ = r.i();
+    t_ = r.i();
+    for (int s = 0; s <= S_; ++s) width_.push_back(static_cast<int>(r.i()));
+    for (int s = 0; s < S_; ++s) pool_.push_back(static_cast<int>(r.i()));
     down_.resize(S_);
     up_.resize(S_);
-    dpool_.resize(S_);
-    upool_.resize(S_);
     cond_.resize(S_ + 1);
-    buf_.resize(S_);
-    pending_.resize(S_);
-  }
-
-  void set_io(torch::Tensor embedding, torch::Tensor norm_w, double eps, torch::Tensor head_w, torch::Tensor head_b) {
-    emb_ = vec(embedding);
-    V_ = head_w.size(0);
-    normf_ = vec(norm_w);
-    epsf_ = static_cast<float>(eps);
-    head_ = Linear(head_w, head_b);
-  }
-
-  void set_pool(int64_t s, torch::Tensor dw, torch::Tensor db, torch::Tensor uw, torch::Tensor ub) {
-    dpool_[s] = Linear(dw, db);
-    upool_[s] = Linear(uw, ub);
-  }
-
-  void set_cond(int64_t s, torch::Tensor vectors) { cond_[s] = vec(vectors); }  // (batch, width) or empty
-
-  // where: 0 down, 1 centre, 2 up. Blocks are added in the model's blocks_in_order() order.
-  void add_block(int64_t where, int64_t level, bool selective, torch::Tensor norm_w, double eps, torch::Tensor in_w,
-                 torch::Tensor in_b, torch::Tensor conv_w, torch::Tensor conv_b, torch::Tensor x_w,
-                 torch::Tensor dt_w, torch::Tensor dt_b, torch::Tensor Bv, torch::Tensor Cv, torch::Tensor A,
-                 torch::Tensor Dskip, torch::Tensor out_w, torch::Tensor out_b, torch::Tensor norm2_w, double eps2,
-                 torch::Tensor fc1_w, torch::Tensor fc2_w, torch::Tensor conv_state, torch::Tensor ssm_state) {
-    Block b;
-    b.D = in_w.size(1);
-    b.Di = in_w.size(0) / 2;
-    b.N = A.size(1);
-    b.K = conv_w.size(-1);
-    b.selective = selective;
-    b.eps = static_cast<float>(eps);
-    b.norm_w = vec(norm_w);
-    b.in_proj = Linear(in_w, in_b);
-    b.conv_w = vec(conv_w);
-    b.conv_b = vec(conv_b);
-    if (selective) {
-      b.x_proj = Linear(x_w, torch::Tensor());
-      b.dt_proj = Linear(dt_w, dt_b);
-      b.R = dt_w.size(1);
-    } else {
-      b.dt_bias = vec(dt_b);
-      b.Bv = vec(Bv);
-      b.Cv = vec(Cv);
-    }
-    b.A = vec(A);
-    b.Dskip = vec(Dskip);
-    b.out_proj = Linear(out_w, out_b);
-    if (fc1_w.defined() && fc1_w.numel() > 0) {
-      b.mlp = true;
-      b.norm2_w = vec(norm2_w);
-      b.eps2 = static_cast<float>(eps2);
-      b.fc1 = Linear(fc1_w, torch::Tensor());
-      b.fc2 = Linear(fc2_w, torch::Tensor());
-    }
-    TORCH_CHECK(conv_state.size(0) == batch_ && ssm_state.size(0) == batch_, "state batch size mismatch");
-    b.conv_state = vec(conv_state);
-    b.ssm_state = vec(ssm_state);
-    scratch_ = std::max(scratch_, b.scratch());
-    if (where == 0) down_[level].push_back(std::move(b));
-    else if (where == 1) center_.push_back(std::move(b));
-    else up_[level].push_back(std::move(b));
-  }
-
-  void set_position(int64_t t, std::vector<torch::Tensor> buffers, std::vector<torch::Tensor> pending) {
-    t_ = t;
+    emb_ = r.v();
+    normf_ = r.v();
+    epsf_ = r.f();
+    head_ = Linear(r);
+    V_ = head_.out;
     for (int s = 0; s < S_; ++s) {
-      buf_[s] = vec(buffers[s]);
-      pending_[s] = vec(pending[s]);
+      dpool_.emplace_back(r);
+      upool_.emplace_back(r);
     }
+    for (int s = 0; s <= S_; ++s) cond_[s] = r.v();  // (batch, width) or empty
+    const int64_t n_blocks = r.i();
+    for (int64_t j = 0; j < n_blocks; ++j) {
+      const int64_t where = r.i(), level = r.i();
+      Block b;
+      b.selective = r.i() != 0;
+      b.mlp = r.i() != 0;
+      b.D = static_cast<int>(r.i());
+      b.Di = static_cast<int>(r.i());
+      b.N = static_cast<int>(r.i());
+      b.K = static_cast<int>(r.i());
+      b.norm_w = r.v();
+      b.eps = r.f();
+      b.in_proj = Linear(r);
+      b.conv_w = r.v();
+      b.conv_b = r.v();
+      if (b.selective) {
+        b.x_proj = Linear(r);
+        b.dt_proj = Linear(r);
+        b.R = b.dt_proj.in;
+      } else {
+        b.dt_bias = r.v();
+        b.Bv = r.v();
+        b.Cv = r.v();
+      }
+      b.A = r.v();
+      b.Dskip = r.v();
+      b.out_proj = Linear(r);
+      if (b.mlp) {
+        b.norm2_w = r.v();
+        b.eps2 = r.f();
+        b.fc1 = Linear(r);
+        b.fc2 = Linear(r);
+      }
+      b.conv_state = r.v();
+      b.ssm_state = r.v();
+      if (static_cast<int64_t>(b.conv_state.size()) != batch_ * b.Di * (b.K - 1) ||
+          static_cast<int64_t>(b.ssm_state.size()) != batch_ * b.Di * b.N)
+        throw std::runtime_error("unet_step: state size does not match the batch");
+      scratch_ = std::max(scratch_, b.scratch());
+      if (where == 0) down_[level].push_back(std::move(b));
+      else if (where == 1) center_.push_back(std::move(b));
+      else up_[level].push_back(std::move(b));
+    }
+    for (int s = 0; s < S_; ++s) {
+      buf_.push_back(r.v());
+      pending_.push_back(r.v());
+    }
+    if (r.pi != r.ni || r.pf != r.nf) throw std::runtime_error("unet_step: unread data left (layout mismatch)");
   }
 
   int64_t position() const { return t_; }
+  int64_t vocab() const { return V_; }
 
-  torch::Tensor step(torch::Tensor tokens) {
-    TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) == batch_, "tokens must be (batch,)");
-    auto tok = tokens.to(torch::kInt64).contiguous();
-    const int64_t* tp = tok.data_ptr<int64_t>();
-    for (int64_t b = 0; b < batch_; ++b) TORCH_CHECK(tp[b] >= 0 && tp[b] * width_[0] < (int64_t)emb_.size(), "token out of range");
-    auto logits = torch::empty({batch_, V_}, torch::kFloat32);
-    float* lp = logits.data_ptr<float>();
+  // tokens (batch,) -> logits (batch, V); rows run on up to `threads` OpenMP threads. Returns 0, or -1 for a
+  // token outside the vocabulary.
+  int step(const int64_t* tokens, float* logits, int threads) {
+    for (int64_t b = 0; b < batch_; ++b)
+      if (tokens[b] < 0 || tokens[b] * width_[0] >= static_cast<int64_t>(emb_.size())) return -1;
     const int64_t t = t_;
-    at::parallel_for(0, batch_, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> work(work_size());
-      for (int64_t b = begin; b < end; ++b) row_step(static_cast<int>(b), tp[b], t, lp + b * V_, work.data());
-    });
+    const size_t ws = work_size();
+#pragma omp parallel num_threads(threads) if (threads > 1 && batch_ > 1)
+    {
+      std::vector<float> work(ws);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch_; ++b) row_step(static_cast<int>(b), tokens[b], t, logits + b * V_, work.data());
+    }
     t_ += 1;
-    return logits;
+    return 0;
   }
 
  private:
@@ -279,7 +295,7 @@ class UNetStep {
   }
 
   std::vector<int> pool_, width_;
-  int64_t batch_;
+  int64_t batch_ = 0;
   int S_ = 0;
   int64_t V_ = 0, t_ = 0;
   size_t scratch_ = 0;
@@ -294,14 +310,27 @@ class UNetStep {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<UNetStep>(m, "UNetStep")
-      .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, int64_t>())
-      .def("set_io", &UNetStep::set_io)
-      .def("set_pool", &UNetStep::set_pool)
-      .def("set_cond", &UNetStep::set_cond)
-      .def("add_block", &UNetStep::add_block)
-      .def("set_position", &UNetStep::set_position)
-      .def("position", &UNetStep::position)
-      .def("step", &UNetStep::step);
+extern "C" {
+
+// Returns a handle, or nullptr with the reason in err (err_len bytes).
+void* unet_create(const int64_t* ints, int64_t n_ints, const float* floats, int64_t n_floats, char* err,
+                  int64_t err_len) {
+  try {
+    Reader r{ints, n_ints, 0, floats, n_floats, 0};
+    return new UNetStep(r);
+  } catch (const std::exception& e) {
+    std::strncpy(err, e.what(), static_cast<size_t>(err_len - 1));
+    err[err_len - 1] = 0;
+    return nullptr;
+  }
 }
+
+int unet_step(void* h, const int64_t* tokens, float* logits, int threads) {
+  return static_cast<UNetStep*>(h)->step(tokens, logits, threads);
+}
+
+int64_t unet_position(void* h) { return static_cast<UNetStep*>(h)->position(); }
+
+void unet_destroy(void* h) { delete static_cast<UNetStep*>(h); }
+
+}  // extern "C"

@@ -150,7 +150,7 @@ trainer:
     cli = main(["--config", str(config)])
     assert cli.trainer.global_step == 2
     printed = capsys.readouterr().out
-    assert "nats/sample" in printed and "bits/sample" in printed
+    assert "held-out nats_per_sample" in printed and "bits/sample" in printed
     assert json.loads((tmp_path / "audio" / "version_0" / "heldout.json").read_text())["clips"] == 3
     model = AudioUNet.from_pretrained(out)
     assert model.config.n_classes == 10 and model.config.d_model == 8

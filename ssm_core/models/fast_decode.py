@@ -1,0 +1,295 @@
+"""The whole-model decode step: every layer of a MambaLMHeadModel in one compiled call per token (CPU).
+
+``FastDecoder(model, state)`` hands the model's weights (in place, fp32 or bf16) and ``state`` (a ModelState,
+updated IN PLACE from then on) to the compiled step of ``backend.KERNELS["model_step"]``
+(kernels/csrc/model_step_cpu.h). Then
+
+    logits = dec.step(tokens)                         # tokens (batch,) -> (batch, padded_vocab)
+    logits = dec.forward(ids, n_last, snapshots)      # ids (batch, T): T tokens in one call -> (batch, n_last, V)
+    dec.restore(t)                                    # back to the state after token t of that call (snapshots)
+    dec.save(slot); dec.load(slot)                    # copies of the whole state (preallocated, reused)
+    dec.prefill(ids)                                  # a long prompt through the module forward (scan kernels)
+
+The reference twin is the module path: ``model(ids, state=..., return_state=True)`` (``Mamba._step`` /
+``Mamba2._step`` per layer); tests/core/test_fast_decode.py checks step == forward against it. Attention layers
+of hybrid models run through their module (``Block.forward``) between compiled segments. Returned logits are
+the kernel's buffer, valid until the next call. ``unsupported_reason(model)`` says why a model cannot use it
+(the caller then uses the module path): not CPU, not fp32 / bf16, delta hooks, bidirectional, a fast path that
+cannot load here (after the one warning of ssm_core.ops.backend), or HISS_BACKEND=ref.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..modules.mamba import Mamba
+from ..modules.mamba2 import Mamba2
+from ..modules.mha import MHA
+from ..modules.mlp import GatedMLP
+from ..ops.backend import fast_path
+from ..ops.norm import RMSNorm
+from ..state import AttentionState, ModelState, SSMState
+
+__all__ = ["FastDecoder", "unsupported_reason", "fast_decoder_or_none"]
+
+
+def _structure_reason(model) -> str | None:
+    cfg = getattr(model, "config", None)
+    backbone = getattr(model, "backbone", None)
+    if cfg is None or backbone is None or not hasattr(model, "lm_head"):
+        return "not a MambaLMHeadModel"
+    if cfg.bidirectional:
+        return "bidirectional models have no streaming state"
+    w = backbone.embedding.weight
+    if w.device.type != "cpu":
+        return "the compiled step runs on the CPU"
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        return f"the compiled step takes fp32 or bf16 weights, not {w.dtype}"
+    if model.lm_head.weight.dtype != w.dtype or model.lm_head.bias is not None:
+        return "lm_head must be a bias-free linear of the embedding's dtype"
+    for i, layer in enumerate(backbone.layers):
+        mixer = layer.mixer
+        if isinstance(mixer, MHA):
+            continue
+        if not isinstance(mixer, (Mamba, Mamba2)):
+            return f"layer {i}: {type(mixer).__name__} mixers are not supported"
+        if isinstance(mixer, Mamba) and mixer._delta_hooks:
+            return f"layer {i}: delta hooks run in Python"
+        for norm in (layer.norm, getattr(layer, "norm2", None)):
+            if norm is not None and not isinstance(norm, (RMSNorm, nn.LayerNorm)):
+                return f"layer {i}: norm {type(norm).__name__} is not supported"
+        if layer.mlp is not None and not isinstance(layer.mlp, GatedMLP):
+            return f"layer {i}: mlp {type(layer.mlp).__name__} is not supported"
+        for p in mixer.parameters():
+            if p.dtype not in (torch.float32, w.dtype) or p.device.type != "cpu":
+                return f"layer {i}: parameters must be CPU fp32 or of the embedding's dtype"
+    if not isinstance(backbone.norm_f, (RMSNorm, nn.LayerNorm)):
+        return "norm_f is not RMSNorm / LayerNorm"
+    return None
+
+
+def unsupported_reason(model) -> str | None:
+    """None when ``FastDecoder`` can run ``model`` here, else why not (the caller uses the module path)."""
+    reason = _structure_reason(model)
+    if reason is not None:
+        return reason
+    if fast_path(None, model.backbone.embedding.weight.device, "model_step") is None:
+        return "the compiled CPU kernels are not in use (HISS_BACKEND=ref, or they cannot be built here)"
+    return None
+
+
+def fast_decoder_or_none(model, state: ModelState) -> FastDecoder | None:
+    """A FastDecoder bound to ``state`` (updated in place), or None when ``model`` must use the module path."""
+    if unsupported_reason(model) is not None:
+        return None
+    return FastDecoder(model, state)
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
+def _mat(t: Tensor) -> Tensor:
+    return t.detach().contiguous()
+
+
+def _norm(prefix: str, norm: nn.Module, tensors: dict, numbers: dict) -> None:
+    tensors[f"{prefix}_weight"] = _f32(norm.weight)
+    if isinstance(norm, nn.LayerNorm):
+        if norm.bias is not None:
+            tensors[f"{prefix}_bias"] = _f32(norm.bias)
+        numbers[f"{prefix}_layernorm"] = 1.0
+    numbers[f"{prefix}_eps"] = float(norm.eps)
+
+
+def _linear(name: str, lin: nn.Linear, tensors: dict) -> None:
+    tensors[name] = _mat(lin.weight)
+    if lin.bias is not None:
+        tensors[f"{name}_bias"] = _f32(lin.bias)
+
+
+class FastDecoder:
+    """Compiled whole-model decode step bound to one model and one ModelState (updated in place)."""
+
+    def __init__(self, model, state: ModelState):
+        reason = _structure_reason(model)
+        if reason is not None:
+            raise ValueError(f"FastDecoder: {reason}")
+        factory = fast_path(None, model.backbone.embedding.weight.device, "model_step")
+        if factory is None:
+            raise RuntimeError("FastDecoder: the compiled CPU kernels are not in use here")
+        backbone = model.backbone
+        self.model, self.state = model, state
+        self.dtype = backbone.embedding.weight.dtype
+        if len(state.layers) != len(backbone.layers):
+            raise ValueError(f"FastDecoder: state has {len(state.layers)} layers, the model {len(backbone.layers)}")
+        first = state.layers[0]
+        self.batch = int((first.conv if isinstance(first, SSMState) else first.k).shape[0])
+        self._dm = dm = factory(self.batch)
+        io, nums = {"embedding": _mat(backbone.embedding.weight), "lm_head": _mat(model.lm_head.weight)}, {}
+        _norm("norm_f", backbone.norm_f, io, nums)
+        nums["residual_in_fp32"] = float(bool(backbone.layers[0].residual_in_fp32))
+        self._res_fp32 = bool(backbone.layers[0].residual_in_fp32)
+        dm.set_io(io, nums)
+        self._external: list[int] = []
+        with torch.no_grad():
+            for i, layer in enumerate(backbone.layers):
+                if isinstance(layer.mixer, MHA):
+                    dm.add_layer("external", {}, {})
+                    self._external.append(i)
+                    continue
+                kind, t, n = self._layer_args(layer)
+                dm.add_layer(kind, t, n)
+        self._bind()
+        self._slots: dict[int, list] = {}
+        self._snap_base: tuple | None = None
+
+    @staticmethod
+    def _layer_args(layer) -> tuple[str, dict, dict]:
+        m = layer.mixer
+        t: dict[str, Tensor] = {}
+        n: dict[str, float] = {"d_state": float(m.d_state)}
+        _norm("norm", layer.norm, t, n)
+        _linear("in_proj", m.in_proj, t)
+        _linear("out_proj", m.out_proj, t)
+        t["conv_weight"] = _f32(m.conv1d.weight.squeeze(1))
+        if m.conv1d.bias is not None:
+            t["conv_bias"] = _f32(m.conv1d.bias)
+        t["A"] = (-torch.exp(m.A_log.detach().float())).contiguous()
+        t["D"] = _f32(m.D)
+        if isinstance(m, Mamba):
+            kind = "mamba1"
+            n["selective"] = float(m.selective)
+            if m.selective:
+                t["x_proj"] = _mat(m.x_proj.weight)
+                t["dt_proj"] = _mat(m.dt_proj.weight)
+                t["dt_bias"] = _f32(m.dt_proj.bias)
+            else:  # LTI: B, C enter in the module dtype (as in Mamba._dt_B_C)
+                wdt = m.in_proj.weight.dtype
+                t["dt_bias"] = _f32(m.dt_bias)
+                t["B"], t["C"] = _f32(m.B.detach().to(wdt)), _f32(m.C.detach().to(wdt))
+        else:
+            kind = "mamba2"
+            t["dt_bias"] = _f32(m.dt_bias)
+            lo, hi = m.dt_limit
+            n.update(nheads=float(m.nheads), headdim=float(m.headdim), ngroups=float(m.ngroups), d_mlp=float(m.d_mlp),
+                     dt_min=float(lo), dt_max=float(min(hi, 3.0e38)), dt_clamp=float((lo, hi) != (0.0, math.inf)),
+                     rmsnorm=float(m.rmsnorm), norm_before_gate=float(m.norm_before_gate))
+            if m.rmsnorm:
+                t["gnorm_weight"] = _f32(m.norm.weight)
+                n["gnorm_eps"] = float(m.norm.eps)
+                n["gnorm_group"] = float(m.norm.group_size or m.d_ssm)
+        if layer.mlp is not None:
+            _norm("norm2", layer.norm2, t, n)
+            _linear("fc1", layer.mlp.fc1, t)
+            _linear("fc2", layer.mlp.fc2, t)
+        return kind, t, n
+
+    def _bind(self) -> None:
+        """Hand every Mamba layer's state tensors to the kernel (contiguous, conv in the weight dtype, ssm fp32;
+        a state that is not gets replaced in ``self.state`` by one that is)."""
+        for i, s in enumerate(self.state.layers):
+            if i in self._external:
+                continue
+            if not isinstance(s, SSMState):
+                raise ValueError(f"FastDecoder: layer {i} state is {type(s).__name__}, expected SSMState")
+            conv, ssm = s.conv, s.ssm
+            if conv.dtype != self.dtype or not conv.is_contiguous() or conv.requires_grad:
+                conv = conv.detach().to(self.dtype).contiguous().clone()
+            if ssm.dtype != torch.float32 or not ssm.is_contiguous() or ssm.requires_grad:
+                ssm = ssm.detach().float().contiguous().clone()
+            if conv is not s.conv or ssm is not s.ssm:
+                self.state.layers[i] = SSMState(conv, ssm)
+            self._dm.bind_state(i, conv, ssm)
+
+    # ---- stepping ------------------------------------------------------------------------------
+    def step(self, tokens: Tensor) -> Tensor:
+        """tokens (batch,) -> logits (batch, padded_vocab) of the next token; the state advances by one."""
+        return self.forward(tokens.reshape(self.batch, 1), 1)[:, 0]
+
+    def forward(self, ids: Tensor, n_last: int = 1, snapshots: bool = False) -> Tensor:
+        """ids (batch, T): T tokens in one call -> logits (batch, n_last, padded_vocab) of the last n_last.
+        ``snapshots``: keep the state after every token, for ``restore``."""
+        T = int(ids.shape[1])
+        if snapshots:
+            self._snap_base = (self.state.seqlen_offset,
+                               {i: self.state.layers[i].k.shape[2] for i in self._external})
+        else:
+            self._snap_base = None
+        with torch.inference_mode():
+            if not self._external:
+                logits = self._dm.forward(ids, n_last, snapshots)
+            else:
+                dm, layers = self._dm, self.model.backbone.layers
+                dm.embed(ids)
+                start = 0
+                for i in self._external:
+                    dm.run_layers(start, i, snapshots)
+                    x = dm.residual()
+                    xin = x if self._res_fp32 else x.to(self.dtype)
+                    out, new = layers[i](xin, state=self.state.layers[i], return_state=True)
+                    self.state.layers[i] = new
+                    x.copy_(out)
+                    start = i + 1
+                dm.run_layers(start, len(layers), snapshots)
+                logits = dm.head(n_last)
+        self.state.seqlen_offset += T
+        return logits
+
+    def restore(self, t: int) -> None:
+        """The state after token ``t`` (0-based) of the last ``forward(..., snapshots=True)``."""
+        if self._snap_base is None:
+            raise RuntimeError("FastDecoder.restore: the last forward kept no snapshots")
+        offset, kv = self._snap_base
+        self._dm.restore(int(t))
+        for i, length in kv.items():
+            s = self.state.layers[i]
+            self.state.layers[i] = AttentionState(s.k[:, :, : length + t + 1], s.v[:, :, : length + t + 1])
+        self.state.seqlen_offset = offset + t + 1
+
+    def prefill(self, ids: Tensor, n_last: int = 1) -> Tensor:
+        """Read ids (batch, L) through the module forward (the scan kernels: faster for long prompts) from the
+        current state, then copy the result into the bound state. Returns the last n_last logits."""
+        with torch.inference_mode():
+            out = self.model(ids, state=self.state, return_state=True, num_last_tokens=n_last)
+            for i, new in enumerate(out.state.layers):
+                if i in self._external:
+                    self.state.layers[i] = new
+                else:
+                    self.state.layers[i].conv.copy_(new.conv)
+                    self.state.layers[i].ssm.copy_(new.ssm)
+        self.state.seqlen_offset = out.state.seqlen_offset
+        self._snap_base = None
+        return out.logits
+
+    def save(self, slot: int) -> None:
+        """Copy the whole state into ``slot`` (buffers allocated on a slot's first use, then reused)."""
+        buf = self._slots.get(slot)
+        if buf is None:
+            buf = self._slots[slot] = [None] * len(self.state.layers) + [0]
+        with torch.inference_mode():
+            for i, s in enumerate(self.state.layers):
+                if i in self._external:
+                    buf[i] = s  # attention caches are values (a step makes new tensors): keep the reference
+                elif buf[i] is None:
+                    buf[i] = (s.conv.clone(), s.ssm.clone())
+                else:
+                    buf[i][0].copy_(s.conv)
+                    buf[i][1].copy_(s.ssm)
+        buf[-1] = self.state.seqlen_offset
+
+    def load(self, slot: int) -> None:
+        """Put the state saved in ``slot`` back (in place)."""
+        buf = self._slots[slot]
+        with torch.inference_mode():
+            for i, s in enumerate(self.state.layers):
+                if i in self._external:
+                    self.state.layers[i] = buf[i]
+                else:
+                    s.conv.copy_(buf[i][0])
+                    s.ssm.copy_(buf[i][1])
+        self.state.seqlen_offset = buf[-1]
+        self._snap_base = None
