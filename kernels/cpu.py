@@ -44,6 +44,7 @@ __all__ = [
     "causal_conv1d_update_cpu",
     "selective_state_update_cpu",
     "mamba_chunk_scan_combined_cpu",
+    "decode_model_cpu",
     "DEFAULT_CHUNK",
 ]
 
@@ -401,3 +402,25 @@ def mamba_chunk_scan_combined_cpu(
 
 
 mamba_chunk_scan_combined_cpu.supports_seq_idx = False
+
+
+def decode_model_cpu(batch: int):
+    """A new, empty compiled whole-model decode step (``csrc/model_step_cpu.h``) for ``batch`` rows.
+
+    Plain tensors in, no ssm_core (the binder is ``ssm_core.models.fast_decode.FastDecoder``)::
+
+        dm = decode_model_cpu(batch)
+        dm.set_io({"embedding": E, "lm_head": W, "norm_f_weight": w}, {"norm_f_eps": 1e-5, "residual_in_fp32": 1})
+        dm.add_layer("mamba1" | "mamba2" | "external", tensors, numbers)   # in layer order
+        dm.bind_state(i, conv_state, ssm_state)                             # updated in place by every call
+        logits = dm.forward(tokens (batch, T), n_last, snapshots)           # (batch, n_last, padded vocab)
+        dm.restore(t)                                                       # the state after token t (snapshots)
+
+    or, with external (attention) layers run by the caller in between: ``embed(tokens)``, ``run_layers(a, b,
+    snapshots)``, ``residual()`` (a (batch, T, d_model) fp32 view to read and write), ``head(n_last)``.
+    Matrices (in_proj, x_proj, dt_proj, out_proj, fc1, fc2, embedding, lm_head) are used in place: contiguous
+    fp32 or bf16, one dtype for all; per-channel parameters are contiguous fp32. The returned logits are an
+    internal buffer, overwritten by the next call. Not differentiable. Raises RuntimeError when the extension
+    cannot be built here (see ``available()``).
+    """
+    return load().DecodeModel(int(batch))

@@ -65,6 +65,8 @@ class DigitClassifier(nn.Module):
         for a, b in zip(chans[:-1], chans[1:]):
             layers += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU(), nn.MaxPool2d(2)]
         self.conv = nn.Sequential(*layers)
+        self.freq_mask = torchaudio.transforms.FrequencyMasking(4)
+        self.time_mask = torchaudio.transforms.TimeMasking(8)
         self.dropout = nn.Dropout(0.3)
         self.classifier = nn.Linear(4 * width, n_classes)
 
@@ -76,8 +78,11 @@ class DigitClassifier(nn.Module):
         return F.pad(wav, (0, SAMPLE_RATE - wav.shape[-1]))
 
     def features(self, wav: Tensor) -> Tensor:
-        """(B, L) waveforms -> (B, 128): the classifier's input (what FID compares)."""
+        """(B, L) waveforms -> (B, 128): the classifier's input (what FID compares). In training mode the
+        log-mel gets SpecAugment masks (one band of up to 4 mel bins, one span of up to 8 frames)."""
         x = torch.log(self.mel(self.fix_length(wav)) + 1e-6)[:, None]
+        if self.training:
+            x = self.time_mask(self.freq_mask(x, x.mean()), x.mean())
         return self.conv(x).mean(dim=(2, 3))
 
     def forward(self, wav: Tensor) -> Tensor:
@@ -113,8 +118,13 @@ def _waves(items) -> tuple[Tensor, Tensor]:
 
 
 def _augment(wav: Tensor, gen: torch.Generator) -> Tensor:
-    """Random shift (up to 0.1 s, circular), gain (-6..0 dB) and faint noise: voices and offsets vary."""
+    """Test voices are unseen: perturb speed and pitch together (resample by 0.8-1.25, torchaudio), shift (up to
+    0.1 s, circular), gain (-6..0 dB) and add faint noise."""
     B = wav.shape[0]
+    factor = float(torch.empty(()).uniform_(0.8, 1.25, generator=gen))
+    new_rate = int(round(SAMPLE_RATE * factor / 100)) * 100
+    if new_rate != SAMPLE_RATE:  # played back at 16 kHz: faster/higher (< 1) or slower/lower (> 1)
+        wav = DigitClassifier.fix_length(torchaudio.functional.resample(wav, SAMPLE_RATE, new_rate))
     shifts = torch.randint(-1600, 1601, (B,), generator=gen)
     wav = torch.stack([torch.roll(w, int(s)) for w, s in zip(wav, shifts)])
     gain = 10 ** (-torch.rand(B, 1, generator=gen) * 6 / 20)

@@ -3,7 +3,9 @@
     optim        AdamW with mamba_ssm's no-decay groups, warm-up + cosine (the one optimizer recipe)
     lm           CausalLMModule: next-token training of an ssm_core language model
     classify     pooling, HeadConfig, ClassifierModule (handed its network), head.json checkpoints
-    callbacks    ExportPretrained, CPUTimeBudget, HeldOutEvaluation (the app supplies the evaluation)
+    callbacks    ExportPretrained, CPUTimeBudget, HeldOutEvaluation (the app supplies the evaluation),
+                 LastCheckpoint (last.ckpt every N steps / minutes, atomic: a crash loses one interval)
+    data         ResumableLoader: training data a resumed run continues mid-epoch
     checkpoint   load_model: exported folders, classifier folders, Lightning .ckpt files
     evaluate     read_pieces / prefill / sequence_nll: any length, the state carried across pieces
     cli          cli_main: LightningCLI with ``fit`` implied and the app's default YAML
@@ -16,16 +18,17 @@ SSM maths lives in ssm_core, not here; anything specific to one domain lives in 
 """
 
 from .baselines import transformer_like
-from .callbacks import CPUTimeBudget, ExportPretrained, HeldOutEvaluation
+from .callbacks import CPUTimeBudget, ExportPretrained, HeldOutEvaluation, LastCheckpoint
 from .checkpoint import load_model
 from .classify import ClassifierModule, HeadConfig, pool
+from .data import ResumableLoader
 from .evaluate import bits_per_token, prefill, read_pieces, sequence_nll
 from .lm import CausalLMModule
 from .optim import adamw_warmup_cosine, param_groups, warmup_cosine
 
 __all__ = [
     "CausalLMModule", "ClassifierModule", "HeadConfig", "pool",
-    "ExportPretrained", "CPUTimeBudget", "HeldOutEvaluation", "load_model",
+    "ExportPretrained", "CPUTimeBudget", "HeldOutEvaluation", "LastCheckpoint", "ResumableLoader", "load_model",
     "read_pieces", "prefill", "sequence_nll", "bits_per_token",
     "adamw_warmup_cosine", "param_groups", "warmup_cosine", "transformer_like",
 ]

@@ -1,5 +1,6 @@
 """Lightning callbacks every app uses: export the trained network, a CPU-time budget, a held-out evaluation
-when fitting ends (the app supplies the evaluation, the callback does the bookkeeping)."""
+when fitting ends (the app supplies the evaluation, the callback does the bookkeeping), a last checkpoint that
+always advances (a crash loses at most one interval), no empty run folder after a failed start."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Checkpoint
 
 from ssm_core import atomic_write
 
-__all__ = ["ExportPretrained", "CPUTimeBudget", "HeldOutEvaluation", "RemoveEmptyRunOnFailure", "log_dir"]
+__all__ = ["ExportPretrained", "CPUTimeBudget", "HeldOutEvaluation", "RemoveEmptyRunOnFailure", "LastCheckpoint",
+           "log_dir"]
 
 
 def log_dir(trainer: pl.Trainer) -> Path:
@@ -124,3 +127,86 @@ class RemoveEmptyRunOnFailure(pl.Callback):
         if any(f.name.startswith(self.KEEP) for f in folder.iterdir()):
             return
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class LastCheckpoint(Checkpoint):
+    """Keep ``<log_dir>/checkpoints/last.ckpt`` current, so that a crash or ``kill -9`` at any moment loses at
+    most one interval: every ``every_n_train_steps`` optimiser steps, every ``every_minutes`` minutes of wall
+    time (either or both), and when training ends.
+
+    Lightning's ``ModelCheckpoint(monitor=..., save_last=True)`` moves last.ckpt only when it saves (when
+    validation runs, or improves), so a crash could cost several epochs; keep a monitored ModelCheckpoint,
+    without ``save_last``, for the best model only. Each save is atomic: the checkpoint is written to a temp
+    file beside last.ckpt (``ssm_core.atomic_write``, on rank 0; every rank takes part, saving is a collective)
+    and renamed over it, so a kill during a save leaves the previous last.ckpt whole. The loggers are flushed
+    first, so metrics.csv holds every step up to the checkpoint.
+
+    Resume with ``--ckpt_path <log_dir>/checkpoints/last.ckpt``: model, optimiser, schedules, step and epoch
+    counters and callback states come back, and with the apps' ``apps.common.data.ResumableLoader`` the data
+    continues with the first batch the killed run had not trained on, so (at a fixed seed) the resumed loss
+    curve continues the original's step for step. Lightning subclasses of ``Checkpoint`` run after the other
+    callbacks' hooks, so the state saved includes this step's bookkeeping (e.g. ``CPUTimeBudget``).
+    """
+
+    def __init__(self, every_n_train_steps: int | None = 10, every_minutes: float | None = None,
+                 dirpath: str | None = None, filename: str = "last.ckpt"):
+        if every_n_train_steps is not None and (not isinstance(every_n_train_steps, int) or every_n_train_steps < 1):
+            raise ValueError(f"LastCheckpoint: every_n_train_steps must be a positive int or null, "
+                             f"got {every_n_train_steps!r}")
+        if every_minutes is not None and not every_minutes > 0:
+            raise ValueError(f"LastCheckpoint: every_minutes must be positive or null, got {every_minutes!r}")
+        if not filename or os.sep in filename:
+            raise ValueError(f"LastCheckpoint: filename must be a file name, got {filename!r}")
+        self.every_n_train_steps, self.every_minutes = every_n_train_steps, every_minutes
+        self.dirpath, self.filename = dirpath, filename
+        self.path: Path | None = None  # where it writes, known once fitting starts
+        self.saved_step = -1  # the global step of the last save
+        self._last_time = time.monotonic()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # log_dir on every rank: under DDP it is a collective
+            self.path = (Path(self.dirpath) if self.dirpath else log_dir(trainer) / "checkpoints") / self.filename
+            self._last_time = time.monotonic()
+
+    def _enabled(self, trainer: pl.Trainer) -> bool:
+        return self.path is not None and not trainer.sanity_checking and not trainer.fast_dev_run
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self._enabled(trainer) or step == self.saved_step:  # accumulating gradients, or saved at this step
+            return
+        due = bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
+        if self.every_minutes is not None:
+            due = due or time.monotonic() - self._last_time >= 60.0 * self.every_minutes
+            due = bool(trainer.strategy.broadcast(due))  # every rank must agree: saving is a collective
+        if due:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._enabled(trainer):
+            self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> Path:
+        """Write the checkpoint now (every rank must call it); returns its path."""
+        assert self.path is not None, "LastCheckpoint.save before fitting started"
+        for logger in trainer.loggers:
+            logger.save()
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+            def write(tmp: str) -> None:
+                trainer.strategy.broadcast(tmp)
+                trainer.save_checkpoint(tmp, weights_only=False)
+
+            atomic_write(self.path, write)
+        else:
+            trainer.save_checkpoint(trainer.strategy.broadcast(None), weights_only=False)
+        self.saved_step = trainer.global_step
+        self._last_time = time.monotonic()
+        return self.path
+
+    def state_dict(self) -> dict:
+        return {"saved_step": self.saved_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.saved_step = int(state_dict.get("saved_step", -1))

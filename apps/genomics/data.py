@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from apps.common.data import ResumableLoader
 from apps.common.paths import SAMPLES, repo_path
 
 __all__ = [
@@ -521,7 +522,9 @@ class DNADataModule(pl.LightningDataModule):
 
     Sequence-length warm-up (``warmup_min_len``): epoch e trains on windows of
     min(seq_len, warmup_min_len * 2^(e // warmup_every_epochs)) bases with the batch scaled to keep tokens
-    per batch (and per epoch) constant. The train loader is rebuilt every epoch for it.
+    per batch (and per epoch) constant. The train loader is rebuilt every epoch, and a run resumed from a
+    mid-epoch checkpoint continues with the batch the interrupted run had not trained on
+    (apps.common.data.ResumableLoader).
     """
 
     def __init__(self, fasta: str = str(SAMPLE_FASTA), bed: str | None = None, seq_len: int = 1024,
@@ -546,8 +549,9 @@ class DNADataModule(pl.LightningDataModule):
             self.intervals = read_bed(repo_path(hp.bed), self.fasta)
         else:
             self.intervals = holdout_intervals(self.fasta, hp.valid_frac, hp.test_frac)
-        if hp.warmup_min_len and self.trainer is not None:
-            # the warm-up changes window length per epoch: Lightning must call train_dataloader() each epoch
+        if self.trainer is not None:
+            # a new loader each epoch: the warm-up changes the window length, and each epoch draws its windows
+            # from (seed, epoch, i) from the first batch on (also after resuming at an epoch's end)
             self.trainer.reload_dataloaders_every_n_epochs = 1
 
     def split(self, name: str) -> list[Interval]:
@@ -571,8 +575,10 @@ class DNADataModule(pl.LightningDataModule):
                            seed=hp.seed, in_memory_max_bases=hp.in_memory_max_bases)
         ds.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         self._train = ds
-        return DataLoader(ds, batch_size=batch, shuffle=False, drop_last=True, num_workers=hp.num_workers,
-                          persistent_workers=False)
+        # in index order, resumable mid-epoch: a run resumed from a checkpoint trains on the batches the
+        # interrupted one had not reached, the same windows in the same order
+        return ResumableLoader(ds, batch_size=batch, trainer=self.trainer, drop_last=True,
+                               num_workers=hp.num_workers, persistent_workers=False)
 
     def _eval_loader(self, split: str) -> DataLoader:
         self.setup()

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from apps.common.data import ResumableLoader
 from apps.common.paths import SAMPLES, repo_path
 
 __all__ = ["BOS", "EOS", "PAD", "SAMPLE_DIR", "Doc", "ByteCorpus", "ByteDataModule", "encode", "enwik8_splits",
@@ -267,12 +268,14 @@ class ByteDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp, corpus = self.hparams, self.corpus("train")
+        # in index order and resumable mid-epoch (apps.common.data): a run resumed from a checkpoint trains on
+        # the batches the interrupted one had not reached, in the same order
         if hp.tbptt:
-            return DataLoader(Streams(corpus, hp.seq_len, hp.batch_size), batch_size=None, shuffle=False,
-                              num_workers=hp.num_workers)
+            return ResumableLoader(Streams(corpus, hp.seq_len, hp.batch_size), batch_size=None, trainer=self.trainer,
+                                   num_workers=hp.num_workers)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         ds = RandomWindows(corpus, hp.seq_len, hp.samples_per_epoch, seed=hp.seed + epoch)
-        return DataLoader(ds, batch_size=hp.batch_size, shuffle=False, num_workers=hp.num_workers)
+        return ResumableLoader(ds, batch_size=hp.batch_size, trainer=self.trainer, num_workers=hp.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -39,6 +39,7 @@
 #include "simd.h"
 #include "causal_conv1d_cpu.h"
 #include "state_update_cpu.h"
+#include "model_step_cpu.h"
 
 namespace hiss {
 
@@ -697,4 +698,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("silu"), py::arg("dout"), py::arg("dfinal_states") = py::none());
   m.def("conv_update", &hiss::conv_update, "causal conv1d decode step, state shifted in place -> out",
         py::arg("x"), py::arg("state"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("silu") = false);
+  py::class_<hiss::DecodeModel>(m, "DecodeModel", "whole-model decode step (kernels/csrc/model_step_cpu.h)")
+      .def(py::init<int64_t>(), py::arg("batch"))
+      .def("set_io", &hiss::DecodeModel::set_io, py::arg("tensors"), py::arg("numbers"))
+      .def("add_layer", &hiss::DecodeModel::add_layer, py::arg("kind"), py::arg("tensors"), py::arg("numbers"))
+      .def("bind_state", &hiss::DecodeModel::bind_state, py::arg("layer"), py::arg("conv"), py::arg("ssm"))
+      .def("embed", &hiss::DecodeModel::embed, py::arg("tokens"))
+      .def("run_layers", &hiss::DecodeModel::run_layers, py::arg("begin"), py::arg("end"), py::arg("snapshots"))
+      .def("residual", &hiss::DecodeModel::residual)
+      .def("head", &hiss::DecodeModel::head, py::arg("n_last"))
+      .def("forward", &hiss::DecodeModel::forward, py::arg("tokens"), py::arg("n_last"), py::arg("snapshots"))
+      .def("restore", &hiss::DecodeModel::restore, py::arg("t"))
+      .def("set_small_rows", &hiss::DecodeModel::set_small_rows, py::arg("rows"))
+      .def_property_readonly("small_rows", &hiss::DecodeModel::small_rows)
+      .def_property_readonly("batch", &hiss::DecodeModel::batch)
+      .def_property_readonly("num_layers", &hiss::DecodeModel::num_layers);
 }

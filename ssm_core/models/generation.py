@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..state import ModelState
 from .sampling import allowed_mask, check_generation, filter_logits, is_greedy, restrict_logits, sample_logits
+from .fast_decode import fast_decoder_or_none
 from .speculative import SpecStats, speculative_stream
 
 __all__ = ["GenerationMixin", "sample_logits", "filter_logits", "is_greedy"]
@@ -23,7 +24,8 @@ class GenerationMixin:
                top_p: float = 0.0, eos_token_id: int | None = None, seed: int | None = None,
                state: ModelState | None = None, vocab_size: int | None = None, *,
                allowed_tokens: Sequence[int] | Tensor | None = None, draft=None, k: int = 4,
-               stats: SpecStats | None = None, draft_state: ModelState | None = None) -> Iterator[Tensor]:
+               stats: SpecStats | None = None, draft_state: ModelState | None = None,
+               fast: bool = True) -> Iterator[Tensor]:
         """Yield the next token ids (batch,) one step at a time. ``state`` continues a saved context
         (``input_ids`` are then the tokens after it). Rows that emitted ``eos_token_id`` keep emitting it.
         Sampling is restricted to the first ``vocab_size`` ids (default: config.vocab_size, not padding), and
@@ -34,6 +36,11 @@ class GenerationMixin:
         (``speculative_stream``: the same distribution as plain sampling, greedy gives the same tokens), ``k``
         drafted tokens per round, batch 1 only; ``draft_state`` is the draft's state of the context in
         ``state``; ``stats`` (a SpecStats) is filled in as generation goes.
+
+        ``fast`` (default True): after the prompt (read by the module forward), every token is one call of the
+        compiled whole-model step (``ssm_core.models.fast_decode.FastDecoder``, CPU, fp32 / bf16) when the model
+        supports it, else the module path; ``fast=False`` always steps through the modules (the reference twin).
+        Tokens are the same either way up to float rounding.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"generate: input_ids must be (batch, L>=1), got {tuple(input_ids.shape)}")
@@ -44,7 +51,7 @@ class GenerationMixin:
                 raise ValueError(f"generate: speculative decoding (draft=...) needs batch 1, got input_ids "
                                  f"{tuple(input_ids.shape)}")
             yield from speculative_stream(self, draft, input_ids, max_new_tokens, k, temperature, top_k, top_p, seed,
-                                          state, draft_state, vocab, eos_token_id, stats, allowed_tokens)
+                                          state, draft_state, vocab, eos_token_id, stats, allowed_tokens, fast=fast)
             return
         if stats is not None or draft_state is not None:
             raise ValueError("generate: stats and draft_state are for speculative decoding; pass draft=")
@@ -55,19 +62,24 @@ class GenerationMixin:
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         out = self(input_ids, state=state, return_state=True, num_last_tokens=1)
-        state = out.state
+        state, last = out.state, out.logits[:, -1]
+        # the state is this loop's own from here (the forward made new tensors): the compiled step updates it in place
+        decoder = fast_decoder_or_none(self, state) if fast and max_new_tokens > 1 else None
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = restrict_logits(out.logits[:, -1, :vocab], allowed)
+        for i in range(max_new_tokens):
+            logits = restrict_logits(last[:, :vocab], allowed)
             token = sample_logits(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 token = token.masked_fill(done, eos_token_id)
                 done |= token == eos_token_id
             yield token
-            if eos_token_id is not None and bool(done.all()):
-                return
-            out = self(token[:, None], state=state, return_state=True)
-            state = out.state
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                return  # (no step after the last token: nobody reads its logits)
+            if decoder is not None:
+                last = decoder.step(token)
+            else:
+                out = self(token[:, None], state=state, return_state=True)
+                state, last = out.state, out.logits[:, -1]
 
     def generate(self, input_ids: Tensor, max_new_tokens: int | None = None, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 0.0, eos_token_id: int | None = None, seed: int | None = None,
@@ -75,7 +87,7 @@ class GenerationMixin:
         """Returns (batch, L + new) token ids: the prompt followed by up to ``max_new_tokens`` tokens.
         ``max_length`` (mamba_ssm's argument: total length) may be given instead (a prompt already that
         long gets no new tokens). ``kwargs`` go to ``stream``: vocab_size, allowed_tokens, draft, k, stats,
-        draft_state."""
+        draft_state, fast."""
         if max_new_tokens is None:
             if max_length is None:
                 raise ValueError("generate: give max_new_tokens (or max_length)")

@@ -60,24 +60,31 @@ class BiMambaV2(Mamba):
         self.D_b = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))
         self.D_b._no_weight_decay = True
 
-    def _direction(self, x: Tensor, z: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
-                   A_log: Tensor, D: Tensor) -> Tensor:
-        """x, z: (batch, d_inner, L) -> gated scan output (batch, d_inner, L), one direction."""
-        x = causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu")
-        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = dt @ dt_proj.weight.t()  # the dt bias goes in separately, in fp32
-        return selective_scan(x, dt.transpose(1, 2), -torch.exp(fp32(A_log)), B.transpose(1, 2),
-                              C.transpose(1, 2), fp32(D), z, delta_bias=fp32(dt_proj.bias), delta_softplus=True)
-
     def forward(self, hidden_states: Tensor, state=None, return_state: bool = False) -> Tensor:
-        """hidden_states: (batch, L, d_model) -> (batch, L, d_model)."""
+        """hidden_states: (batch, L, d_model) -> (batch, L, d_model).
+
+        Both directions run as one conv and one scan over 2 * d_inner channels: the backward half holds the
+        time-reversed x and z, and B, C enter as two groups (the scan's grouped layout), so the result is the
+        two separate passes' exactly, in half the kernel calls."""
         if state is not None or return_state:
             raise ValueError("BiMambaV2 sees the whole sequence in both directions and has no streaming state")
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
-        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_b = self._direction(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
-                              self.A_b_log, self.D_b).flip(-1)
-        y = y_f + y_b
+        E, R, N = self.d_inner, self.dt_rank, self.d_state
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (batch, L, d_inner) each
+        x2 = torch.cat([x, x.flip(1)], dim=-1).transpose(1, 2)  # (batch, 2E, L): forward | reversed
+        z2 = torch.cat([z, z.flip(1)], dim=-1).transpose(1, 2)
+        conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1)
+        conv_b = None if self.conv1d.bias is None else torch.cat([self.conv1d.bias, self.conv1d_b.bias])
+        xc = causal_conv1d(x2, conv_w, conv_b, activation="silu")  # (batch, 2E, L)
+        xt = xc.transpose(1, 2)
+        dbc_f, dbc_b = self.x_proj(xt[..., :E]), self.x_proj_b(xt[..., E:])  # (batch, L, R + 2N) each
+        dt = torch.cat([dbc_f[..., :R] @ self.dt_proj.weight.t(), dbc_b[..., :R] @ self.dt_proj_b.weight.t()], -1)
+        B = torch.stack([dbc_f[..., R:R + N], dbc_b[..., R:R + N]], dim=1).transpose(-1, -2)  # (batch, 2, N, L)
+        C = torch.stack([dbc_f[..., R + N:], dbc_b[..., R + N:]], dim=1).transpose(-1, -2)
+        A = -torch.exp(torch.cat([fp32(self.A_log), fp32(self.A_b_log)]))
+        D = torch.cat([fp32(self.D), fp32(self.D_b)])
+        dt_bias = torch.cat([fp32(self.dt_proj.bias), fp32(self.dt_proj_b.bias)])
+        y = selective_scan(xc, dt.transpose(1, 2), A, B, C, D, z2, delta_bias=dt_bias, delta_softplus=True)
+        y = y[:, :E] + y[:, E:].flip(-1)
         if self.divide_out:
             y = y / 2
         return self.out_proj(y.transpose(1, 2))

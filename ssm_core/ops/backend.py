@@ -53,7 +53,7 @@ KERNELS: dict[str, dict[str, str]] = {
     # the whole-model decode step (every layer of an LM in one call); CPU only, used by
     # ssm_core.models.fast_decode.FastDecoder (generate / stream / speculative decoding)
     "model_step": {
-        "cpu": "kernels.model_step:decode_model_cpu",
+        "cpu": "kernels.cpu:decode_model_cpu",
     },
 }
 

@@ -1,0 +1,902 @@
+// Whole-model decode step on CPU (hiss kernels): every Mamba-1 / Mamba-2 layer of a language model in one
+// call, no Python per layer per token.
+//
+//   x = embedding[token]                              (residual; fp32 when residual_in_fp32)
+//   per layer:  h = norm(x);  mixer(h) as in ssm_core.modules.{Mamba, Mamba2}._step;  x += out
+//               [h2 = norm2(x); x += fc2(fc1(h2) gated)]            (gated MLP, d_intermediate > 0)
+//   logits = lm_head(norm_f(x))
+//
+// The weights are the modules' own tensors (matrices are not copied: fp32 or bf16, read in place; the small
+// per-channel parameters arrive as fp32 copies made once by the Python binder), and the state is the caller's
+// ModelState tensors, updated in place (conv state in the model dtype, SSM state fp32). All scratch buffers
+// are allocated when the model is built or when a larger token count is first seen, never per token.
+//
+// Numerics follow the module path: activations are fp32 here; wherever the module path holds a tensor in the
+// model dtype (bf16 models) the value is rounded to bf16 at the same place (round to nearest even), so the
+// bf16 step reproduces the module's roundings; state and accumulation are fp32.
+//
+// T tokens per row in one call (the multi-token step for speculative verification): every matmul runs on
+// the batch*T rows at once, so each weight matrix is read once for all T tokens; the conv and the SSM
+// recurrences walk the T tokens in order per channel. Optionally the state after every token is written to
+// snapshot buffers, and restore(t) puts the state after token t back (a rejected speculative draft costs a
+// copy, not a re-run).
+//
+// Matmuls: rows <= small_rows (default 4) go through our own GEMV kernel (4 weight rows per block, fp32 or
+// bf16 weights widened in registers, AVX2+FMA variant picked at run time; threads over output rows): at
+// batch 1 a decode step is a stream of the weights, and this kernel reads them once at memory speed with no
+// packing. Larger row counts go to ATen's mm (MKL for fp32, oneDNN for bf16) into preallocated outputs.
+//
+// Layers of another kind (attention) are "external": the Python side runs them between calls to
+// run_layers(begin, end) on the residual buffer (hybrid models).
+
+#pragma once
+
+#include "simd.h"
+
+#include <map>
+#include <string>
+
+namespace hiss {
+
+// 8 x uint32 vectors: loads at 2-byte alignment (16 bf16 weights), splat
+typedef uint32_t v8u_u __attribute__((vector_size(32), aligned(2)));
+template <>
+struct Splat<v8u> {
+  static HISS_INLINE v8u make(uint32_t s) {
+    v8u x = {};
+    x[0] = s;
+    return __builtin_shufflevector(x, x, 0, 0, 0, 0, 0, 0, 0, 0);
+  }
+};
+template <>
+struct Unaligned<v8u> {
+  typedef v8u_u type;
+};
+
+namespace ms {
+
+// ---- bf16 ---------------------------------------------------------------------------------------
+#ifndef HISS_PREFETCH
+#define HISS_PREFETCH 2048
+#endif
+constexpr int64_t kPrefetch = HISS_PREFETCH;  // elements ahead (bf16; fp32 uses half): 2 KB per weight row
+
+HISS_INLINE float bf2f(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+HISS_INLINE uint16_t f2bf(float f) {  // round to nearest even (c10::BFloat16's rule); NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+HISS_INLINE float rbf(float f) { return bf2f(f2bf(f)); }
+
+typedef uint16_t v8us __attribute__((vector_size(16), aligned(2)));
+
+HISS_INLINE v8f wload(const float* p) { return vload<v8f>(p); }
+HISS_INLINE v8f wload(const uint16_t* p) {
+  v8us h = *reinterpret_cast<const v8us*>(p);
+  v8u w = __builtin_convertvector(h, v8u) << 16;
+  return (v8f)w;
+}
+HISS_INLINE float wscalar(float v) { return v; }
+HISS_INLINE float wscalar(uint16_t v) { return bf2f(v); }
+
+// bf16 weights without shuffles: 16 weights loaded as 8 uint32 lanes give the even-indexed ones as (v << 16)
+// and the odd-indexed ones as (v & 0xffff0000); x is handed over deinterleaved the same way (per 16-block:
+// x[k], x[k+2], ..., x[k+14], then x[k+1], ..., x[k+15]), prepared once per matmul.
+HISS_INLINE void deinterleave16(const float* x, int64_t K, float* xd) {
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t k = 0; k < K16; k += 16)
+    for (int j = 0; j < 8; ++j) xd[k + j] = x[k + 2 * j], xd[k + 8 + j] = x[k + 2 * j + 1];
+}
+
+HISS_INLINE void gemv_bf16_impl(const uint16_t* W, int64_t K, const float* x, const float* xd, int64_t ldx, int64_t M,
+                                float* y, int64_t ldy, const float* bias, int64_t o0, int64_t o1, bool rnd) {
+  const int64_t K16 = K / 16 * 16;
+  const v8u hi = splat<v8u>(0xffff0000u);
+  for (int64_t o = o0; o < o1; o += 4) {
+    const int64_t nr = std::min<int64_t>(4, o1 - o);
+    const uint16_t* w0 = W + o * K;
+    const uint16_t* w1 = w0 + (nr > 1 ? K : 0);
+    const uint16_t* w2 = w0 + (nr > 2 ? 2 * K : 0);
+    const uint16_t* w3 = w0 + (nr > 3 ? 3 * K : 0);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * ldx;
+      const float* xdm = xd + m * K;
+      v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t k = 0; k < K16; k += 16) {
+        if (m == 0 && (k & 31) == 0) {  // one prefetch per 64-byte line, ahead: keeps enough misses in flight
+          __builtin_prefetch(w0 + k + kPrefetch), __builtin_prefetch(w1 + k + kPrefetch);
+          __builtin_prefetch(w2 + k + kPrefetch), __builtin_prefetch(w3 + k + kPrefetch);
+        }
+        const v8f xe = vload<v8f>(xdm + k), xo = vload<v8f>(xdm + k + 8);
+        v8u u;
+        u = vload<v8u>(w0 + k), a0 += (v8f)(u << 16) * xe + (v8f)(u & hi) * xo;
+        u = vload<v8u>(w1 + k), a1 += (v8f)(u << 16) * xe + (v8f)(u & hi) * xo;
+        u = vload<v8u>(w2 + k), a2 += (v8f)(u << 16) * xe + (v8f)(u & hi) * xo;
+        u = vload<v8u>(w3 + k), a3 += (v8f)(u << 16) * xe + (v8f)(u & hi) * xo;
+      }
+      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (int64_t k = K16; k < K; ++k) {
+        s[0] += bf2f(w0[k]) * xm[k];
+        s[1] += bf2f(w1[k]) * xm[k];
+        s[2] += bf2f(w2[k]) * xm[k];
+        s[3] += bf2f(w3[k]) * xm[k];
+      }
+      float* ym = y + m * ldy + o;
+      for (int64_t r = 0; r < nr; ++r) {
+        const float v = s[r] + (bias ? bias[o + r] : 0.f);
+        ym[r] = rnd ? rbf(v) : v;
+      }
+    }
+  }
+}
+
+// ---- GEMV for a few rows: y[m, o] = bias[o] + sum_k W[o, k] x[m, k], output rows [o0, o1) ----------------
+template <typename WT>
+HISS_INLINE void gemv_impl(const WT* W, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                           const float* bias, int64_t o0, int64_t o1, bool rnd) {
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t o = o0; o < o1; o += 4) {
+    const int64_t nr = std::min<int64_t>(4, o1 - o);
+    const WT* w0 = W + o * K;
+    const WT* w1 = w0 + (nr > 1 ? K : 0);
+    const WT* w2 = w0 + (nr > 2 ? 2 * K : 0);
+    const WT* w3 = w0 + (nr > 3 ? 3 * K : 0);
+    for (int64_t m = 0; m < M; ++m) {  // the 4-row weight block stays in L1 for m > 0
+      const float* xm = x + m * ldx;
+      v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t k = 0; k < K8; k += 8) {
+        if (m == 0 && (k & 15) == 0) {
+          __builtin_prefetch(w0 + k + kPrefetch / 2), __builtin_prefetch(w1 + k + kPrefetch / 2);
+          __builtin_prefetch(w2 + k + kPrefetch / 2), __builtin_prefetch(w3 + k + kPrefetch / 2);
+        }
+        const v8f xv = vload<v8f>(xm + k);
+        a0 += wload(w0 + k) * xv;
+        a1 += wload(w1 + k) * xv;
+        a2 += wload(w2 + k) * xv;
+        a3 += wload(w3 + k) * xv;
+      }
+      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+      for (int64_t k = K8; k < K; ++k) {
+        s[0] += wscalar(w0[k]) * xm[k];
+        s[1] += wscalar(w1[k]) * xm[k];
+        s[2] += wscalar(w2[k]) * xm[k];
+        s[3] += wscalar(w3[k]) * xm[k];
+      }
+      float* ym = y + m * ldy + o;
+      for (int64_t r = 0; r < nr; ++r) {
+        const float v = s[r] + (bias ? bias[o + r] : 0.f);
+        ym[r] = rnd ? rbf(v) : v;
+      }
+    }
+  }
+}
+
+}  // namespace ms
+
+// ---- the model ----------------------------------------------------------------------------------
+class DecodeModel {
+ public:
+  typedef std::map<std::string, at::Tensor> Tensors;
+  typedef std::map<std::string, double> Numbers;
+
+  explicit DecodeModel(int64_t batch) : B_(batch) { TORCH_CHECK(batch >= 1, "DecodeModel: batch must be >= 1"); }
+
+  // embedding (V, D) and lm_head (Vp, D) in the weight dtype; norm_f weight [bias] fp32.
+  void set_io(const Tensors& t, const Numbers& n) {
+    emb_ = mat(t, "embedding");
+    head_ = lin(t, "lm_head", "");
+    TORCH_CHECK(emb_.scalar_type() == head_.w.scalar_type(), "embedding and lm_head must share a dtype");
+    bf_ = emb_.scalar_type() == at::kBFloat16;
+    D_ = emb_.size(1);
+    TORCH_CHECK(head_.K == D_, "lm_head must be (vocab, d_model)");
+    normf_ = norm(t, n, "norm_f");
+    res_fp32_ = num(n, "residual_in_fp32", 1) != 0;
+  }
+
+  // kind: "mamba1", "mamba2" or "external" (a layer the caller runs itself, e.g. attention).
+  void add_layer(const std::string& kind, const Tensors& t, const Numbers& n) {
+    Layer L;
+    if (kind == "external") {
+      L.kind = 2;
+      layers_.push_back(std::move(L));
+      return;
+    }
+    TORCH_CHECK(kind == "mamba1" || kind == "mamba2", "add_layer: kind must be mamba1, mamba2 or external");
+    L.kind = kind == "mamba1" ? 0 : 1;
+    L.norm = norm(t, n, "norm");
+    L.in_proj = lin(t, "in_proj", "in_proj_bias");
+    L.out_proj = lin(t, "out_proj", "out_proj_bias");
+    L.conv_w = f32(t, "conv_weight");  // (conv_dim, W)
+    L.conv_dim = L.conv_w.size(0), L.W = L.conv_w.size(1);
+    if (t.count("conv_bias")) L.conv_b = f32(t, "conv_bias");
+    L.A = f32(t, "A"), L.D = f32(t, "D"), L.dt_bias = f32(t, "dt_bias");
+    L.N = (int64_t)num(n, "d_state");
+    if (L.kind == 0) {
+      L.Di = L.conv_dim;
+      L.selective = num(n, "selective", 1) != 0;
+      if (L.selective) {
+        L.x_proj = lin(t, "x_proj", "");
+        L.dt_proj = lin(t, "dt_proj", "");
+        L.R = L.x_proj.O - 2 * L.N;
+        TORCH_CHECK(L.R >= 1 && L.dt_proj.K == L.R && L.dt_proj.O == L.Di && L.x_proj.K == L.Di, "x_proj/dt_proj shapes");
+      } else {
+        L.Bfix = f32(t, "B"), L.Cfix = f32(t, "C");
+      }
+      TORCH_CHECK(L.in_proj.O == 2 * L.Di && L.out_proj.K == L.Di, "mamba1 in_proj/out_proj shapes");
+      TORCH_CHECK(L.A.numel() == L.Di * L.N && L.D.numel() == L.Di && L.dt_bias.numel() == L.Di, "mamba1 A/D/dt_bias");
+      L.d_inner = L.Di;
+    } else {
+      L.H = (int64_t)num(n, "nheads"), L.P = (int64_t)num(n, "headdim"), L.G = (int64_t)num(n, "ngroups");
+      L.d_ssm = L.H * L.P;
+      L.d_mlp = (int64_t)num(n, "d_mlp");
+      L.d_inner = L.d_mlp + L.d_ssm;
+      L.dt_lo = (float)num(n, "dt_min"), L.dt_hi = (float)num(n, "dt_max");
+      L.clamp = num(n, "dt_clamp") != 0;
+      L.rmsnorm = num(n, "rmsnorm") != 0;
+      L.norm_before_gate = num(n, "norm_before_gate") != 0;
+      if (L.rmsnorm) {
+        L.gnorm_w = f32(t, "gnorm_weight");
+        L.gnorm_eps = (float)num(n, "gnorm_eps");
+        L.gsize = (int64_t)num(n, "gnorm_group");
+      }
+      L.D_hdim = L.D.numel() == L.d_ssm && L.d_ssm != L.H;
+      TORCH_CHECK(L.conv_dim == L.d_ssm + 2 * L.G * L.N, "mamba2 conv_dim");
+      TORCH_CHECK(L.in_proj.O == 2 * L.d_mlp + L.d_ssm + L.conv_dim + L.H, "mamba2 in_proj shape");
+      TORCH_CHECK(L.out_proj.K == L.d_inner, "mamba2 out_proj shape");
+      TORCH_CHECK(L.A.numel() == L.H && L.dt_bias.numel() == L.H && (L.D.numel() == L.H || L.D.numel() == L.d_ssm),
+                  "mamba2 A/D/dt_bias");
+      TORCH_CHECK(L.H % L.G == 0, "nheads must be a multiple of ngroups");
+    }
+    if (t.count("fc1")) {
+      L.mlp = true;
+      L.norm2 = norm(t, n, "norm2");
+      L.fc1 = lin(t, "fc1", "fc1_bias");
+      L.fc2 = lin(t, "fc2", "fc2_bias");
+      TORCH_CHECK(L.fc1.O == 2 * L.fc2.K, "fc1 must give 2 x fc2's input");
+    }
+    for (const ms_Lin* l : {&L.in_proj, &L.out_proj, &L.x_proj, &L.dt_proj, &L.fc1, &L.fc2})
+      TORCH_CHECK(!l->w.defined() || l->w.scalar_type() == emb_.scalar_type(), "all matrices must share the embedding's dtype");
+    layers_.push_back(std::move(L));
+  }
+
+  // The layer's state tensors, updated in place by every step: conv (batch, conv_dim, S >= W - 1) in the weight
+  // dtype, ssm (batch, d_inner, N) or (batch, nheads, headdim, N) fp32, both contiguous.
+  void bind_state(int64_t i, at::Tensor conv, at::Tensor ssm) {
+    TORCH_CHECK(i >= 0 && i < (int64_t)layers_.size() && layers_[i].kind != 2, "bind_state: not a Mamba layer");
+    Layer& L = layers_[i];
+    TORCH_CHECK(conv.is_contiguous() && conv.dim() == 3 && conv.size(0) == B_ && conv.size(1) == L.conv_dim &&
+                    conv.size(2) >= L.W - 1 && conv.scalar_type() == emb_.scalar_type(),
+                "bind_state: conv state must be contiguous (batch, conv_dim, >= d_conv - 1) of the weight dtype");
+    TORCH_CHECK(ssm.is_contiguous() && ssm.scalar_type() == at::kFloat && ssm.size(0) == B_ &&
+                    ssm.numel() == B_ * (L.kind == 0 ? L.Di : L.d_ssm) * L.N,
+                "bind_state: ssm state must be contiguous fp32 (batch, ...) of the layer's size");
+    L.conv_state = conv, L.ssm_state = ssm;
+    L.S = conv.size(2);
+    L.snap_conv.clear(), L.snap_ssm.clear();
+  }
+
+  int64_t batch() const { return B_; }
+  int64_t num_layers() const { return (int64_t)layers_.size(); }
+  void set_small_rows(int64_t r) { small_rows_ = r; }
+  int64_t small_rows() const { return small_rows_; }
+
+  // ---- the call sequence: embed(tokens) -> run_layers(a, b) ... -> head(n_last) -----------------------
+  void embed(const at::Tensor& tokens) {
+    TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == B_ && tokens.size(1) >= 1, "tokens must be (batch, T >= 1)");
+    at::Tensor tk = tokens.to(at::kLong).contiguous();
+    T_ = tk.size(1);
+    const int64_t M = B_ * T_;
+    reserve(M);
+    const int64_t* ids = tk.data_ptr<int64_t>();
+    const int64_t V = emb_.size(0);
+    for (int64_t m = 0; m < M; ++m) {
+      TORCH_CHECK(ids[m] >= 0 && ids[m] < V, "token id ", ids[m], " outside [0, ", V, ")");
+      float* x = x_.data() + m * D_;
+      if (bf_) {
+        const uint16_t* e = reinterpret_cast<const uint16_t*>(emb_.data_ptr<at::BFloat16>()) + ids[m] * D_;
+        for (int64_t d = 0; d < D_; ++d) x[d] = ms::bf2f(e[d]);
+      } else {
+        std::memcpy(x, emb_.data_ptr<float>() + ids[m] * D_, sizeof(float) * D_);
+      }
+    }
+    snapshots_ = false;
+  }
+
+  // Run layers [begin, end) on the residual (all must be Mamba layers); with_snapshots keeps each token's state.
+  void run_layers(int64_t begin, int64_t end, bool with_snapshots) {
+    TORCH_CHECK(T_ > 0, "run_layers: call embed first");
+    snapshots_ = with_snapshots;
+    for (int64_t i = begin; i < end; ++i) {
+      Layer& L = layers_[i];
+      TORCH_CHECK(L.kind != 2, "run_layers: layer ", i, " is external (run it from Python)");
+      TORCH_CHECK(L.conv_state.defined(), "run_layers: layer ", i, " has no bound state");
+      layer_step(L);
+    }
+  }
+
+  // The residual stream (batch, T, d_model) fp32: a view of the internal buffer (for external layers).
+  at::Tensor residual() {
+    return at::from_blob(x_.data(), {B_, T_, D_}, at::TensorOptions().dtype(at::kFloat));
+  }
+
+  // Final norm + LM head on the last n_last tokens of each row -> logits (batch, n_last, vocab) in the weight
+  // dtype. The returned tensor is an internal buffer, overwritten by the next call.
+  at::Tensor head(int64_t n_last) {
+    TORCH_CHECK(n_last >= 1 && n_last <= T_, "head: n_last must be in [1, T]");
+    const int64_t M = B_ * n_last, Vp = head_.O;
+    for (int64_t b = 0; b < B_; ++b)
+      for (int64_t j = 0; j < n_last; ++j)
+        norm_row(normf_, x_.data() + (b * T_ + T_ - n_last + j) * D_, h_.data() + (b * n_last + j) * D_);
+    auto opts = at::TensorOptions().dtype(bf_ ? at::kBFloat16 : at::kFloat);
+    if (!logits_.defined() || logits_.size(0) != B_ || logits_.size(1) != n_last) logits_ = at::empty({B_, n_last, Vp}, opts);
+    if (!bf_) {
+      linear(head_, h_.data(), D_, M, logits_.data_ptr<float>(), Vp, false);
+    } else {
+      if ((int64_t)lg_.size() < M * Vp) lg_.resize(M * Vp);
+      linear(head_, h_.data(), D_, M, lg_.data(), Vp, true);
+      uint16_t* o = reinterpret_cast<uint16_t*>(logits_.data_ptr<at::BFloat16>());
+      const float* s = lg_.data();
+      at::parallel_for(0, M * Vp, 1 << 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) o[i] = ms::f2bf(s[i]);
+      });
+    }
+    return logits_;
+  }
+
+  // Everything in one call when no layer is external: tokens (batch, T) -> logits (batch, n_last, vocab).
+  at::Tensor forward(const at::Tensor& tokens, int64_t n_last, bool with_snapshots) {
+    embed(tokens);
+    run_layers(0, (int64_t)layers_.size(), with_snapshots);
+    return head(n_last);
+  }
+
+  // Put back the state after token t (0-based) of the last forward run with snapshots, every Mamba layer.
+  void restore(int64_t t) {
+    TORCH_CHECK(snapshots_ && t >= 0 && t < T_, "restore: no snapshot of token ", t);
+    for (Layer& L : layers_) {
+      if (L.kind == 2) continue;
+      const int64_t nc = L.conv_state.numel(), ns = L.ssm_state.numel();
+      copy_any(L.conv_state.data_ptr(), L.snap_conv.data() + t * nc * esize(), nc * esize());
+      std::memcpy(L.ssm_state.data_ptr<float>(), L.snap_ssm.data() + t * ns, sizeof(float) * ns);
+    }
+  }
+
+ private:
+  typedef struct ms_Lin {
+    at::Tensor w, b;
+    int64_t O = 0, K = 0;
+  } ms_Lin;
+  struct Norm {
+    std::vector<float> w, b;
+    float eps = 1e-5f;
+    bool layer = false;
+  };
+  struct Layer {
+    int kind = 0;  // 0 mamba1, 1 mamba2, 2 external
+    Norm norm, norm2;
+    ms_Lin in_proj, out_proj, x_proj, dt_proj, fc1, fc2;
+    bool mlp = false, selective = true, clamp = false, rmsnorm = false, norm_before_gate = false, D_hdim = false;
+    at::Tensor conv_w, conv_b, A, D, dt_bias, Bfix, Cfix, gnorm_w;
+    int64_t conv_dim = 0, W = 0, S = 0, N = 0, Di = 0, R = 0, H = 0, P = 0, G = 0, d_ssm = 0, d_mlp = 0, d_inner = 0;
+    int64_t gsize = 0;
+    float dt_lo = 0.f, dt_hi = 0.f, gnorm_eps = 1e-5f;
+    at::Tensor conv_state, ssm_state;
+    std::vector<char> snap_conv;
+    std::vector<float> snap_ssm;
+  };
+
+  static double num(const Numbers& n, const char* k, double dflt = NAN) {
+    auto it = n.find(k);
+    if (it != n.end()) return it->second;
+    TORCH_CHECK(!std::isnan(dflt), "missing number '", k, "'");
+    return dflt;
+  }
+  static at::Tensor get(const Tensors& t, const std::string& k) {
+    auto it = t.find(k);
+    TORCH_CHECK(it != t.end() && it->second.defined(), "missing tensor '", k, "'");
+    TORCH_CHECK(it->second.device().is_cpu(), "tensor '", k, "' must be on the CPU");
+    return it->second;
+  }
+  static at::Tensor f32(const Tensors& t, const std::string& k) {
+    at::Tensor x = get(t, k);
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "tensor '", k, "' must be contiguous fp32");
+    return x;
+  }
+  static at::Tensor mat(const Tensors& t, const std::string& k) {
+    at::Tensor x = get(t, k);
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                "'", k, "' must be a contiguous fp32 or bf16 matrix");
+    return x;
+  }
+  ms_Lin lin(const Tensors& t, const std::string& w, const std::string& b) {
+    ms_Lin l;
+    l.w = mat(t, w);
+    l.O = l.w.size(0), l.K = l.w.size(1);
+    if (!b.empty() && t.count(b)) {
+      l.b = f32(t, b);
+      TORCH_CHECK(l.b.numel() == l.O, "bias '", b, "' size");
+    }
+    return l;
+  }
+  Norm norm(const Tensors& t, const Numbers& n, const std::string& k) {
+    Norm r;
+    at::Tensor w = f32(t, k + "_weight");
+    r.w.assign(w.data_ptr<float>(), w.data_ptr<float>() + w.numel());
+    if (t.count(k + "_bias")) {
+      at::Tensor b = f32(t, k + "_bias");
+      r.b.assign(b.data_ptr<float>(), b.data_ptr<float>() + b.numel());
+    }
+    r.eps = (float)num(n, (k + "_eps").c_str());
+    r.layer = num(n, (k + "_layernorm").c_str(), 0) != 0;
+    return r;
+  }
+  int64_t esize() const { return bf_ ? 2 : 4; }
+  static void copy_any(void* dst, const void* src, int64_t bytes) { std::memcpy(dst, src, bytes); }
+  HISS_INLINE float R(float v) const { return bf_ ? ms::rbf(v) : v; }
+
+  void reserve(int64_t M) {
+    if (M <= M_cap_) return;
+    M_cap_ = M;
+    int64_t wide = D_, conv = 0, ssm_in = 0;
+    for (const Layer& L : layers_) {
+      if (L.kind == 2) continue;
+      wide = std::max({wide, L.in_proj.O, L.d_inner, L.mlp ? L.fc1.O : 0});
+      conv = std::max(conv, L.conv_dim);
+      ssm_in = std::max({ssm_in, L.x_proj.O, L.Di, L.d_ssm});
+    }
+    x_.assign(M * D_, 0.f), h_.assign(M * D_, 0.f), o_.assign(M * D_, 0.f);
+    big_.assign(M * wide, 0.f), y_.assign(M * wide, 0.f);
+    xc_.assign(M * std::max<int64_t>(conv, 1), 0.f);
+    dbc_.assign(M * std::max<int64_t>(ssm_in, 1), 0.f), dt_.assign(M * std::max<int64_t>(ssm_in, 1), 0.f);
+    gate_.assign(M * std::max<int64_t>(ssm_in, 1), 0.f), dl_.assign(M * std::max<int64_t>(ssm_in, 1), 0.f);
+  }
+
+  // ---- pieces ----------------------------------------------------------------------------------
+  void norm_row(const Norm& nm, const float* x, float* y) const {
+    const int64_t n = D_;
+    // the module path casts the residual to the norm's dtype first (bf16 models: a rounding)
+    double s = 0.0, mu = 0.0;
+    if (nm.layer) {
+      for (int64_t i = 0; i < n; ++i) mu += R(x[i]);
+      mu /= n;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = R(x[i]) - mu;
+      s += v * v;
+    }
+    const float r = 1.f / std::sqrt((float)(s / n) + nm.eps);
+    for (int64_t i = 0; i < n; ++i) {
+      float v = ((float)(R(x[i]) - mu)) * r * nm.w[i];
+      if (!nm.b.empty()) v += nm.b[i];
+      y[i] = R(v);
+    }
+  }
+
+  void linear(const ms_Lin& l, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, bool rnd) {
+    const float* bias = l.b.defined() ? l.b.data_ptr<float>() : nullptr;
+    if (M <= small_rows_) {
+      const int64_t nblk = (l.O + 3) / 4;
+      const int64_t bytes_per_blk = 4 * l.K * (bf_ ? 2 : 4);
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(bytes_per_blk, 1));
+      const bool avx2 = isa() == "avx2";
+      if (bf_) {
+        const uint16_t* W = reinterpret_cast<const uint16_t*>(l.w.data_ptr<at::BFloat16>());
+        if ((int64_t)xd_.size() < M * l.K) xd_.resize(M * l.K);
+        for (int64_t m = 0; m < M; ++m) ms::deinterleave16(x + m * ldx, l.K, xd_.data() + m * l.K);
+        const float* xd = xd_.data();
+        at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
+          gemv_bf16(avx2, W, l.K, x, xd, ldx, M, y, ldy, bias, b * 4, std::min(e * 4, l.O), rnd);
+        });
+      } else {
+        const float* W = l.w.data_ptr<float>();
+        at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
+          gemv_f32(avx2, W, l.K, x, ldx, M, y, ldy, bias, b * 4, std::min(e * 4, l.O), rnd);
+        });
+      }
+      return;
+    }
+    auto f32o = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor X = at::from_blob(const_cast<float*>(x), {M, l.K}, {ldx, 1}, f32o);
+    if (!bf_) {
+      at::Tensor Y = at::from_blob(y, {M, l.O}, {ldy, 1}, f32o);
+      if (l.b.defined())
+        at::addmm_out(Y, l.b, X, l.w.t());
+      else
+        at::mm_out(Y, X, l.w.t());
+      return;
+    }
+    // bf16 weights, many rows: oneDNN's bf16 matmul on bf16 copies of the activations
+    at::Tensor Xb = scratch_bf16(xb_, M * l.K).view({M, l.K});
+    Xb.copy_(X);
+    at::Tensor Yb = scratch_bf16(yb_, M * l.O).view({M, l.O});
+    at::mm_out(Yb, Xb, l.w.t());
+    const uint16_t* yb = reinterpret_cast<const uint16_t*>(Yb.data_ptr<at::BFloat16>());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t o = 0; o < l.O; ++o) {
+        float v = ms::bf2f(yb[m * l.O + o]);
+        if (bias) v = ms::rbf(v + bias[o]);
+        y[m * ldy + o] = v;
+      }
+  }
+  static at::Tensor scratch_bf16(at::Tensor& buf, int64_t n) {
+    if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, at::TensorOptions().dtype(at::kBFloat16));
+    return buf.narrow(0, 0, n);
+  }
+
+  static void gemv_f32(bool avx2, const float* W, int64_t K, const float* x, int64_t ldx, int64_t M, float* y,
+                       int64_t ldy, const float* bias, int64_t o0, int64_t o1, bool rnd);
+  static void gemv_bf16(bool avx2, const uint16_t* W, int64_t K, const float* x, const float* xd, int64_t ldx,
+                        int64_t M, float* y, int64_t ldy, const float* bias, int64_t o0, int64_t o1, bool rnd);
+
+  // conv step over T tokens for channels [c0, c1) of row b: in (M, ld_in) at column off -> out (M, conv_dim)
+  template <typename ST>
+  void conv_rows(Layer& L, int64_t b, int64_t c0, int64_t c1, const float* in, int64_t ld_in, float* out) {
+    const int64_t S = L.S, W = L.W, T = T_;
+    ST* st = reinterpret_cast<ST*>(L.conv_state.data_ptr()) + b * L.conv_dim * S;
+    const float* w = L.conv_w.data_ptr<float>();
+    const float* cb = L.conv_b.defined() ? L.conv_b.data_ptr<float>() : nullptr;
+    const int64_t nc = L.conv_state.numel();
+    for (int64_t c = c0; c < c1; ++c) {
+      ST* s = st + c * S;
+      const float* wc = w + c * W;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t m = b * T + t;
+        const float xv = in[m * ld_in + c];
+        float acc = cb ? cb[c] : 0.f;
+        for (int64_t k = 0; k < W - 1; ++k) acc += wc[k] * ld(s[S - (W - 1) + k]);
+        acc += wc[W - 1] * xv;
+        if (S > 0) {
+          std::memmove(s, s + 1, sizeof(ST) * (S - 1));
+          stv(s + S - 1, xv);
+        }
+        out[m * L.conv_dim + c] = R(silu_s(acc));
+        if (snapshots_) {
+          ST* snap = reinterpret_cast<ST*>(L.snap_conv.data()) + t * nc + (b * L.conv_dim + c) * S;
+          std::memcpy(snap, s, sizeof(ST) * S);
+        }
+      }
+    }
+  }
+  static HISS_INLINE float ld(float v) { return v; }
+  static HISS_INLINE float ld(uint16_t v) { return ms::bf2f(v); }
+  static HISS_INLINE void stv(float* p, float v) { *p = v; }
+  static HISS_INLINE void stv(uint16_t* p, float v) { *p = ms::f2bf(v); }
+
+  void conv_all(Layer& L, const float* in, int64_t ld_in, float* out) {
+    const int64_t per = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(T_ * L.W, 1));
+    const int64_t nblk = (L.conv_dim + per - 1) / per;
+    at::parallel_for(0, B_ * nblk, 4, [&](int64_t b0, int64_t e0) {
+      for (int64_t i = b0; i < e0; ++i) {
+        const int64_t b = i / nblk, c0 = (i % nblk) * per, c1 = std::min(L.conv_dim, c0 + per);
+        if (bf_)
+          conv_rows<uint16_t>(L, b, c0, c1, in, ld_in, out);
+        else
+          conv_rows<float>(L, b, c0, c1, in, ld_in, out);
+      }
+    });
+  }
+
+  void ssm1_range(Layer& L, int64_t b, int64_t c0, int64_t c1);
+  void ssm2_range(Layer& L, int64_t b, int64_t h0, int64_t h1);
+
+  void ensure_snapshots(Layer& L) {
+    const size_t nc = (size_t)(L.conv_state.numel() * esize() * T_), ns = (size_t)(L.ssm_state.numel() * T_);
+    if (L.snap_conv.size() < nc) L.snap_conv.resize(nc);
+    if (L.snap_ssm.size() < ns) L.snap_ssm.resize(ns);
+  }
+
+  void layer_step(Layer& L) {
+    const int64_t M = B_ * T_;
+    if (snapshots_) ensure_snapshots(L);
+    for (int64_t m = 0; m < M; ++m) norm_row(L.norm, x_.data() + m * D_, h_.data() + m * D_);
+    const int64_t Oin = L.in_proj.O;
+    linear(L.in_proj, h_.data(), D_, M, big_.data(), Oin, bf_);
+    if (L.kind == 0) {
+      conv_all(L, big_.data(), Oin, xc_.data());  // x is the first Di columns
+      if (L.selective) {
+        const int64_t Ox = L.x_proj.O;
+        linear(L.x_proj, xc_.data(), L.Di, M, dbc_.data(), Ox, bf_);
+        linear(L.dt_proj, dbc_.data(), Ox, M, dt_.data(), L.Di, bf_);
+      }
+      const int64_t per = std::max<int64_t>(8, (int64_t(1) << 15) / std::max<int64_t>(L.N * T_, 1)) / 8 * 8;
+      const int64_t nblk = (L.Di + per - 1) / per;
+      at::parallel_for(0, B_ * nblk, 1, [&](int64_t b0, int64_t e0) {
+        for (int64_t i = b0; i < e0; ++i) {
+          const int64_t b = i / nblk, c0 = (i % nblk) * per;
+          ssm1_range(L, b, c0, std::min(L.Di, c0 + per));
+        }
+      });
+    } else {
+      const int64_t off_xbc = 2 * L.d_mlp + L.d_ssm;
+      conv_all(L, big_.data() + off_xbc, Oin, xc_.data());
+      const int64_t per = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(L.P * L.N * T_, 1));
+      const int64_t nblk = (L.H + per - 1) / per;
+      at::parallel_for(0, B_ * nblk, 1, [&](int64_t b0, int64_t e0) {
+        for (int64_t i = b0; i < e0; ++i) {
+          const int64_t b = i / nblk, h0 = (i % nblk) * per;
+          ssm2_range(L, b, h0, std::min(L.H, h0 + per));
+        }
+      });
+      mamba2_output(L);
+    }
+    linear(L.out_proj, y_.data(), L.d_inner, M, o_.data(), D_, bf_);
+    add_residual();
+    if (L.mlp) {
+      for (int64_t m = 0; m < M; ++m) norm_row(L.norm2, x_.data() + m * D_, h_.data() + m * D_);
+      const int64_t Hd = L.fc2.K;
+      linear(L.fc1, h_.data(), D_, M, big_.data(), L.fc1.O, bf_);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* u = big_.data() + m * L.fc1.O;
+        float* y = y_.data() + m * Hd;
+        for (int64_t j = 0; j < Hd; ++j) y[j] = R(u[j] * R(silu_s(u[Hd + j])));
+      }
+      linear(L.fc2, y_.data(), Hd, M, o_.data(), D_, bf_);
+      add_residual();
+    }
+  }
+
+  void add_residual() {
+    const int64_t n = B_ * T_ * D_;
+    const bool rr = bf_ && !res_fp32_;  // a bf16 residual stream rounds after every add
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x_[i] + o_[i];
+      x_[i] = rr ? ms::rbf(v) : v;
+    }
+  }
+
+  // y (M, d_inner) = [silu(z0) * x0, gated-norm(y_ssm, z)] for Mamba-2
+  void mamba2_output(Layer& L) {
+    const int64_t M = B_ * T_, Oin = L.in_proj.O;
+    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const float* u = big_.data() + m * Oin;
+        float* y = y_.data() + m * L.d_inner;
+        for (int64_t j = 0; j < L.d_mlp; ++j) y[j] = R(R(silu_s(u[j])) * u[L.d_mlp + j]);
+        if (!L.rmsnorm) continue;
+        float* ys = y + L.d_mlp;
+        const float* z = u + 2 * L.d_mlp;
+        const float* w = L.gnorm_w.data_ptr<float>();
+        for (int64_t g0 = 0; g0 < L.d_ssm; g0 += L.gsize) {
+          double ss = 0.0;
+          if (!L.norm_before_gate) {
+            for (int64_t j = g0; j < g0 + L.gsize; ++j) {
+              const float v = ys[j] * silu_s(z[j]);
+              ys[j] = v;
+              ss += (double)v * v;
+            }
+            const float r = 1.f / std::sqrt((float)(ss / L.gsize) + L.gnorm_eps);
+            for (int64_t j = g0; j < g0 + L.gsize; ++j) ys[j] = R(ys[j] * r * w[j]);
+          } else {
+            for (int64_t j = g0; j < g0 + L.gsize; ++j) ss += (double)ys[j] * ys[j];
+            const float r = 1.f / std::sqrt((float)(ss / L.gsize) + L.gnorm_eps);
+            for (int64_t j = g0; j < g0 + L.gsize; ++j) ys[j] = R(R(ys[j] * r * w[j]) * silu_s(z[j]));
+          }
+        }
+      }
+    });
+  }
+
+  int64_t B_ = 1, D_ = 0, T_ = 0, M_cap_ = 0, small_rows_ = 4;
+  bool bf_ = false, res_fp32_ = true, snapshots_ = false;
+  at::Tensor emb_, logits_, xb_, yb_;
+  ms_Lin head_;
+  Norm normf_;
+  std::vector<Layer> layers_;
+  std::vector<float> x_, h_, o_, big_, y_, xc_, dbc_, dt_, gate_, dl_, lg_, xd_;
+};
+
+// ---- SIMD kernels, compiled for the baseline and for AVX2+FMA ------------------------------------
+namespace ms {
+
+// Mamba-1: channels [c0, c1) of row b, T tokens: delta = softplus(dt + bias) (or softplus(bias) for the LTI
+// layer), s <- exp(delta A) s + delta x B, y = (<s, C> + D x) silu(z)
+struct Ssm1Args {
+  int64_t T, b, c0, c1, Di, N, Oin, ldbc, R;
+  bool selective, bf, snap;
+  const float *xz, *xc, *dbc, *dt, *A, *D, *bias, *Bfix, *Cfix;
+  float *state, *y, *snap_ssm, *gate, *delta;
+  int64_t snap_stride;  // floats per token snapshot
+};
+
+HISS_INLINE float rb(bool bf, float v) { return bf ? rbf(v) : v; }
+
+HISS_INLINE void ssm1_impl(const Ssm1Args& a) {
+  const int64_t N = a.N;
+  const bool vec = N % 8 == 0;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const int64_t m = a.b * a.T + t;
+    float* dl = a.delta + m * a.Di;  // scratch rows (M, Di): this task's channels only
+    float* gt = a.gate + m * a.Di;
+    const float* z = a.xz + m * a.Oin + a.Di;
+    int64_t c = a.c0;
+    for (; c + 8 <= a.c1; c += 8) {
+      v8f d = vload<v8f>(a.bias + c);
+      if (a.selective) d += vload<v8f>(a.dt + m * a.Di + c);
+      vstore(dl + c, vsoftplus(d));
+      v8f zz = vload<v8f>(z + c);
+      vstore(gt + c, zz * vsigmoid(zz));
+    }
+    for (; c < a.c1; ++c) {
+      dl[c] = softplus_s((a.selective ? a.dt[m * a.Di + c] : 0.f) + a.bias[c]);
+      gt[c] = silu_s(z[c]);
+    }
+  }
+  for (int64_t c = a.c0; c < a.c1; ++c) {
+    float* s = a.state + (a.b * a.Di + c) * N;
+    const float* Ar = a.A + c * N;
+    for (int64_t t = 0; t < a.T; ++t) {
+      const int64_t m = a.b * a.T + t;
+      const float* Bv = a.selective ? a.dbc + m * a.ldbc + a.R : a.Bfix;
+      const float* Cv = a.selective ? a.dbc + m * a.ldbc + a.R + N : a.Cfix;
+      const float d = a.delta[m * a.Di + c], xv = a.xc[m * a.Di + c];
+      const float dx = d * xv;
+      float acc;
+      if (vec) {
+        const v8f vd = splat<v8f>(d), vdx = splat<v8f>(dx);
+        v8f va = {};
+        for (int64_t n = 0; n < N; n += 8) {
+          v8f sv = vexp(vd * vload<v8f>(Ar + n)) * vload<v8f>(s + n) + vdx * vload<v8f>(Bv + n);
+          vstore(s + n, sv);
+          va += sv * vload<v8f>(Cv + n);
+        }
+        acc = hsum(va);
+      } else {
+        acc = 0.f;
+        for (int64_t n = 0; n < N; ++n) {
+          const float sv = std::exp(d * Ar[n]) * s[n] + dx * Bv[n];
+          s[n] = sv;
+          acc += sv * Cv[n];
+        }
+      }
+      a.y[m * a.Di + c] = rb(a.bf, (acc + a.D[c] * xv) * a.gate[m * a.Di + c]);
+      if (a.snap) std::memcpy(a.snap_ssm + t * a.snap_stride + (a.b * a.Di + c) * N, s, sizeof(float) * N);
+    }
+  }
+}
+
+// Mamba-2: heads [h0, h1) of row b, T tokens. dA = exp(dt A_h) is one scalar per head and token.
+struct Ssm2Args {
+  int64_t T, b, h0, h1, H, P, N, G, d_ssm, Oin, off_z, off_dt, conv_dim, d_inner, d_mlp;
+  bool bf, snap, clamp, rmsnorm, D_hdim;
+  float lo, hi;
+  const float *xz, *xbc, *A, *D, *bias;
+  float *state, *y, *snap_ssm;
+  int64_t snap_stride;
+};
+
+HISS_INLINE void ssm2_impl(const Ssm2Args& a) {
+  const int64_t N = a.N, P = a.P;
+  const bool vec = N % 8 == 0;
+  const int64_t hpg = a.H / a.G;
+  for (int64_t h = a.h0; h < a.h1; ++h) {
+    const int64_t g = h / hpg;
+    for (int64_t t = 0; t < a.T; ++t) {
+      const int64_t m = a.b * a.T + t;
+      const float* u = a.xz + m * a.Oin;
+      float d = softplus_s(u[a.off_dt + h] + a.bias[h]);
+      if (a.clamp) d = std::min(std::max(d, a.lo), a.hi);
+      const float dA = std::exp(d * a.A[h]);
+      const float* xr = a.xbc + m * a.conv_dim;
+      const float* Bv = xr + a.d_ssm + g * N;
+      const float* Cv = xr + a.d_ssm + a.G * N + g * N;
+      float* yr = a.y + m * a.d_inner + a.d_mlp;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t ch = h * P + p;
+        float* s = a.state + ((a.b * a.H + h) * P + p) * N;
+        const float xv = xr[ch], dx = d * xv;
+        float acc;
+        if (vec) {
+          const v8f vda = splat<v8f>(dA), vdx = splat<v8f>(dx);
+          v8f va = {};
+          for (int64_t n = 0; n < N; n += 8) {
+            v8f sv = vda * vload<v8f>(s + n) + vdx * vload<v8f>(Bv + n);
+            vstore(s + n, sv);
+            va += sv * vload<v8f>(Cv + n);
+          }
+          acc = hsum(va);
+        } else {
+          acc = 0.f;
+          for (int64_t n = 0; n < N; ++n) {
+            const float sv = dA * s[n] + dx * Bv[n];
+            s[n] = sv;
+            acc += sv * Cv[n];
+          }
+        }
+        float out = acc + (a.D_hdim ? a.D[ch] : a.D[h]) * xv;
+        if (!a.rmsnorm) out *= silu_s(u[a.off_z + ch]);
+        yr[ch] = rb(a.bf, out);
+        if (a.snap) std::memcpy(a.snap_ssm + t * a.snap_stride + ((a.b * a.H + h) * P + p) * N, s, sizeof(float) * N);
+      }
+    }
+  }
+}
+
+void ssm1_base(const Ssm1Args& a) { ssm1_impl(a); }
+void ssm2_base(const Ssm2Args& a) { ssm2_impl(a); }
+void gemv_f32_base_(const float* W, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                    const float* bias, int64_t o0, int64_t o1, bool rnd) {
+  gemv_impl<float>(W, K, x, ldx, M, y, ldy, bias, o0, o1, rnd);
+}
+void gemv_bf16_base_(const uint16_t* W, int64_t K, const float* x, const float* xd, int64_t ldx, int64_t M, float* y,
+                     int64_t ldy, const float* bias, int64_t o0, int64_t o1, bool rnd) {
+  gemv_bf16_impl(W, K, x, xd, ldx, M, y, ldy, bias, o0, o1, rnd);
+}
+#if HISS_HAVE_AVX2
+__attribute__((target("avx2,fma"))) void ssm1_avx2(const Ssm1Args& a) { ssm1_impl(a); }
+__attribute__((target("avx2,fma"))) void ssm2_avx2(const Ssm2Args& a) { ssm2_impl(a); }
+__attribute__((target("avx2,fma"))) void gemv_f32_avx2_(const float* W, int64_t K, const float* x, int64_t ldx,
+                                                         int64_t M, float* y, int64_t ldy, const float* bias,
+                                                         int64_t o0, int64_t o1, bool rnd) {
+  gemv_impl<float>(W, K, x, ldx, M, y, ldy, bias, o0, o1, rnd);
+}
+__attribute__((target("avx2,fma"))) void gemv_bf16_avx2_(const uint16_t* W, int64_t K, const float* x, const float* xd,
+                                                          int64_t ldx, int64_t M, float* y, int64_t ldy,
+                                                          const float* bias, int64_t o0, int64_t o1, bool rnd) {
+  gemv_bf16_impl(W, K, x, xd, ldx, M, y, ldy, bias, o0, o1, rnd);
+}
+#endif
+
+}  // namespace ms
+
+inline void DecodeModel::gemv_f32(bool avx2, const float* W, int64_t K, const float* x, int64_t ldx, int64_t M,
+                                  float* y, int64_t ldy, const float* bias, int64_t o0, int64_t o1, bool rnd) {
+#if HISS_HAVE_AVX2
+  if (avx2) return ms::gemv_f32_avx2_(W, K, x, ldx, M, y, ldy, bias, o0, o1, rnd);
+#endif
+  ms::gemv_f32_base_(W, K, x, ldx, M, y, ldy, bias, o0, o1, rnd);
+}
+inline void DecodeModel::gemv_bf16(bool avx2, const uint16_t* W, int64_t K, const float* x, const float* xd,
+                                   int64_t ldx, int64_t M, float* y, int64_t ldy, const float* bias, int64_t o0,
+                                   int64_t o1, bool rnd) {
+#if HISS_HAVE_AVX2
+  if (avx2) return ms::gemv_bf16_avx2_(W, K, x, xd, ldx, M, y, ldy, bias, o0, o1, rnd);
+#endif
+  ms::gemv_bf16_base_(W, K, x, xd, ldx, M, y, ldy, bias, o0, o1, rnd);
+}
+
+inline void DecodeModel::ssm1_range(Layer& L, int64_t b, int64_t c0, int64_t c1) {
+  ms::Ssm1Args a;
+  a.T = T_, a.b = b, a.c0 = c0, a.c1 = c1, a.Di = L.Di, a.N = L.N, a.Oin = L.in_proj.O;
+  a.ldbc = L.selective ? L.x_proj.O : 0, a.R = L.R;
+  a.selective = L.selective, a.bf = bf_, a.snap = snapshots_;
+  a.xz = big_.data(), a.xc = xc_.data(), a.dbc = dbc_.data(), a.dt = dt_.data();
+  a.A = L.A.data_ptr<float>(), a.D = L.D.data_ptr<float>(), a.bias = L.dt_bias.data_ptr<float>();
+  a.Bfix = L.selective ? nullptr : L.Bfix.data_ptr<float>();
+  a.Cfix = L.selective ? nullptr : L.Cfix.data_ptr<float>();
+  a.state = L.ssm_state.data_ptr<float>(), a.y = y_.data();
+  a.snap_ssm = snapshots_ ? L.snap_ssm.data() : nullptr;
+  a.snap_stride = L.ssm_state.numel();
+  a.gate = gate_.data(), a.delta = dl_.data();
+#if HISS_HAVE_AVX2
+  if (isa() == "avx2") return ms::ssm1_avx2(a);
+#endif
+  ms::ssm1_base(a);
+}
+
+inline void DecodeModel::ssm2_range(Layer& L, int64_t b, int64_t h0, int64_t h1) {
+  ms::Ssm2Args a;
+  a.T = T_, a.b = b, a.h0 = h0, a.h1 = h1, a.H = L.H, a.P = L.P, a.N = L.N, a.G = L.G, a.d_ssm = L.d_ssm;
+  a.Oin = L.in_proj.O, a.off_z = 2 * L.d_mlp, a.off_dt = 2 * L.d_mlp + L.d_ssm + L.conv_dim;
+  a.conv_dim = L.conv_dim, a.d_inner = L.d_inner, a.d_mlp = L.d_mlp;
+  a.bf = bf_, a.snap = snapshots_, a.clamp = L.clamp, a.rmsnorm = L.rmsnorm, a.D_hdim = L.D_hdim;
+  a.lo = L.dt_lo, a.hi = L.dt_hi;
+  a.xz = big_.data(), a.xbc = xc_.data(), a.A = L.A.data_ptr<float>(), a.D = L.D.data_ptr<float>();
+  a.bias = L.dt_bias.data_ptr<float>();
+  a.state = L.ssm_state.data_ptr<float>(), a.y = y_.data();
+  a.snap_ssm = snapshots_ ? L.snap_ssm.data() : nullptr;
+  a.snap_stride = L.ssm_state.numel();
+#if HISS_HAVE_AVX2
+  if (isa() == "avx2") return ms::ssm2_avx2(a);
+#endif
+  ms::ssm2_base(a);
+}
+
+}  // namespace hiss
