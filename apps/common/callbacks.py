@@ -179,11 +179,23 @@ class LastCheckpoint(Checkpoint):
         if self.every_minutes is not None:
             due = due or time.monotonic() - self._last_time >= 60.0 * self.every_minutes
             due = bool(trainer.strategy.broadcast(due))  # every rank must agree: saving is a collective
-        if due:
+        if due or self._last_batch(trainer):
             self.save(trainer)
 
+    @staticmethod
+    def _last_batch(trainer: pl.Trainer) -> bool:
+        """Whether fitting stops after this batch: max_steps, the last batch of max_epochs, or a callback's
+        should_stop (CPUTimeBudget, max_time). The final checkpoint is written here rather than in on_train_end:
+        Lightning resumes a checkpoint written after an epoch's end-of-epoch hooks one epoch too far on."""
+        if trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
+            return True
+        max_epochs = trainer.max_epochs
+        return (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+                and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._enabled(trainer):
+        # a stop decided after the last batch (EarlyStopping at validation end, say): save what there is
+        if self._enabled(trainer) and trainer.global_step != self.saved_step:
             self.save(trainer)
 
     def save(self, trainer: pl.Trainer) -> Path:

@@ -25,7 +25,7 @@ from apps.common.optim import adamw_warmup_cosine, attached_trainer, warmup_cosi
 
 from .model import apply_data_config, load_weights_into, read_any, save_vision_model
 
-__all__ = ["VisionClassifier", "ExportVisionModel"]
+__all__ = ["VisionClassifier", "ExportVisionModel", "CPUSettings"]
 
 
 class VisionClassifier(ClassifierModule):
@@ -116,3 +116,19 @@ class ExportVisionModel(ExportPretrained):
                               pl_module.class_names, extra={"trained_steps": trainer.global_step},
                               data_config=pl_module.trained_data_config())
             print(f"model written to {Path(out)}")
+
+
+class CPUSettings(pl.Callback):
+    """Process-wide CPU settings for small models, applied when fitting starts: ``threads`` intra-op threads
+    (measured on the 2-core box, Vim of width 64 on 28x28 images: 1 thread 0.38 s/step, 2 threads 5 s/step on a
+    loaded machine: OpenMP barriers spin when a core is taken) and flush-denormal (the scan's exp(dt*A) decays
+    reach subnormal floats on real images; flushing them to zero cut CPU time per epoch by ~40%)."""
+
+    def __init__(self, threads: int | None = 1, flush_denormal: bool = True):
+        self.threads, self.flush_denormal = threads, flush_denormal
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.flush_denormal:
+            torch.set_flush_denormal(True)

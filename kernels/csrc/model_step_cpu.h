@@ -96,85 +96,116 @@ HISS_INLINE void deinterleave16(const float* x, int64_t K, float* xd) {
     for (int j = 0; j < 8; ++j) xd[k + j] = x[k + 2 * j], xd[k + 8 + j] = x[k + 2 * j + 1];
 }
 
-HISS_INLINE void gemv_bf16_impl(const uint16_t* W, int64_t K, const float* x, const float* xd, int64_t ldx, int64_t M,
-                                float* y, int64_t ldy, const float* bias, int64_t o0, int64_t o1, bool rnd) {
+template <int MM>
+HISS_INLINE void gemv_bf16_rows4(const uint16_t* w0, const uint16_t* w1, const uint16_t* w2, const uint16_t* w3,
+                                 int64_t K, const float* xm, const float* xdm, int64_t ldx, float (*s)[4], bool pf) {
   const int64_t K16 = K / 16 * 16;
   const v8u hi = splat<v8u>(0xffff0000u);
+  v8f a[MM][4] = {};
+  for (int64_t k = 0; k < K16; k += 16) {
+    if (pf && (k & 31) == 0) {  // one prefetch per 64-byte line, ahead: keeps enough misses in flight
+      __builtin_prefetch(w0 + k + kPrefetch), __builtin_prefetch(w1 + k + kPrefetch);
+      __builtin_prefetch(w2 + k + kPrefetch), __builtin_prefetch(w3 + k + kPrefetch);
+    }
+    const v8u u0 = vload<v8u>(w0 + k), u1 = vload<v8u>(w1 + k), u2 = vload<v8u>(w2 + k), u3 = vload<v8u>(w3 + k);
+    const v8f e0 = (v8f)(u0 << 16), e1 = (v8f)(u1 << 16), e2 = (v8f)(u2 << 16), e3 = (v8f)(u3 << 16);
+    const v8f d0 = (v8f)(u0 & hi), d1 = (v8f)(u1 & hi), d2 = (v8f)(u2 & hi), d3 = (v8f)(u3 & hi);
+    for (int i = 0; i < MM; ++i) {
+      const v8f xe = vload<v8f>(xdm + i * K + k), xo = vload<v8f>(xdm + i * K + k + 8);
+      a[i][0] += e0 * xe + d0 * xo, a[i][1] += e1 * xe + d1 * xo;
+      a[i][2] += e2 * xe + d2 * xo, a[i][3] += e3 * xe + d3 * xo;
+    }
+  }
+  for (int i = 0; i < MM; ++i) {
+    const float* x = xm + i * ldx;
+    for (int r = 0; r < 4; ++r) s[i][r] = hsum(a[i][r]);
+    for (int64_t k = K16; k < K; ++k) {
+      s[i][0] += bf2f(w0[k]) * x[k], s[i][1] += bf2f(w1[k]) * x[k];
+      s[i][2] += bf2f(w2[k]) * x[k], s[i][3] += bf2f(w3[k]) * x[k];
+    }
+  }
+}
+
+HISS_INLINE void gemv_bf16_impl(const uint16_t* W, int64_t K, const float* x, const float* xd, int64_t ldx, int64_t M,
+                                float* y, int64_t ldy, const float* bias, int64_t o0, int64_t o1, bool rnd) {
   for (int64_t o = o0; o < o1; o += 4) {
     const int64_t nr = std::min<int64_t>(4, o1 - o);
     const uint16_t* w0 = W + o * K;
     const uint16_t* w1 = w0 + (nr > 1 ? K : 0);
     const uint16_t* w2 = w0 + (nr > 2 ? 2 * K : 0);
     const uint16_t* w3 = w0 + (nr > 3 ? 3 * K : 0);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * ldx;
-      const float* xdm = xd + m * K;
-      v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t k = 0; k < K16; k += 16) {
-        if (m == 0 && (k & 31) == 0) {  // one prefetch per 64-byte line, ahead: keeps enough misses in flight
-          __builtin_prefetch(w0 + k + kPrefetch), __builtin_prefetch(w1 + k + kPrefetch);
-          __builtin_prefetch(w2 + k + kPrefetch), __builtin_prefetch(w3 + k + kPrefetch);
+    for (int64_t m = 0; m < M;) {
+      float s[2][4];
+      const int mm = M - m >= 2 ? 2 : 1;
+      if (mm == 2)
+        gemv_bf16_rows4<2>(w0, w1, w2, w3, K, x + m * ldx, xd + m * K, ldx, s, m == 0);
+      else
+        gemv_bf16_rows4<1>(w0, w1, w2, w3, K, x + m * ldx, xd + m * K, ldx, s, m == 0);
+      for (int i = 0; i < mm; ++i) {
+        float* ym = y + (m + i) * ldy + o;
+        for (int64_t r = 0; r < nr; ++r) {
+          const float v = s[i][r] + (bias ? bias[o + r] : 0.f);
+          ym[r] = rnd ? rbf(v) : v;
         }
-        const v8f xe = vload<v8f>(xdm + k), xo = vload<v8f>(xdm + k + 8);
-        v8u u;
-        u = vload<v8u>(w0 + k), a0 += (v8f)(u << 16) * xe + (v8f)(u & hi) * xo;
-        u = vload<v8u>(w1 + k), a1 += (v8f)(u << 16) * xe + (v8f)(u & hi) * xo;
-        u = vload<v8u>(w2 + k), a2 += (v8f)(u << 16) * xe + (v8f)(u & hi) * xo;
-        u = vload<v8u>(w3 + k), a3 += (v8f)(u << 16) * xe + (v8f)(u & hi) * xo;
       }
-      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-      for (int64_t k = K16; k < K; ++k) {
-        s[0] += bf2f(w0[k]) * xm[k];
-        s[1] += bf2f(w1[k]) * xm[k];
-        s[2] += bf2f(w2[k]) * xm[k];
-        s[3] += bf2f(w3[k]) * xm[k];
-      }
-      float* ym = y + m * ldy + o;
-      for (int64_t r = 0; r < nr; ++r) {
-        const float v = s[r] + (bias ? bias[o + r] : 0.f);
-        ym[r] = rnd ? rbf(v) : v;
-      }
+      m += mm;
     }
   }
 }
 
 // ---- GEMV for a few rows: y[m, o] = bias[o] + sum_k W[o, k] x[m, k], output rows [o0, o1) ----------------
+// x rows m0 (and m0 + 1 when MM == 2) against the 4 weight rows at w0..w3: MM x 4 accumulators, each weight
+// vector loaded once for both x rows
+template <int MM, typename WT>
+HISS_INLINE void gemv_rows4(const WT* w0, const WT* w1, const WT* w2, const WT* w3, int64_t K, const float* xm,
+                            int64_t ldx, float (*s)[4], bool prefetch) {
+  const int64_t K8 = K / 8 * 8;
+  v8f a[MM][4] = {};
+  for (int64_t k = 0; k < K8; k += 8) {
+    if (prefetch && (k & 15) == 0) {  // one prefetch per 64-byte line, ahead: keeps enough misses in flight
+      __builtin_prefetch(w0 + k + kPrefetch / 2), __builtin_prefetch(w1 + k + kPrefetch / 2);
+      __builtin_prefetch(w2 + k + kPrefetch / 2), __builtin_prefetch(w3 + k + kPrefetch / 2);
+    }
+    const v8f v0 = wload(w0 + k), v1 = wload(w1 + k), v2 = wload(w2 + k), v3 = wload(w3 + k);
+    for (int i = 0; i < MM; ++i) {
+      const v8f xv = vload<v8f>(xm + i * ldx + k);
+      a[i][0] += v0 * xv, a[i][1] += v1 * xv, a[i][2] += v2 * xv, a[i][3] += v3 * xv;
+    }
+  }
+  for (int i = 0; i < MM; ++i) {
+    const float* x = xm + i * ldx;
+    for (int r = 0; r < 4; ++r) s[i][r] = hsum(a[i][r]);
+    for (int64_t k = K8; k < K; ++k) {
+      s[i][0] += wscalar(w0[k]) * x[k], s[i][1] += wscalar(w1[k]) * x[k];
+      s[i][2] += wscalar(w2[k]) * x[k], s[i][3] += wscalar(w3[k]) * x[k];
+    }
+  }
+}
+
 template <typename WT>
 HISS_INLINE void gemv_impl(const WT* W, int64_t K, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
                            const float* bias, int64_t o0, int64_t o1, bool rnd) {
-  const int64_t K8 = K / 8 * 8;
   for (int64_t o = o0; o < o1; o += 4) {
     const int64_t nr = std::min<int64_t>(4, o1 - o);
     const WT* w0 = W + o * K;
     const WT* w1 = w0 + (nr > 1 ? K : 0);
     const WT* w2 = w0 + (nr > 2 ? 2 * K : 0);
     const WT* w3 = w0 + (nr > 3 ? 3 * K : 0);
-    for (int64_t m = 0; m < M; ++m) {  // the 4-row weight block stays in L1 for m > 0
-      const float* xm = x + m * ldx;
-      v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t k = 0; k < K8; k += 8) {
-        if (m == 0 && (k & 15) == 0) {
-          __builtin_prefetch(w0 + k + kPrefetch / 2), __builtin_prefetch(w1 + k + kPrefetch / 2);
-          __builtin_prefetch(w2 + k + kPrefetch / 2), __builtin_prefetch(w3 + k + kPrefetch / 2);
+    for (int64_t m = 0; m < M;) {  // the 4-row weight block stays in L1 after the first pair of x rows
+      float s[2][4];
+      const int mm = M - m >= 2 ? 2 : 1;
+      if (mm == 2)
+        gemv_rows4<2>(w0, w1, w2, w3, K, x + m * ldx, ldx, s, m == 0);
+      else
+        gemv_rows4<1>(w0, w1, w2, w3, K, x + m * ldx, ldx, s, m == 0);
+      for (int i = 0; i < mm; ++i) {
+        float* ym = y + (m + i) * ldy + o;
+        for (int64_t r = 0; r < nr; ++r) {
+          const float v = s[i][r] + (bias ? bias[o + r] : 0.f);
+          ym[r] = rnd ? rbf(v) : v;
         }
-        const v8f xv = vload<v8f>(xm + k);
-        a0 += wload(w0 + k) * xv;
-        a1 += wload(w1 + k) * xv;
-        a2 += wload(w2 + k) * xv;
-        a3 += wload(w3 + k) * xv;
       }
-      float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-      for (int64_t k = K8; k < K; ++k) {
-        s[0] += wscalar(w0[k]) * xm[k];
-        s[1] += wscalar(w1[k]) * xm[k];
-        s[2] += wscalar(w2[k]) * xm[k];
-        s[3] += wscalar(w3[k]) * xm[k];
-      }
-      float* ym = y + m * ldy + o;
-      for (int64_t r = 0; r < nr; ++r) {
-        const float v = s[r] + (bias ? bias[o + r] : 0.f);
-        ym[r] = rnd ? rbf(v) : v;
-      }
+      m += mm;
     }
   }
 }
@@ -684,7 +715,7 @@ class DecodeModel {
     });
   }
 
-  int64_t B_ = 1, D_ = 0, T_ = 0, M_cap_ = 0, small_rows_ = 4;
+  int64_t B_ = 1, D_ = 0, T_ = 0, M_cap_ = 0, small_rows_ = 8;
   bool bf_ = false, res_fp32_ = true, snapshots_ = false;
   at::Tensor emb_, logits_, xb_, yb_;
   ms_Lin head_;

@@ -23,7 +23,7 @@ from apps.vision.data import (
     load_image,
 )
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models on a shared 2-core box: one thread is fastest
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "datasets" / "samples" / "fashion_mnist_small"
 

@@ -28,7 +28,7 @@ from apps.vision.model import (
 )
 from ssm_core import BiMambaV2, Bidirectional, Mamba
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models on a shared 2-core box: one thread is fastest
 TOL = 1e-4
 
 # A tiny Vim in hustvl's layout: 32x32 RGB, patch 8 (16 patches + the middle class token), width 32, 2 layers

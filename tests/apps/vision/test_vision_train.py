@@ -15,7 +15,7 @@ from PIL import Image
 from apps.vision import demo, evaluate, finetune, predict, train
 from apps.vision.model import CheckpointError, load_vision_model
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models on a shared 2-core box: one thread is fastest
 ROOT = Path(__file__).resolve().parents[3]
 TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 1}
 
