@@ -6,9 +6,10 @@ one training step (forward + backward), CPU now, GPU when there is one.
     python -m benchmarks.vision --out docs/img/vision_scaling     # writes .json, .md table and .png plot
 
 Each (model, size, mode) runs in a fresh subprocess so peak memory is its own: on CPU the peak resident set
-(VmHWM, reset after the model and input are built, via /proc/self/clear_refs) minus the resident set at that
-point; on CUDA torch.cuda.max_memory_allocated minus the allocation before the step. Time: the median of
-``--repeats`` runs after one warm-up, divided by the batch. Both models are the ImageNet shapes (patch 16,
+(VmHWM, reset via /proc/self/clear_refs after the model and input are built and the kernels loaded on a tiny
+copy) during the first full-size step, minus the resident set before it; on CUDA torch.cuda.max_memory_allocated minus the allocation before the step. Time: the median of
+``--repeats`` runs after one warm-up, divided by the batch: process CPU seconds on CPU (all threads summed;
+on a shared machine wall time measures the neighbours), wall seconds on GPU; both are in the JSON. Both models are the ImageNet shapes (patch 16,
 width 192): Vim-Ti 7.1M parameters, DeiT-Ti 5.7M, position embeddings sized for each resolution. The summary
 says where the curves cross (the smallest size from which Vim is faster / lighter). Not a timed test.
 """
@@ -60,22 +61,35 @@ def measure(model_key: str, size: int, mode: str, device: str, batch: int, repea
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    step()  # warm-up (kernel builds, allocator)
+    # load kernels and libraries on a tiny copy first, so the peak below is this size's activations
+    tiny = timm.create_model(MODELS[model_key], img_size=32, patch_size=16, num_classes=1000).to(device)
+    tiny.train(mode == "train")
+    with torch.autocast(device_type=device.split(":")[0], dtype=amp, enabled=amp is not None):
+        out = tiny(torch.randn(1, 3, 32, 32, device=device))
+        if mode == "train":
+            out.float().sum().backward()
+    del tiny, out
     if device.startswith("cuda"):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
         base = _rss_kb("VmRSS") * 1024
-    times = []
+    step()  # the first full-size step: its peak is the measured one (later steps reuse freed memory)
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_kb("VmHWM") * 1024) - base
+    times, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_kb("VmHWM") * 1024) - base
+        cpu.append(time.process_time() - c)
     tokens = model.patch_embed.num_patches + 1
     return {"model": model_key, "size": size, "mode": mode, "device": device, "batch": batch, "dtype": dtype,
-            "tokens": tokens, "s_per_image": statistics.median(times) / batch, "peak_mb": max(peak, 0) / 2**20,
+            "tokens": tokens, "wall_s_per_image": statistics.median(times) / batch,
+            # the compared number: CPU seconds on CPU (fair on a shared machine; all threads summed), wall on GPU
+            "s_per_image": (statistics.median(times) if device.startswith("cuda") else statistics.median(cpu)) / batch,
+            "peak_mb": max(peak, 0) / 2**20,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -83,7 +97,9 @@ def run_one(args, model_key, size, mode) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.vision", "--_one", model_key, str(size), mode, "--device", args.device,
            "--batch", str(args.batch), "--repeats", str(args.repeats), "--threads", str(args.threads),
            "--dtype", args.dtype]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    # large blocks mmapped (returned to the OS on free): the resident set then follows live memory, so its peak
+    # is the step's peak, not whatever malloc kept from earlier steps
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["?"]
@@ -103,7 +119,7 @@ def crossing(rows: list[dict], mode: str, key: str) -> int | None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | size | tokens | Vim-Ti ms/img | DeiT-Ti ms/img | Vim-Ti peak MB | DeiT-Ti peak MB |",
+    lines = ["| mode | size | tokens | Vim-Ti ms/img | DeiT-Ti ms/img | Vim-Ti peak MB | DeiT-Ti peak MB |",  # ms: CPU ms on CPU
              "|---|---:|---:|---:|---:|---:|---:|"]
     by = {(r["model"], r["size"], r["mode"]): r for r in rows}
     for mode in ("infer", "train"):
@@ -125,7 +141,7 @@ def plot(rows: list[dict], path: Path, title: str):
 
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "s_per_image", "seconds per image"), (axes[1], "peak_mb", "peak memory (MB)")):
+    for ax, key, label in ((axes[0], "s_per_image", "seconds per image (CPU time on CPU)"), (axes[1], "peak_mb", "peak memory (MB)")):
         for mode, ls in (("infer", "-"), ("train", "--")):
             for model, color in (("vim_tiny", "C0"), ("deit_tiny", "C3")):
                 pts = sorted((r["size"], r[key]) for r in rows if r["model"] == model and r["mode"] == mode

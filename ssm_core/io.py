@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -57,8 +58,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     file intact. The temp file is created by ``write`` itself (not mkstemp, whose 0600 mode would
     survive the rename), so the result gets the usual umask permissions. It is named
     ``.NAME.PID.HEX.tmp``; a failed write removes it, a killed one cannot, so each write first removes
-    the temp files of earlier writes to the same target whose process is dead (``remove_stale_temp_files``)."""
+    the temp files of earlier writes to the same target whose process is dead (``remove_stale_temp_files``).
+    A missing folder is a FileNotFoundError naming it (nothing is created)."""
     path = Path(path)
+    if not path.parent.is_dir():  # say so about the target's folder, not about a temp file the user never named
+        raise FileNotFoundError(errno.ENOENT, f"no such folder to write {path.name} in", str(path.parent))
     remove_stale_temp_files(path)
     tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from apps.common.errors import run_cli
+
 from .data import write_audio
 
 VARIANTS = {
@@ -36,13 +38,15 @@ def run(name: str, blocks, minutes: float, out: Path, extra: list[str]) -> dict:
     overrides = {"trainer": {"callbacks": [
         {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
          "init_args": {"monitor": "val/nats_per_sample", "save_last": True}},
-        {"class_path": "apps.common.callbacks.ExportPretrained", "init_args": {"dirpath": str(out / name / "pretrained")}},
+        {"class_path": "apps.common.callbacks.ExportPretrained",
+         "init_args": {"dirpath": str(out / name / "pretrained")}},
         {"class_path": "apps.audio.evaluate.HeldOutNLL", "init_args": {"split": "test", "max_clips": 64}},
         {"class_path": "apps.common.callbacks.CPUTimeBudget", "init_args": {"minutes": minutes}}]}}
     (out / name).mkdir(parents=True, exist_ok=True)
     config = out / name / "compare.yaml"
     config.write_text(json.dumps(overrides))  # JSON is YAML
-    args = ["fit", f"--config={config}", f"--model.config.blocks={blocks if isinstance(blocks, str) else json.dumps(blocks)}", "--trainer.max_time=null",
+    blocks_arg = blocks if isinstance(blocks, str) else json.dumps(blocks)
+    args = ["fit", f"--config={config}", f"--model.config.blocks={blocks_arg}", "--trainer.max_time=null",
             "--trainer.max_steps=100000", f"--trainer.default_root_dir={out / name}",
             f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}",
             "--trainer.enable_progress_bar=false", *extra]
@@ -109,4 +113,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from apps.common.demo import find_checkpoint, gr, launch, message_demo
+from apps.common.errors import run_cli
 
 from .data import DIGITS, AudioError, is_silent, mu_law_encode, read_audio, write_audio
 from .evaluate import load_audio_model
@@ -177,4 +178,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from apps.common.callbacks import HeldOutEvaluation
+from apps.common.errors import run_cli
 
 from .data import Clip, list_audio, lm_item, load_tokens, speech_commands_splits
 from .model import AudioUNet
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
 
 
 class HeldOutNLL(HeldOutEvaluation):

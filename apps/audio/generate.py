@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from apps.common.errors import run_cli
 from ssm_core.models.generation import sample_logits
 
 from .data import DIGITS, SILENCE_TOKEN, mu_law_decode, mu_law_encode, read_audio, write_audio
@@ -152,4 +153,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -31,10 +31,12 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from apps.common.errors import UserError
+
 from .data import DIGITS, SAMPLE_RATE, AudioError, write_audio
 
 __all__ = ["ACCENTS", "VARIANTS", "TEST_VARIANTS", "VALID_VARIANTS", "ensure_digits", "synthesize_word",
-           "espeak_available", "ESPEAK_MISSING"]
+           "espeak_available", "ESPEAK_MISSING", "EspeakMissing"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ ESPEAK_MISSING = ("the spoken-digits recipe needs the espeak-ng program, which i
                   "`--data.source folder --data.paths '[DIR]'` (any folder of WAV/FLAC/OGG/MP3).")
 
 
+class EspeakMissing(UserError, RuntimeError):
+    """The espeak-ng program is not installed (the message says what to do instead)."""
+
+
 def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
@@ -68,7 +74,7 @@ def synthesize_word(word: str, voice: str, speed: int, pitch: int, seed: int,
     """One spoken word as a (length,) float waveform: espeak-ng -> resample (torchaudio) -> trim silence ->
     peak -1 dBFS -> placed at a random offset (``seed``). Raises AudioError if the word does not fit."""
     if not espeak_available():
-        raise RuntimeError(ESPEAK_MISSING)
+        raise EspeakMissing(ESPEAK_MISSING)
     proc = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", word],
                           capture_output=True, check=False, timeout=60)
     if proc.returncode != 0 or not proc.stdout:
@@ -120,7 +126,7 @@ def ensure_digits(root: str | Path, per_voice: int = 1, seed: int = 0, progress:
         log.warning("%s: made with other settings (%s); regenerating", root,
                     {k: have.get(k) for k in want if have.get(k) != want[k]})
     if not espeak_available():
-        raise RuntimeError(ESPEAK_MISSING)
+        raise EspeakMissing(ESPEAK_MISSING)
     from tqdm.auto import tqdm
 
     present = _available_variants()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from apps.common.cli import cli_main
+from apps.common.errors import run_cli
 
 from .data import AudioDataModule
 from .model import AudioLM
@@ -26,4 +27,4 @@ def main(args: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

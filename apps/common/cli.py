@@ -13,10 +13,24 @@ from pathlib import Path
 from pytorch_lightning.cli import LightningCLI
 
 from .callbacks import RemoveEmptyRunOnFailure
+from .checkpoint import check_checkpoint_fits
 
 __all__ = ["cli_main"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
+
+
+class _AppCLI(LightningCLI):
+    """LightningCLI that checks ``--ckpt_path`` before anything is built: a missing, corrupt or foreign checkpoint
+    is one clear line (Lightning would otherwise apply another app's hyperparameters, or fail deep inside)."""
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and not (str(ckpt) in LIGHTNING_CKPT_NAMES and not Path(ckpt).exists()):
+            check_checkpoint_fits(ckpt, self.model_class, self.datamodule_class)
 
 
 def cli_main(model_class, datamodule_class, default_config: str | Path, args: list[str] | None = None,
@@ -32,10 +46,10 @@ def cli_main(model_class, datamodule_class, default_config: str | Path, args: li
     cli_kwargs.setdefault("seed_everything_default", 0)
     parser_kwargs = {sub: dict(defaults) for sub in SUBCOMMANDS}
     if args is not None:
-        return LightningCLI(model_class, datamodule_class, args=argv, parser_kwargs=parser_kwargs, **cli_kwargs)
+        return _AppCLI(model_class, datamodule_class, args=argv, parser_kwargs=parser_kwargs, **cli_kwargs)
     # from the command line: hand LightningCLI sys.argv itself (args= plus argv would warn on every run)
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]
     try:
-        return LightningCLI(model_class, datamodule_class, parser_kwargs=parser_kwargs, **cli_kwargs)
+        return _AppCLI(model_class, datamodule_class, parser_kwargs=parser_kwargs, **cli_kwargs)
     finally:
         sys.argv = saved

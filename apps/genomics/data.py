@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from apps.common.paths import SAMPLES, repo_path
 
 __all__ = [
     "VOCAB_SIZE", "CLS_ID", "SEP_ID", "BOS_ID", "MASK_ID", "PAD_ID", "RESERVED_ID", "UNK_ID",
-    "A_ID", "C_ID", "G_ID", "T_ID", "N_ID", "BASE_IDS", "SPECIAL_TOKENS", "VOCAB",
+    "A_ID", "C_ID", "G_ID", "T_ID", "N_ID", "BASE_IDS", "SPECIAL_TOKENS", "VOCAB", "MODEL_VOCAB_RANGE",
     "encode", "decode", "reverse_complement_ids", "FastaReader", "SAMPLE_FASTA", "Interval", "read_bed",
     "holdout_intervals", "RandomWindows", "TiledWindows", "pad_collate", "GenBankRecord", "read_genbank",
     "feature_mask", "warmup_stage", "DNADataModule",
@@ -50,6 +51,9 @@ BASE_IDS = (A_ID, C_ID, G_ID, T_ID)  # the four bases bits/base is measured over
 VOCAB: dict[str, int] = {**{t: i for i, t in enumerate(SPECIAL_TOKENS)}, "A": A_ID, "C": C_ID, "G": G_ID,
                          "T": T_ID, "N": N_ID}
 VOCAB_SIZE = len(VOCAB)  # 12
+# the vocab_size a DNA model may have: these 12 ids, up to 16 where an exporter padded them; a model of 256+
+# ids (bytes, subwords) is another app's and is refused by name, not scored as DNA
+MODEL_VOCAB_RANGE = (VOCAB_SIZE, 16)
 IUPAC_AMBIGUOUS = "RYSWKMBDHV"
 
 _INVALID = -1
@@ -216,18 +220,30 @@ class FastaReader:
         return str(self._fa[name][start:end])
 
     def tokens(self, name: str, start: int = 0, end: int | None = None, unk: bool = False) -> Tensor:
-        """Token ids of bases [start, end) of ``name``; a non-DNA character names its record position."""
+        """Token ids of bases [start, end) of ``name``; a non-DNA character is named with its file:line:column
+        and its position in the record."""
         seq = self.fetch(name, start, end)
         try:
             return encode(seq, unk=unk, where=f"{self.path}: {name}")
         except ValueError as e:
-            # re-anchor the offset: encode counts from `start`, users want the position in the record
+            # re-anchor the offset: encode counts from `start`, users want the position in the record and file
             msg = str(e)
-            if " at position " in msg:
-                head, tail = msg.split(" at position ", 1)
-                pos, rest = tail.split(" ", 1)
-                msg = f"{head} at position {start + int(pos)} (0-based) {rest}"
-            raise ValueError(msg) from None
+            m = re.search(r": character (.+?) at position (\d+) (.*)$", msg)
+            if m is None:
+                raise
+            pos = start + int(m.group(2))
+            raise ValueError(f"{self.where(name, pos)}: character {m.group(1)} at position {pos} (0-based) of record "
+                             f"{name!r} {m.group(3)}") from None
+
+    def where(self, name: str, pos: int) -> str:
+        """``FILE:LINE:COLUMN`` (1-based, as editors count) of base ``pos`` (0-based) of record ``name``, from the
+        index's line layout; ``FILE`` alone when the layout is unknown. Scans the file for the header: for error
+        messages, not for loops."""
+        rec = self._fa.faidx.index.get(name)
+        header = _line_of_header(self.path, name)
+        if rec is None or header is None or not rec.lenc:
+            return str(self.path)
+        return f"{self.path}:{header + 1 + pos // rec.lenc}:{pos % rec.lenc + 1}"
 
     def close(self) -> None:
         self._fa.close()
@@ -534,6 +550,9 @@ class DNADataModule(pl.LightningDataModule):
                  seed: int = 0, in_memory_max_bases: int = 1 << 28, eval_batch_size: int | None = None):
         super().__init__()
         self.save_hyperparameters()
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("samples_per_epoch", samples_per_epoch)):
+            if value < 1:
+                raise ValueError(f"DNADataModule: {name} must be at least 1, got {value}")
         if warmup_min_len is not None and (warmup_min_len < 1 or warmup_min_len > seq_len):
             raise ValueError(f"DNADataModule: warmup_min_len must be in [1, seq_len={seq_len}], got {warmup_min_len}")
         self.fasta: FastaReader | None = None

@@ -26,7 +26,16 @@ from tqdm.auto import tqdm
 from apps.common import HeldOutEvaluation, sequence_nll
 from apps.common import load_model as common_load_model
 from apps.common.errors import run_cli
-from apps.genomics.data import A_ID, T_ID, VOCAB_SIZE, FastaReader, Interval, holdout_intervals, read_bed
+from apps.genomics.data import (
+    A_ID,
+    MODEL_VOCAB_RANGE,
+    T_ID,
+    VOCAB_SIZE,
+    FastaReader,
+    Interval,
+    holdout_intervals,
+    read_bed,
+)
 from apps.genomics.model import DNALM
 
 __all__ = ["load_model", "bits_per_base", "HeldOutBitsPerBase", "main"]
@@ -36,7 +45,7 @@ SEGMENT = 1 << 22  # bases read from the FASTA at a time (32 MB of ids): constan
 
 def load_model(ckpt: str | Path) -> nn.Module:
     """A causal DNA language model: a save_pretrained directory or a Lightning checkpoint of DNALM."""
-    return common_load_model(ckpt, lightning_module=DNALM, vocab_range=(VOCAB_SIZE, 1 << 20),
+    return common_load_model(ckpt, lightning_module=DNALM, vocab_range=MODEL_VOCAB_RANGE,
                              what="DNA language model")
 
 
@@ -90,6 +99,8 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--chunk-len", type=int, default=65536, help="tokens per forward piece (memory, not result)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = p.parse_args(argv)
+    if args.chunk_len < 1:
+        raise ValueError(f"--chunk-len must be at least 1, got {args.chunk_len}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.ckpt)
@@ -104,7 +115,9 @@ def main(argv: list[str] | None = None) -> float:
         args.split = "val" if args.split == "valid" else args.split
         intervals = [iv for iv in intervals if iv.split == args.split]
         if not intervals:
-            raise SystemExit(f"no intervals in split {args.split!r}")
+            src = args.bed or f"{args.fasta} (held-out fractions --valid-frac {args.valid_frac}, --test-frac " \
+                              f"{args.test_frac})"
+            raise ValueError(f"{src}: no intervals in split {args.split!r}")
     bits, n = bits_per_base(model, fasta, intervals, chunk_len=args.chunk_len)
     what = f"split {args.split}" if args.split else "all given sequences"
     print(f"{args.fasta} ({what}, {len(intervals)} intervals, {n:,} bases): {bits:.4f} bits/base")

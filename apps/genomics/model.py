@@ -49,7 +49,7 @@ from apps.common.checkpoint import is_classifier_dir
 from apps.common.classify import WEIGHTS, read_head_config, save_head_checkpoint
 from apps.common.optim import adamw_warmup_cosine
 from apps.genomics.data import A_ID, MASK_ID, N_ID, PAD_ID, T_ID, VOCAB_SIZE, reverse_complement_ids
-from ssm_core import MambaConfig, MixerModel
+from ssm_core import MambaConfig, MixerModel, read_safetensors
 from ssm_core.modules.bidirectional import reverse_padded
 
 __all__ = [
@@ -268,14 +268,14 @@ def load_backbone_weights(backbone: DNABackbone, path: str | os.PathLike) -> int
     DNALM; its causal mixers become the tied forward/backward mixers of a bidirectional backbone) or a
     DNAModel, or a Caduceus folder (apps.genomics.caduceus). Returns the number of tensors copied; a shape
     mismatch or a backbone key left unset raises."""
-    from safetensors.torch import load_file
-
     from apps.genomics.caduceus import is_caduceus_dir, load_caduceus_backbone
 
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder (init_from takes a save_pretrained directory)")
     if is_caduceus_dir(path):
         return load_caduceus_backbone(backbone, path)
-    src = load_file(str(path / WEIGHTS))
+    src = read_safetensors(path / WEIGHTS, kind="checkpoint")  # a missing or corrupt file is named
     prefix = "backbone.core." if is_classifier_dir(path) else "backbone."
     src_cfg = MambaConfig.load(path / "config.json")
     mapped = {}

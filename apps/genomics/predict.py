@@ -15,6 +15,7 @@ masked LMs give the pseudo-log-likelihood log p(x_t | x without t) (one masked c
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import re
@@ -30,7 +31,7 @@ from apps.common import load_model as common_load_model
 from apps.common import pool, sequence_nll
 from apps.common.errors import run_cli
 from apps.genomics.caduceus import is_caduceus_dir, load_caduceus
-from apps.genomics.data import A_ID, MASK_ID, T_ID, VOCAB_SIZE, decode, encode
+from apps.genomics.data import A_ID, MASK_ID, MODEL_VOCAB_RANGE, T_ID, VOCAB_SIZE, decode, encode
 from apps.genomics.model import DNAModel
 from ssm_core import MambaLMHeadModel, atomic_write
 
@@ -45,7 +46,7 @@ def load_model(path: str | os.PathLike) -> Model:
     folder: apps.genomics.caduceus), in eval mode."""
     if is_caduceus_dir(path):
         return load_caduceus(path)
-    return common_load_model(path, head_model=DNAModel, vocab_range=(VOCAB_SIZE, 1 << 20), what="DNA model")
+    return common_load_model(path, head_model=DNAModel, vocab_range=MODEL_VOCAB_RANGE, what="DNA model")
 
 
 def model_kind(model: Model) -> str:
@@ -344,6 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     args = p.parse_args(argv)
+    if args.cmd != "generate":  # before any work: where the result goes
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, f"no such folder to write {out.name} in", str(out.parent))
+        if args.cmd == "embed" and out.suffix not in (".npy", ".safetensors"):
+            raise ValueError(f"{out}: embeddings go to .npy or .safetensors")
     model = load_model(args.ckpt)
     if args.cmd == "generate":
         print(args.prompt + generate_dna(model, args.prompt.upper(), args.n, args.temperature, args.top_k,

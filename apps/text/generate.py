@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=4, help="drafted bytes per speculative round")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    if a.max_bytes < 0:
+        raise ValueError(f"--max-bytes must be >= 0, got {a.max_bytes}")
     torch.set_num_threads(a.threads)
     model = load_model(a.ckpt)
     bos = model.config.vocab_size > BOS

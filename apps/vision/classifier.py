@@ -23,7 +23,7 @@ from apps.common.callbacks import ExportPretrained
 from apps.common.classify import ClassifierModule
 from apps.common.optim import adamw_warmup_cosine, attached_trainer, warmup_cosine
 
-from .model import apply_data_config, load_weights_into, read_any, save_vision_model
+from .model import apply_data_config, load_weights_into, read_any, save_vision_model, sync_data_config
 
 __all__ = ["VisionClassifier", "ExportVisionModel", "CPUSettings"]
 
@@ -40,7 +40,7 @@ class VisionClassifier(ClassifierModule):
                  class_names: list[str] | None = None):
         import apps.vision.model  # noqa: F401 - registers vim_* with timm
 
-        net = timm.create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
+        net = sync_data_config(timm.create_model(model_name, num_classes=num_classes, **(model_kwargs or {})))
         super().__init__(net, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                          min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, pass_lengths=False)
         self.save_hyperparameters()

@@ -37,12 +37,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ssm_core import BiMambaV2, Block, RMSNorm
+from ssm_core import BiMambaV2, Block, RMSNorm, atomic_write
 
 __all__ = [
     "VisionMamba", "VimBlock", "PatchEmbed", "POOLS", "checkpoint_filter_fn", "read_checkpoint", "load_hustvl",
     "resample_pos_embed", "save_vision_model", "load_vision_model", "read_any", "load_weights_into",
-    "CheckpointError", "infer_vim_variant", "apply_data_config",
+    "CheckpointError", "infer_vim_variant", "apply_data_config", "sync_data_config",
     "vim_tiny_patch16_224", "vim_small_patch16_224", "vim_base_patch16_224",
     "vim_tiny_patch16_stride8_224", "vim_small_patch16_stride8_224", "vim_base_patch16_stride8_224",
 ]
@@ -372,9 +372,10 @@ def save_vision_model(model: nn.Module, path: str | Path, model_name: str, model
     cfg = {"model": model_name, "model_kwargs": dict(model_kwargs, num_classes=num_classes),
            "class_names": class_names, "data_config": {k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in data_cfg.items()}, **(extra or {})}
-    (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    # each file atomically, config.json last: a folder with config.json is complete; usual umask permissions
+    atomic_write(path / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
     return path
 
 
@@ -453,7 +454,7 @@ def load_vision_model(path: str | Path, num_classes: int | None = None, use_ema:
     kwargs = dict(src_kwargs, **overrides)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = timm.create_model(name, **kwargs)
+    model = sync_data_config(timm.create_model(name, **kwargs))
     apply_data_config(model, cfg.get("data_config"))
     replaced = load_weights_into(model, sd, src_kwargs, path, name)
     if replaced and num_classes is None:
@@ -545,11 +546,22 @@ def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba
     with torch.serialization.safe_globals([argparse.Namespace]):
         model = build_model_with_cfg(VisionMamba, variant, pretrained,
                                      pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-    # the data config follows the model actually built (img_size=, in_chans=), as timm.data reads it
-    cfg = dict(model.pretrained_cfg, input_size=(model.in_chans, *model.patch_embed.img_size))
-    if model.in_chans != len(cfg["mean"]):
-        cfg["mean"] = (sum(cfg["mean"]) / len(cfg["mean"]),) * model.in_chans
-        cfg["std"] = (sum(cfg["std"]) / len(cfg["std"]),) * model.in_chans
+    return sync_data_config(model)
+
+
+def sync_data_config(model: nn.Module) -> nn.Module:
+    """Make a timm model's ``pretrained_cfg`` (what timm.data.resolve_data_config reads) follow the model actually
+    built: timm keeps the pretrained input size (3, 224, 224) even for ``img_size=28, in_chans=1``. Models with a
+    ``patch_embed`` (Vim, ViT / DeiT) get their real input size; channel statistics are averaged for grey input."""
+    pe = getattr(model, "patch_embed", None)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if pe is None or not cfg or getattr(pe, "img_size", None) is None:
+        return model
+    chans = pe.proj.in_channels
+    cfg["input_size"] = (chans, *_pair(pe.img_size))
+    if "mean" in cfg and len(cfg["mean"]) != chans:
+        cfg["mean"] = (sum(cfg["mean"]) / len(cfg["mean"]),) * chans
+        cfg["std"] = (sum(cfg["std"]) / len(cfg["std"]),) * chans
     model.pretrained_cfg = model.default_cfg = cfg
     return model
 

@@ -55,6 +55,7 @@ struct Args {
   int64_t batch = 0, dim = 0, L = 0, N = 0, Np = 0, G = 0, dpg = 0, chunk = 0, nchunks = 0, nv = 0, Tp = 0;
   int64_t kblock = 1;  // chunks per time block (loop order: block, channel, chunk)
   bool softplus = false;
+  bool a_const = false;  // every row of A constant along N (Mamba-2 / SSD): exp(dt A) is one value per step
   const T *u = nullptr, *delta = nullptr, *A = nullptr, *B = nullptr, *C = nullptr, *D = nullptr;
   const T *z = nullptr, *bias = nullptr, *h0 = nullptr;
   T *out = nullptr, *last = nullptr, *cst = nullptr;
@@ -87,7 +88,16 @@ HISS_INLINE void discretize(int64_t Tp, bool softplus, const T* xd, const T* xu,
 }
 
 // ---- forward -----------------------------------------------------------------------------------
-template <typename T, int NV>
+// exp(dt_t * A0) for one chunk, vectorized over time (rows of A constant along N: one exp per step, the very
+// value vexp would give on every lane)
+template <typename T>
+HISS_INLINE void decay_scalar(int64_t Tp, const T* dt, T A0, T* da) {
+  typedef typename VT<T>::V V;
+  constexpr int W = VT<T>::W;
+  for (int64_t i = 0; i < Tp; i += W) vstore(da + i, vexp(vload<V>(dt + i) * A0));
+}
+
+template <typename T, int NV, bool AC>
 HISS_INLINE void fwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
   typedef typename VT<T>::V V;
   constexpr int W = VT<T>::W;
@@ -106,8 +116,8 @@ HISS_INLINE void fwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
     else
       std::fill(h, h + Np, T(0));
   }
-  std::vector<T> buf((size_t)(6 * Tp));
-  T *xu = buf.data(), *xd = xu + Tp, *xz = xd + Tp, *dt = xz + Tp, *dtu = dt + Tp, *yb = dtu + Tp;
+  std::vector<T> buf((size_t)(7 * Tp));
+  T *xu = buf.data(), *xd = xu + Tp, *xz = xd + Tp, *dt = xz + Tp, *dtu = dt + Tp, *yb = dtu + Tp, *da = yb + Tp;
 
   for (int64_t kb = 0; kb < a.nchunks; kb += a.kblock) {  // time blocks
     const int64_t ke = std::min(a.nchunks, kb + a.kblock);
@@ -122,6 +132,7 @@ HISS_INLINE void fwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
         discretize(Tp, sp, xd, xu, biasp ? biasp[d] : T(0), dt, dtu);
 
         const T* Ar = a.A + d * Np;
+        if (AC) decay_scalar(Tp, dt, Ar[0], da);
         const T* Bt = a.B + (bg * L + t0) * Np;
         const T* Ct = a.C + (bg * L + t0) * Np;
         V hl[S ? NV : 1], Al[S ? NV : 1];
@@ -132,11 +143,11 @@ HISS_INLINE void fwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
           }
         for (int64_t t = 0; t < len; ++t) {
           const V dtv = splat<V>(dt[t]), duv = splat<V>(dtu[t]);
+          const V dAc = AC ? splat<V>(da[t]) : V{};
           V yacc = {};
           for (int j = 0; j < nv; ++j) {
-            V Aj = S ? Al[j] : vload<V>(Ar + j * W);
             V hj = S ? hl[j] : vload<V>(hmem + j * W);
-            V dA = vexp(dtv * Aj);
+            V dA = AC ? dAc : vexp(dtv * (S ? Al[j] : vload<V>(Ar + j * W)));
             hj = dA * hj + duv * vload<V>(Bt + t * Np + j * W);
             yacc += vload<V>(Ct + t * Np + j * W) * hj;
             if (S)
@@ -168,7 +179,7 @@ HISS_INLINE void fwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
 }
 
 // ---- backward ----------------------------------------------------------------------------------
-template <typename T, int NV>
+template <typename T, int NV, bool AC>
 HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
   typedef typename VT<T>::V V;
   constexpr int W = VT<T>::W;
@@ -209,11 +220,12 @@ HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
     else
       std::fill(g, g + Np, T(0));
   }
-  std::vector<T> buf((size_t)(12 * Tp + (2 * Tp + 1) * Np));
+  std::vector<T> buf((size_t)(13 * Tp + (2 * Tp + 1) * Np));
   T *xu = buf.data(), *xd = xu + Tp, *xz = xd + Tp, *xo = xz + Tp, *dt = xo + Tp, *dtu = dt + Tp;
   T *yb = dtu + Tp, *dy = yb + Tp, *sgB = dy + Tp, *sqA = sgB + Tp, *o1 = sqA + Tp, *o2 = o1 + Tp;
   T* hs = o2 + Tp;       // (Tp + 1, Np): h_{t-1} at row t
   T* as = hs + (Tp + 1) * Np;  // (Tp, Np): exp(dt_t A)
+  T* da = as + Tp * Np;        // (Tp): exp(dt_t A0) when A is constant along N
 
   for (int64_t kend = a.nchunks; kend > 0; kend -= a.kblock) {  // time blocks, last first
     const int64_t kb = std::max<int64_t>(0, kend - a.kblock);
@@ -230,6 +242,7 @@ HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
         discretize(Tp, sp, xd, xu, bias, dt, dtu);
 
         const T* Ar = a.A + d * Np;
+        if (AC) decay_scalar(Tp, dt, Ar[0], da);
         const T* Bt = a.B + (bg * L + t0) * Np;
         const T* Ct = a.C + (bg * L + t0) * Np;
         T* dBt = tB[bg - bg0] + t0 * Np;
@@ -246,11 +259,11 @@ HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
             for (int j = 0; j < nv; ++j) hl[j] = vload<V>(hs + j * W);
           for (int64_t t = 0; t < len; ++t) {
             const V dtv = splat<V>(dt[t]), duv = splat<V>(dtu[t]);
+            const V dAc = AC ? splat<V>(da[t]) : V{};
             V yacc = {};
             for (int j = 0; j < nv; ++j) {
-              V Aj = S ? Al[j] : vload<V>(Ar + j * W);
               V hj = S ? hl[j] : vload<V>(hs + t * Np + j * W);
-              V dA = vexp(dtv * Aj);
+              V dA = AC ? dAc : vexp(dtv * (S ? Al[j] : vload<V>(Ar + j * W)));
               hj = dA * hj + duv * vload<V>(Bt + t * Np + j * W);
               vstore(as + t * Np + j * W, dA);
               vstore(hs + (t + 1) * Np + j * W, hj);
@@ -358,20 +371,28 @@ HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
 // ---- ISA variants ------------------------------------------------------------------------------
 template <typename T>
 HISS_INLINE void fwd_range_nv(const Args<T>& a, int64_t b, int64_t e) {
+  if (a.a_const) {  // Mamba-2 / SSD: a large N, one exp per step (the register-resident sizes don't apply)
+    fwd_range_impl<T, 0, true>(a, b, e);
+    return;
+  }
   switch (a.nv) {
-    case 1: fwd_range_impl<T, 1>(a, b, e); break;
-    case 2: fwd_range_impl<T, 2>(a, b, e); break;
-    case 4: fwd_range_impl<T, 4>(a, b, e); break;
-    default: fwd_range_impl<T, 0>(a, b, e);
+    case 1: fwd_range_impl<T, 1, false>(a, b, e); break;
+    case 2: fwd_range_impl<T, 2, false>(a, b, e); break;
+    case 4: fwd_range_impl<T, 4, false>(a, b, e); break;
+    default: fwd_range_impl<T, 0, false>(a, b, e);
   }
 }
 template <typename T>
 HISS_INLINE void bwd_range_nv(const Args<T>& a, int64_t b, int64_t e) {
+  if (a.a_const) {
+    bwd_range_impl<T, 0, true>(a, b, e);
+    return;
+  }
   switch (a.nv) {
-    case 1: bwd_range_impl<T, 1>(a, b, e); break;
-    case 2: bwd_range_impl<T, 2>(a, b, e); break;
-    case 4: bwd_range_impl<T, 4>(a, b, e); break;
-    default: bwd_range_impl<T, 0>(a, b, e);
+    case 1: bwd_range_impl<T, 1, false>(a, b, e); break;
+    case 2: bwd_range_impl<T, 2, false>(a, b, e); break;
+    case 4: bwd_range_impl<T, 4, false>(a, b, e); break;
+    default: bwd_range_impl<T, 0, false>(a, b, e);
   }
 }
 
@@ -451,6 +472,7 @@ static int64_t simd_width(at::ScalarType st) { return st == at::kDouble ? 4 : 8;
 
 struct Prepared {
   int64_t batch, dim, L, N, Np, G, chunk, nchunks;
+  bool a_const = false;
   at::Tensor u, delta, A, B, C, D, z, bias;
 };
 
@@ -495,6 +517,9 @@ static Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::
   p.u = u.contiguous();
   p.delta = delta.contiguous();
   p.A = at::constant_pad_nd(A, {0, p.Np - p.N}).contiguous();
+  // rows constant along N (SSD's A is one scalar per head, expanded): one exp(dt A) per step, not per state.
+  // Only worth it beyond one vector of states; the results are identical either way.
+  p.a_const = p.Np > W && p.N > 1 && A.eq(A.narrow(1, 0, 1)).all().item<bool>();
   // (batch, G, N, L) -> (batch, G, L, Np): time-major rows, zero padded state lanes.
   p.B = at::constant_pad_nd(B.transpose(2, 3), {0, p.Np - p.N}).contiguous();
   p.C = at::constant_pad_nd(C.transpose(2, 3), {0, p.Np - p.N}).contiguous();
@@ -519,6 +544,7 @@ static Args<T> make_args(const Prepared& p, bool softplus) {
   a.nv = p.Np / VT<T>::W;
   a.Tp = (p.chunk + VT<T>::W - 1) / VT<T>::W * VT<T>::W;
   a.softplus = softplus;
+  a.a_const = p.a_const;
   a.kblock = std::max<int64_t>(1, g_time_block / std::max<int64_t>(1, p.chunk));
   a.u = p.u.data_ptr<T>();
   a.delta = p.delta.data_ptr<T>();

@@ -258,3 +258,20 @@ def test_speculative_on_the_compiled_step_equals_the_module_path():
         assert stats_m.target_calls > stats_f.target_calls or stats_m.accepted == stats_m.drafted
     greedy = target.generate(prompt, max_new_tokens=30, temperature=0)[0, 20:].tolist()
     assert greedy == [int(t) for t in speculative_stream(target, draft, prompt, 30, k=3, temperature=0)]
+
+
+def test_without_a_compiler_generation_falls_back_with_one_warning(monkeypatch):
+    """A machine where the extension cannot be built: one warning line, then the module path, same tokens."""
+    from ssm_core.ops import backend
+
+    model = model_for("m2_n16_nonorm")
+    prompt = ids_for(1, 5, seed=21)
+    expected = model.generate(prompt, max_new_tokens=6, temperature=0, fast=False)
+    monkeypatch.setattr(kcpu, "available", lambda: False)
+    monkeypatch.setattr(kcpu, "unavailable_reason", lambda: "no C++ compiler found (looked for 'c++')")
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as record:
+        got = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert len([w for w in record if "kernels unavailable" in str(w.message)]) == 1
+    assert torch.equal(got, expected)
+    assert "not in use" in unsupported_reason(model)

@@ -543,6 +543,20 @@ def test_benchmark_gpu_section_runs_on_cpu(ext, capsys):
     assert (scan.DOC.read_text() if scan.DOC.exists() else None) == doc
 
 
+@pytest.mark.parametrize("N", [16, 40, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_rows_of_A_constant_along_N(ext, N, dtype):
+    """A row constant along N (SSD's per-head A, expanded) takes the one-exp-per-step path: same results and
+    gradients (dA per (channel, state) included) as the reference, both ISAs."""
+    x = make(2, 6, 37, N, 2, dtype)
+    x["A"] = x["A"][:, :1].expand(6, N).contiguous()
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
+    for isa in _isas(ext):
+        ext.set_isa(isa)
+        compare(x, True, dtype, rtol, chunk_len=16)
+    ext.set_isa("auto")
+
+
 # ---- SSD (Mamba-2) through the compiled scan ----------------------------------------------------
 
 # (b, L, H, P, G, N, D shape, z, bias, softplus, h0, dt_limit)

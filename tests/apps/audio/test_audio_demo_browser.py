@@ -64,13 +64,13 @@ def test_audio_demo_in_headless_chromium(tmp_path):
             opts.add_argument(arg)
         driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=opts)
         driver.get(f"http://127.0.0.1:{port}/")
-        wait = WebDriverWait(driver, 120)
+        wait = WebDriverWait(driver, 300)  # the first generation may wait for the CPU kernels' build
         button = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#audio-generate"))
-        # pick "seven" in the digit dropdown (a Gradio listbox: type and confirm)
-        box = driver.find_element(By.CSS_SELECTOR, "#audio-digit input")
-        box.click()
-        option = wait.until(lambda d: d.find_element(By.XPATH, "//li[@role='option' and normalize-space()='seven']"))
+        # pick "seven" in the digit dropdown: open it, click the option
+        driver.find_element(By.CSS_SELECTOR, "#audio-digit input").click()
+        option = wait.until(lambda d: d.find_element(By.XPATH, "//li[@role='option' and @aria-label='seven']"))
         option.click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#audio-digit input").get_attribute("value") == "seven")
         button.click()
         wait.until(lambda d: "samples/s" in d.find_element(By.CSS_SELECTOR, "#audio-status").text)
         status = driver.find_element(By.CSS_SELECTOR, "#audio-status").text

@@ -26,7 +26,7 @@ from apps.vision.model import (
     resample_pos_embed,
     save_vision_model,
 )
-from ssm_core import BiMambaV2, Bidirectional, Mamba
+from ssm_core import Bidirectional, BiMambaV2, Mamba
 
 torch.set_num_threads(1)  # tiny models on a shared 2-core box: one thread is fastest
 TOL = 1e-4
@@ -296,3 +296,12 @@ def test_save_and_load_our_format(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_vision_model(tmp_path)
     assert math.isfinite(float(m3.pos_embed.detach().sum()))
+
+
+def test_stride16_checkpoint_into_a_stride8_model(hustvl_file):
+    """hustvl's long-sequence fine-tuning start: a patch-8/stride-8 checkpoint (4x4 grid) into stride 4 (7x7)."""
+    model = timm.create_model("vim_tiny_patch16_stride8_224", num_classes=CLASSES, **dict(TINY, stride=4)).eval()
+    assert load_hustvl(hustvl_file, model)["pos_embed_resampled"]
+    assert model.pos_embed.shape == (1, 50, DIM)
+    cls = read_checkpoint(hustvl_file)["pos_embed"][0, 8]
+    assert torch.equal(model.pos_embed.data[0, 24], cls)  # the class token's entry moved to the new middle

@@ -147,3 +147,46 @@ def test_shipped_checkpoint_and_examples():
     tops = [row[0][0] for row in pred.topk(examples, k=1)]
     truth = [p.stem.removeprefix("fashion_").replace("_", " ") for p in examples]
     assert sum(t == g for t, g in zip(tops, truth)) >= len(examples) - 1
+
+
+def test_timm_deit_baseline_through_the_same_module(tmp_path):
+    """timm's own DeiT builds, reports its real input size to the data module, saves and reloads."""
+    from apps.vision.classifier import VisionClassifier
+    from apps.vision.model import save_vision_model
+
+    kw = {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}
+    module = VisionClassifier("deit_tiny_patch16_224", kw, num_classes=3)
+    assert module.data_config["input_size"] == (1, 16, 16) and len(module.data_config["mean"]) == 1
+    save_vision_model(module.model, tmp_path / "deit", "deit_tiny_patch16_224", kw, ["a", "b", "c"],
+                      data_config={"mean": (0.3,), "std": (0.4,)})
+    model, cfg = load_vision_model(tmp_path / "deit")
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x), module.model.eval()(x))
+    from timm.data import resolve_data_config
+    assert resolve_data_config({}, model=model)["mean"] == (0.3,)
+
+
+@pytest.mark.parametrize("name", ["default", "deit_baseline", "fashion_mnist", "imagenet_vim_tiny"])
+def test_shipped_configs_parse(name, capsys):
+    """Every config names importable classes with valid arguments (printed, not run: some need a GPU)."""
+    path = ROOT / "apps" / "vision" / "configs" / f"{name}.yaml"
+    with pytest.raises(SystemExit) as e:
+        train.main(["fit", "--config", str(path), "--print_config"])
+    assert e.value.code in (0, None)
+    assert "model_name:" in capsys.readouterr().out
+
+
+def test_ema_callback_with_the_module(trained, tmp_path):
+    """The ImageNet recipe's EMA (Lightning's EMAWeightAveraging) runs with VisionClassifier and the export."""
+    tmp, root, _ = trained
+    over = tmp_path / "ema.yaml"
+    over.write_text(yaml.safe_dump({"trainer": {
+        "max_steps": 3, "max_epochs": 1, "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+        "logger": False, "enable_checkpointing": False,
+        "callbacks": [{"class_path": "pytorch_lightning.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}},
+                      {"class_path": "apps.vision.classifier.ExportVisionModel",
+                       "init_args": {"dirpath": str(tmp_path / "ema_out")}}]}}))
+    train.main(["--config", str(config(tmp_path, root)), "--config", str(over)])
+    model, _ = load_vision_model(tmp_path / "ema_out")
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 3)
