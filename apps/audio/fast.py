@@ -74,6 +74,9 @@ def load_library() -> ctypes.CDLL:
                     tmp.unlink(missing_ok=True)
                     raise RuntimeError(f"{cxx} failed to build {_SRC.name}: {r.stderr.strip()[-2000:]}")
                 os.replace(tmp, so)  # atomic: a concurrent build or a crash never leaves half a library
+            # the library's own OpenMP runtime reads this when it loads: threads that sleep between steps
+            # instead of spinning, so a busy machine (or torch's own threads) is not slowed down by idle spinners
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             lib = ctypes.CDLL(str(so))
             lib.unet_create.restype = ctypes.c_void_p
             lib.unet_create.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,

@@ -58,15 +58,16 @@ class ResumableLoader(DataLoader):
     handed out: Lightning fetches one batch ahead. On resume the first pass starts with the next batch; a
     checkpoint from another epoch (or one saved at an epoch's end) starts the pass at its beginning.
     Other DataLoader arguments (``num_workers``, ``collate_fn``, ``drop_last``, ...) are passed on; the order
-    is the sampler's, so ``shuffle``, ``sampler`` and ``batch_sampler`` are not accepted.
+    is the sampler's, so ``shuffle`` and ``batch_sampler`` are not accepted. (A ``sampler`` is only for Lightning,
+    which rebuilds a loader with one of its own for ``overfit_batches``: that loader starts its passes whole.)
     """
 
     def __init__(self, dataset: Dataset, batch_size: int | None = 1, trainer: Any = None, **kwargs):
-        for name in ("shuffle", "sampler", "batch_sampler"):
+        for name in ("shuffle", "batch_sampler"):
             if kwargs.get(name):
                 raise TypeError(f"ResumableLoader reads in index order: {name}= is not supported")
             kwargs.pop(name, None)
-        sampler = ResumableSampler(dataset, drop_last=False)
+        sampler = kwargs.pop("sampler", None) or ResumableSampler(dataset, drop_last=False)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self.trainer = trainer
         self.resumed_at = 0  # batches skipped by the last load_state_dict (0: the pass starts at the beginning)
@@ -85,5 +86,7 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, _ = self._position()
         batches = int(state.get("batches", 0))
-        self.resumed_at = batches if state.get("epoch") == epoch and 0 < batches < len(self) else 0
-        self.sampler.skip = self.resumed_at * (self.batch_size or 1)
+        resumable = isinstance(self.sampler, ResumableSampler)
+        self.resumed_at = batches if resumable and state.get("epoch") == epoch and 0 < batches < len(self) else 0
+        if resumable:
+            self.sampler.skip = self.resumed_at * (self.batch_size or 1)

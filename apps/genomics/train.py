@@ -3,7 +3,7 @@
     python -m apps.genomics.train                                  # small Mamba, bundled E. coli, CPU, minutes
     python -m apps.genomics.train --trainer.max_steps=20           # any option as --section.key=value
     python -m apps.genomics.train --config apps/genomics/configs/long_1m.yaml   # L = 2^20, exact gradients
-    python -m apps.genomics.train --ckpt_path runs/genomics/checkpoints/last.ckpt   # resume
+    python -m apps.genomics.train --ckpt_path runs/genomics/version_0/checkpoints/last.ckpt   # resume
     python -m apps.genomics.train --trainer.accumulate_grad_batches=4 --trainer.strategy=ddp --trainer.devices=2
 
 Writes Lightning checkpoints and CSV logs under runs/genomics/, the save_pretrained model to

@@ -30,10 +30,12 @@ __all__ = ["VisionClassifier", "ExportVisionModel", "CPUSettings"]
 
 class VisionClassifier(ClassifierModule):
     """model_name: a timm name (``vim_tiny_patch16_224``, ``deit_tiny_patch16_224``, ...); model_kwargs: its
-    keyword arguments (img_size, patch_size, in_chans, embed_dim, depth, drop_path_rate, ...)."""
+    keyword arguments (img_size, patch_size, in_chans, embed_dim, depth, drop_path_rate, ...). init_from: a
+    checkpoint to start from; new_head: a fresh classifier even when the class count matches (fine-tuning)."""
 
     def __init__(self, model_name: str = "vim_tiny_patch16_224", model_kwargs: dict | None = None,
                  num_classes: int = 10, init_from: str | None = None, init_use_ema: bool = False,
+                 new_head: bool = False,
                  lr: float = 1e-3, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 50, warmup_epochs: float | None = None, min_lr_ratio: float = 0.01,
                  label_smoothing: float = 0.1, layer_decay: float | None = None, lr_batch: int | None = None,
@@ -50,6 +52,9 @@ class VisionClassifier(ClassifierModule):
             sd, cfg = read_any(init_from, use_ema=init_use_ema)
             apply_data_config(net, cfg.get("data_config"))  # keep the checkpoint's normalisation
             self.head_replaced = load_weights_into(net, sd, cfg["model_kwargs"], init_from, cfg["model"])
+            if new_head and not self.head_replaced:  # same class count, other classes: a fresh head all the same
+                net.reset_classifier(num_classes)
+                self.head_replaced = True
             if not self.head_replaced and cfg.get("class_names") and not self.class_names:
                 self.class_names = cfg["class_names"]
 
@@ -59,7 +64,8 @@ class VisionClassifier(ClassifierModule):
         if names is not None:
             if self.class_names and self.head_replaced is False and list(names) != list(self.class_names):
                 raise ValueError(f"the checkpoint's classes {self.class_names[:10]} differ from the data's "
-                                 f"{list(names)[:10]}: fine-tune with a new head (apps.vision.finetune)")
+                                 f"{list(names)[:10]}: train a new head (--model.new_head=true; apps.vision.finetune "
+                                 "does)")
             self.class_names = list(names)
 
     @property

@@ -43,7 +43,8 @@ def finetune_args(ckpt: str, data: str, img_size: int | None = None, stride: int
     if stride:
         kwargs["stride"] = stride
     args = [f"--model.model_name={cfg['model']}", f"--model.model_kwargs={json.dumps(kwargs)}",
-            f"--model.num_classes={len(classes)}", f"--model.init_from={ckpt}", f"--data.root={root}"]
+            f"--model.num_classes={len(classes)}", f"--model.init_from={ckpt}", "--model.new_head=true",
+            f"--data.root={root}"]
     if ema:
         args.append("--model.init_use_ema=true")
     if layer_decay:
