@@ -16,3 +16,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def leaves_ieee_subnormals_alone():
+    """A test must not leave the process in flush-to-zero mode (torch.set_flush_denormal, or loading a shared
+    object built with -ffast-math): every later test's float maths would silently change."""
+    yield
+    if 5e-324 * 1.0 == 0.0:  # the smallest float64 subnormal reads as 0 under FTZ/DAZ
+        torch.set_flush_denormal(False)  # give the next tests IEEE semantics back
+        pytest.fail("this test left the process in flush-to-zero mode (subnormal floats read as 0)")

@@ -36,7 +36,8 @@ __all__ = ["FastStepper", "fast_supported", "fast_unavailable_reason", "load_lib
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).parent / "csrc" / "unet_step.cpp"
-_FLAGS = ["-O3", "-std=c++17", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+# no -ffast-math: a shared object linked with it sets flush-to-zero for the whole process when it loads
+_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib = None
 _reason: str | None = None

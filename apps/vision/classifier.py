@@ -134,7 +134,14 @@ class CPUSettings(pl.Callback):
         self.threads, self.flush_denormal = threads, flush_denormal
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._threads_before = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
         if self.flush_denormal:
             torch.set_flush_denormal(True)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # both settings are process-wide: give the process back as it was (IEEE subnormals, its thread count)
+        if self.flush_denormal:
+            torch.set_flush_denormal(False)
+        torch.set_num_threads(self._threads_before)

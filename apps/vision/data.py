@@ -39,6 +39,8 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from apps.common.paths import repo_path
+
 __all__ = ["ImageFolderDataModule", "RobustImageFolder", "BadImageError", "BadImageWarning", "load_image",
            "check_tree", "build_transforms", "IMG_EXTENSIONS"]
 
@@ -225,7 +227,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                  verify: bool | str = "auto", min_size: int = MIN_SIZE, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self.root = Path(root)
+        self.root = repo_path(root)  # repo-relative paths (the configs' datasets/samples/...) work from anywhere
         self.classes: list[str] | None = None
         self.mixup_fn = None
         self.model_data_config: dict | None = None  # set by evaluate/predict (no trainer): the model's data config
