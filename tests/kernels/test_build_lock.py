@@ -33,7 +33,10 @@ FAKE_BUILD = textwrap.dedent("""
         if baton.try_acquire():
             try:
                 print("compiling", flush=True)
-                time.sleep(float(os.environ["BUILD_SECONDS"]))
+                until = os.environ.get("BUILD_UNTIL")  # a file whose appearance ends the build
+                t0 = time.time()
+                while time.time() - t0 < float(os.environ["BUILD_SECONDS"]) and not (until and os.path.exists(until)):
+                    time.sleep(0.05)
                 Path(build_directory, "built").write_text(str(os.getpid()))
             finally:
                 baton.release()
@@ -105,15 +108,29 @@ def test_build_killed_midway_does_not_block_the_next_process(tmp_path, sig):
 
 
 def test_a_live_build_makes_the_next_process_wait_with_one_line_then_it_loads(tmp_path):
-    first = start(tmp_path, build_seconds=4)
+    # the first build lasts until the second process has said it waits: no race with a slow torch import
+    release = tmp_path / "release"
+    first = start(tmp_path / "cache", build_seconds=300, BUILD_UNTIL=str(release))
+    second = None
     try:
         wait_for_line(first, "compiling")
-        out, err = finish(start(tmp_path, build_seconds=0), timeout=120)
+        second = start(tmp_path / "cache", build_seconds=0)
+        lines, t0 = [], time.time()
+        while time.time() - t0 < 120 and not any("waiting for" in line for line in lines):
+            line = second.stderr.readline()
+            if not line and second.poll() is not None:
+                break
+            lines.append(line)
+        release.touch()
+        out, err = finish(second, timeout=120)
+        err = "".join(lines) + err
         finish(first, timeout=60)
     finally:
-        if first.poll() is None:
-            first.kill()
-    folder = build_folder(tmp_path)
+        release.touch()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    folder = build_folder(tmp_path / "cache")
     waiting = [line for line in err.splitlines() if "waiting for" in line]
     assert waiting == [f"hiss: waiting for another process building the hiss CPU kernels in {folder} "
                        f"(pid {first.pid})"]
