@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=parse_length, nargs="+", default=LENGTHS, help="integers or 2^k, up to 2^23")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child (1: steadier on a shared box)")
     p.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
+    p.add_argument("--json", help="also write the measured rows here")
+    p.add_argument("--from-json", metavar="PATH", help="render (and write docs) from rows saved by --json; no runs")
     p.add_argument("--attribute", type=parse_length, metavar="L",
                    help="one step at L: RSS after the batch, the forward, malloc_trim, and the backward peak")
     args = p.parse_args(argv)
@@ -252,14 +254,20 @@ def main(argv: list[str] | None = None) -> int:
             grow = r[key] - base
             print(f"L={n:,}  {key[:-3]:<22} RSS {r[key]:8.0f} MB  (+{grow:7.1f} MB, {grow * 2**20 / n:8.1f} B/base)")
         return 0
-    loads = [load_average()]
-    rows = []
-    for n in sorted(set(args.lengths)):
-        r = measure(n, args.threads, 3 if n <= 2**16 else 1)
-        rows.append(r)
-        print(f"L={n:>9,}  step {r['seconds']:8.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  (load {load_average()})",
-              flush=True)
-    loads.append(load_average())
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        rows, loads = saved["rows"], tuple(saved["load_average"])
+    else:
+        loads = [load_average()]
+        rows = []
+        for n in sorted(set(args.lengths)):
+            r = measure(n, args.threads, 3 if n <= 2**16 else 1)
+            rows.append(r)
+            print(f"L={n:>9,}  step {r['seconds']:8.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+                  f"(load {load_average()})", flush=True)
+        loads.append(load_average())
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows, "load_average": loads}, indent=1))
     block = render(rows, args.threads, tuple(loads))
     print(block)
     if not args.no_docs:

@@ -7,10 +7,12 @@ one training step (forward + backward), CPU now, GPU when there is one.
 
 Each (model, size, mode) runs in a fresh subprocess so peak memory is its own: on CPU the peak resident set
 (VmHWM, reset via /proc/self/clear_refs after the model and input are built and the kernels loaded on a tiny
-copy) during the first full-size step, minus the resident set before it; on CUDA torch.cuda.max_memory_allocated minus the allocation before the step. Time: the median of
-``--repeats`` runs after one warm-up, divided by the batch: process CPU seconds on CPU (all threads summed;
-on a shared machine wall time measures the neighbours), wall seconds on GPU; both are in the JSON. Both models are the ImageNet shapes (patch 16,
-width 192): Vim-Ti 7.1M parameters, DeiT-Ti 5.7M, position embeddings sized for each resolution. The summary
+copy; large blocks mmapped so freed memory leaves the resident set) during the first full-size step, minus the
+resident set before it; on CUDA torch.cuda.max_memory_allocated minus the allocation before the step. Time: the
+median of ``--repeats`` runs after that step, divided by the batch: process CPU seconds on CPU (all threads
+summed; on a shared machine wall time measures the neighbours), wall seconds on GPU; both are in the JSON.
+Both models are the ImageNet shapes (patch 16, width 192): Vim-Ti 7.1M parameters, DeiT-Ti 5.7M, position
+embeddings sized for each resolution. The summary
 says where the curves cross (the smallest size from which Vim is faster / lighter). Not a timed test.
 """
 
@@ -119,7 +121,8 @@ def crossing(rows: list[dict], mode: str, key: str) -> int | None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | size | tokens | Vim-Ti ms/img | DeiT-Ti ms/img | Vim-Ti peak MB | DeiT-Ti peak MB |",  # ms: CPU ms on CPU
+    # ms: CPU milliseconds on CPU, wall on GPU
+    lines = ["| mode | size | tokens | Vim-Ti ms/img | DeiT-Ti ms/img | Vim-Ti peak MB | DeiT-Ti peak MB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     by = {(r["model"], r["size"], r["mode"]): r for r in rows}
     for mode in ("infer", "train"):
@@ -141,7 +144,8 @@ def plot(rows: list[dict], path: Path, title: str):
 
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "s_per_image", "seconds per image (CPU time on CPU)"), (axes[1], "peak_mb", "peak memory (MB)")):
+    for ax, key, label in ((axes[0], "s_per_image", "seconds per image (CPU time on CPU)"),
+                           (axes[1], "peak_mb", "peak memory (MB)")):
         for mode, ls in (("infer", "-"), ("train", "--")):
             for model, color in (("vim_tiny", "C0"), ("deit_tiny", "C3")):
                 pts = sorted((r["size"], r[key]) for r in rows if r["model"] == model and r["mode"] == mode

@@ -81,3 +81,37 @@ def test_long_config_trains_through_the_cli_at_a_small_length(tmp_path, monkeypa
     assert cli.trainer.global_step == 2
     assert (tmp_path / "runs" / "genomics_long" / "pretrained" / "model.safetensors").is_file()
     assert 1.0 < heldout_bits(cli) < 3.0
+
+
+def test_benchmark_lengths_targets_and_projection():
+    """benchmarks.long_dna: lengths up to 2^23 (2^k syntax), bytes/base from the two longest runs, peaks at 2^22 /
+    2^23 projected (and labelled so) when not run, and the memory and linear-time targets checked."""
+    import argparse
+
+    from benchmarks import long_dna as bench
+
+    assert bench.parse_length("2^22") == bench.parse_length("2**22") == bench.parse_length("4194304") == 2**22
+    for bad in ("2^24", "0", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_length(bad)
+
+    def row(L, s, mb):
+        return {"L": L, "seconds": s, "peak_rss_mb": mb, "rss_before_mb": 800.0, "chunk_len": 16384,
+                "params": 66496}
+
+    rows = [row(2**14, 1.0, 1000.0), row(2**16, 4.0, 1100.0), row(2**18, 16.0, 1100.0 + 0.5 * 3),
+            row(2**20, 64.0, 1101.5 + 1.5 * 0.5 * 4)]
+    slope = bench.bytes_per_base(rows)
+    assert slope == pytest.approx((rows[3]["peak_rss_mb"] - rows[2]["peak_rss_mb"]) * 2**20 / (2**20 - 2**18))
+    proj = bench.projections(rows)
+    assert set(proj) == {2**22, 2**23}
+    assert proj[2**22] == pytest.approx(rows[3]["peak_rss_mb"] + slope * 3)
+    checks = dict(bench.checks(rows))
+    assert all(checks.values()) and len(checks) == 2  # memory and time(2^20)/time(2^16)
+    block = bench.render(rows, 1, ("1.0/1.0/1.0", "2.0/2.0/2.0"))
+    assert "(projected)" in block and "not run" in block and "MISSED" not in block
+    # measured 2^22: its own row, the 2^22/2^20 target, no projection for it; a missed target says so
+    rows.append(row(2**22, 64.0 * 5, 9000.0))
+    checks = bench.checks(rows)
+    assert [met for _, met in checks] == [False, True, False]
+    assert 2**22 not in bench.projections(rows) and "MISSED" in bench.render(rows, 1, ("-", "-"))
