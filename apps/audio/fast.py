@@ -194,7 +194,8 @@ def _pack(model: AudioUNet, state: UNetState, label) -> _Packer:
 class FastStepper:
     """A copy of the model's weights and a state in C++; ``step(tokens (B,)) -> logits (B, vocab)``.
     Built from a UNetState (e.g. after ``generate.prefill``); weights changed later are not seen.
-    ``threads``: OpenMP threads over the batch rows (default: torch.get_num_threads())."""
+    ``threads``: OpenMP threads over the batch rows (default 1: on the shared two-core machine two threads were
+    slower than one at every batch size, see docs/audio.md)."""
 
     def __init__(self, model: AudioUNet, state: UNetState, label=None, threads: int | None = None):
         reason = fast_unavailable_reason(model)
@@ -211,7 +212,7 @@ class FastStepper:
         self._h = handle
         self.batch = state.blocks[0].conv.shape[0]
         self.vocab = model.config.vocab_size
-        self.threads = threads or torch.get_num_threads()
+        self.threads = threads or 1
         self._logits = None
 
     @property
