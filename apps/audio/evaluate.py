@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from apps.common.callbacks import HeldOutEvaluation
+from apps.common.checkpoint import load_model
 from apps.common.errors import run_cli
 
 from .data import Clip, list_audio, lm_item, load_tokens, speech_commands_splits
@@ -35,12 +36,9 @@ LN2 = math.log(2)
 
 def load_audio_model(ckpt: str | Path) -> AudioUNet:
     """An exported U-Net folder (config.json + model.safetensors) or a Lightning .ckpt of AudioLM, eval mode."""
-    path = Path(ckpt)
-    if path.is_file() and path.suffix == ".ckpt":
-        from .model import AudioLM
+    from .model import AudioLM
 
-        return AudioLM.load_from_checkpoint(path, map_location="cpu").model.eval()
-    return AudioUNet.from_pretrained(path).eval()
+    return load_model(ckpt, model_class=AudioUNet, lightning_module=AudioLM, what="audio model")
 
 
 @torch.no_grad()

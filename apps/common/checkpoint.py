@@ -86,9 +86,12 @@ def is_classifier_dir(path: str | os.PathLike) -> bool:
 
 
 def load_model(path: str | os.PathLike, *, head_model: type | None = None, lightning_module: type | None = None,
-               vocab_range: tuple[int, int] | None = None, what: str = "model") -> nn.Module:
+               vocab_range: tuple[int, int] | None = None, what: str = "model",
+               model_class: type = MambaLMHeadModel) -> nn.Module:
     """Load ``path`` (see the module docstring).
 
+    model_class: what an exported folder without head.json holds (``from_pretrained(dir)``); a language model by
+    default, the app's own network otherwise (audio's U-Net).
     head_model: the app's classifier class (``from_pretrained(dir)``) for folders with head.json; without one such
     a folder is an error saying a language model was expected. lightning_module: the app's LightningModule class
     for ``.ckpt`` files. vocab_range: (lo, hi) inclusive bounds a language model's vocabulary must fall in (a byte
@@ -106,7 +109,7 @@ def load_model(path: str | os.PathLike, *, head_model: type | None = None, light
             raise ValueError(f"{path}: a classifier checkpoint ({HEAD_CONFIG}); this command needs a language model")
         model = head_model.from_pretrained(path)
     elif path.is_dir() and (path / "config.json").is_file():
-        model = MambaLMHeadModel.from_pretrained(path)
+        model = model_class.from_pretrained(path)
     elif path.is_dir():
         raise FileNotFoundError(f"{path}: no config.json; not an exported {what} folder (save_pretrained writes "
                                 "config.json + model.safetensors)")
