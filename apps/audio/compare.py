@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
+from apps.audio.data import write_audio
 from apps.common.errors import run_cli
-
-from .data import write_audio
 
 VARIANTS = {
     "mamba": "mamba",                          # selective SSM at every level
@@ -29,10 +28,9 @@ VARIANTS = {
 
 
 def run(name: str, blocks, minutes: float, out: Path, extra: list[str]) -> dict:
+    from apps.audio.evaluate import HeldOutNLL
+    from apps.audio.train import main as train_main
     from apps.common.callbacks import CPUTimeBudget
-
-    from .evaluate import HeldOutNLL
-    from .train import main as train_main
 
     # this run's own callbacks (the default config's would export to runs/audio/pretrained)
     overrides = {"trainer": {"callbacks": [
@@ -64,8 +62,8 @@ def run(name: str, blocks, minutes: float, out: Path, extra: list[str]) -> dict:
 
 def reference(classifier: str, root: str | None, max_clips: int = 1000):
     """The digit classifier and its (probs, features) on real training clips: the metrics' reference."""
-    from .data import default_data_root, load_tokens, speech_commands_splits
-    from .metrics import DigitClassifier, _waves, classify
+    from apps.audio.data import default_data_root, load_tokens, speech_commands_splits
+    from apps.audio.metrics import DigitClassifier, _waves, classify
 
     clf = DigitClassifier.load(classifier)
     clips = speech_commands_splits(root or default_data_root() / "digits")["train"]
@@ -75,9 +73,9 @@ def reference(classifier: str, root: str | None, max_clips: int = 1000):
 
 def sample_metrics(result: dict, out: Path, clf, ref, n: int) -> None:
     """Generate n one-second unconditional clips (batches of 16, compiled step), write them, score them."""
-    from .generate import generate
-    from .metrics import score_clips
-    from .model import AudioUNet
+    from apps.audio.generate import generate
+    from apps.audio.metrics import score_clips
+    from apps.audio.model import AudioUNet
 
     model = AudioUNet.from_pretrained(out / result["name"] / "pretrained").eval()
     t0 = time.perf_counter()

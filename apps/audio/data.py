@@ -380,7 +380,7 @@ class AudioDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.hparams.source == "digits":
-            from .recipes import ensure_digits
+            from apps.audio.recipes import ensure_digits
 
             ensure_digits(self.data_root(), per_voice=self.hparams.per_voice, progress=self.hparams.progress)
 

@@ -10,18 +10,16 @@ tests call them without a server. Without ``--ckpt`` it uses $HISS_AUDIO_CKPT, t
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from apps.common.demo import find_checkpoint, gr, launch, message_demo
+from apps.audio.data import DIGITS, AudioError, is_silent, mu_law_encode, read_audio, write_audio
+from apps.audio.evaluate import load_audio_model
+from apps.audio.generate import DEFAULT_CKPT, generate
+from apps.common.demo import demo_main, find_checkpoint, gr, message_demo
 from apps.common.errors import run_cli
-
-from .data import DIGITS, AudioError, is_silent, mu_law_encode, read_audio, write_audio
-from .evaluate import load_audio_model
-from .generate import DEFAULT_CKPT, generate
 
 __all__ = ["AudioDemo", "build_demo", "default_checkpoints", "plot_audio", "main"]
 
@@ -166,15 +164,7 @@ def build_demo(ckpt: str | Path | None = None) -> gr.Blocks:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="exported model folder (default: see above)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(a.threads)
-    launch(build_demo(a.ckpt), port=a.port)
+    demo_main(build_demo, argv, __doc__, ckpt_help="exported model folder (default: see above)")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from apps.audio.data import Clip, list_audio, lm_item, load_tokens, speech_commands_splits
+from apps.audio.model import AudioUNet
 from apps.common.callbacks import HeldOutEvaluation
 from apps.common.checkpoint import load_model
 from apps.common.errors import run_cli
-
-from .data import Clip, list_audio, lm_item, load_tokens, speech_commands_splits
-from .model import AudioUNet
 
 __all__ = ["clips_nll", "evaluate_clips", "load_audio_model", "HeldOutNLL", "main"]
 
@@ -36,7 +35,7 @@ LN2 = math.log(2)
 
 def load_audio_model(ckpt: str | Path) -> AudioUNet:
     """An exported U-Net folder (config.json + model.safetensors) or a Lightning .ckpt of AudioLM, eval mode."""
-    from .model import AudioLM
+    from apps.audio.model import AudioLM
 
     return load_model(ckpt, model_class=AudioUNet, lightning_module=AudioLM, what="audio model")
 

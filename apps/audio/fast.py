@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from apps.audio.model import AudioUNet, UNetState
 from ssm_core import Mamba
-
-from .model import AudioUNet, UNetState
 
 __all__ = ["FastStepper", "fast_supported", "fast_unavailable_reason", "load_library"]
 

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from apps.audio.data import DIGITS, SILENCE_TOKEN, mu_law_decode, mu_law_encode, read_audio, write_audio
+from apps.audio.evaluate import load_audio_model
+from apps.audio.model import AudioUNet, UNetState
 from apps.common.errors import run_cli
 from ssm_core.models.generation import sample_logits
-
-from .data import DIGITS, SILENCE_TOKEN, mu_law_decode, mu_law_encode, read_audio, write_audio
-from .evaluate import load_audio_model
-from .model import AudioUNet, UNetState
 
 __all__ = ["DEFAULT_CKPT", "prefill", "stream", "generate", "main"]
 
@@ -66,7 +65,7 @@ def stream(model: AudioUNet, n_samples: int, batch: int = 1, label=None, prompt:
     logits, state = prefill(model, start, label)
     stepper = None
     if fast:
-        from .fast import FastStepper, fast_supported
+        from apps.audio.fast import FastStepper, fast_supported
 
         if fast_supported(model):
             stepper = FastStepper(model, state, label)

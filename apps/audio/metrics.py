@@ -40,10 +40,7 @@ import torchaudio
 from scipy import linalg
 from torch import Tensor, nn
 
-from apps.common.errors import run_cli
-from ssm_core import atomic_write
-
-from .data import (
+from apps.audio.data import (
     SAMPLE_RATE,
     Clip,
     default_data_root,
@@ -52,6 +49,8 @@ from .data import (
     mu_law_decode,
     speech_commands_splits,
 )
+from apps.common.errors import run_cli
+from ssm_core import atomic_write
 
 __all__ = ["DigitClassifier", "train_classifier", "classify", "fid", "inception_score",
            "modified_inception_score", "am_score", "score_clips", "main"]

@@ -31,9 +31,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from apps.audio.data import DIGITS, SAMPLE_RATE, AudioError, write_audio
 from apps.common.errors import UserError
-
-from .data import DIGITS, SAMPLE_RATE, AudioError, write_audio
 
 __all__ = ["ACCENTS", "VARIANTS", "TEST_VARIANTS", "VALID_VARIANTS", "ensure_digits", "synthesize_word",
            "espeak_available", "ESPEAK_MISSING", "EspeakMissing"]

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apps.audio.data import AudioDataModule
+from apps.audio.model import AudioLM
 from apps.common.cli import cli_main
 from apps.common.errors import run_cli
-
-from .data import AudioDataModule
-from .model import AudioLM
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 

@@ -12,7 +12,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-__all__ = ["HOST", "launch", "cap_text", "checked_seed", "utf8", "find_checkpoint", "message_demo", "gr"]
+__all__ = ["HOST", "launch", "demo_main", "cap_text", "checked_seed", "utf8", "find_checkpoint", "message_demo", "gr"]
 
 HOST = "127.0.0.1"
 
@@ -23,6 +23,22 @@ def launch(demo: gr.Blocks, port: int | None = None, **kwargs):
         raise ValueError("hiss demos are local-only; share links are disabled")
     kwargs.setdefault("max_file_size", "10mb")
     return demo.queue(max_size=16).launch(server_name=HOST, server_port=port, share=False, **kwargs)
+
+
+def demo_main(build_demo, argv: list[str] | None = None, description: str | None = None,
+              ckpt_help: str = "checkpoint folder (default: runs/<app>/pretrained, then the shipped one)") -> None:
+    """The command line every app's demo has: ``python -m apps.<app>.demo [--ckpt DIR] [--port N] [--threads N]``."""
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help=ckpt_help)
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    launch(build_demo(a.ckpt), port=a.port)
 
 
 def cap_text(text: str, max_chars: int, what: str = "input") -> str:

@@ -9,7 +9,6 @@ else the shipped ``apps/genomics/assets/dna_small``. Classifiers: ``runs/genomic
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import math
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure registry
 
-from apps.common.demo import cap_text, checked_seed, find_checkpoint, gr, launch
+from apps.common.demo import cap_text, checked_seed, demo_main, find_checkpoint, gr
 from apps.common.errors import run_cli
 from apps.common.paths import REPO_ROOT, default_checkpoints, run_dir
 from apps.genomics.predict import (
@@ -260,12 +259,7 @@ def build_demo(ckpt: str | None = None) -> gr.Blocks:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="language-model checkpoint directory (save_pretrained)")
-    p.add_argument("--port", type=int, default=None)
-    args = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    launch(build_demo(args.ckpt), port=args.port)
+    demo_main(build_demo, argv, __doc__, ckpt_help="language-model checkpoint directory (save_pretrained)")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from apps.common.demo import cap_text, checked_seed, find_checkpoint, gr, launch, message_demo, utf8
+from apps.common.demo import cap_text, checked_seed, demo_main, find_checkpoint, gr, message_demo, utf8
 from apps.common.errors import run_cli
 from apps.common.paths import default_checkpoints
 from apps.text.data import BOS
@@ -171,15 +170,7 @@ def build_demo(ckpt: str | Path | None = None) -> gr.Blocks:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint directory (default: the newest python -m apps.text.train export)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(a.threads)
-    launch(build_demo(a.ckpt), port=a.port)
+    demo_main(build_demo, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ from timm.data import resolve_data_config
 from apps.common.callbacks import ExportPretrained
 from apps.common.classify import ClassifierModule
 from apps.common.optim import adamw_warmup_cosine, attached_trainer, warmup_cosine
-
-from .model import apply_data_config, load_weights_into, read_any, save_vision_model, sync_data_config
+from apps.vision.model import apply_data_config, load_weights_into, read_any, save_vision_model, sync_data_config
 
 __all__ = ["VisionClassifier", "ExportVisionModel", "CPUSettings"]
 

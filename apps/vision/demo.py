@@ -11,18 +11,16 @@ out of its domain and it says so by guessing). A hustvl ``.pth`` works too (1000
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from apps.common.demo import gr, launch, message_demo
+from apps.common.demo import demo_main, gr, message_demo
 from apps.common.errors import run_cli
-
-from .data import BadImageError, load_image
-from .evaluate import HOW_TO_TRAIN
-from .predict import Predictor
+from apps.vision.data import BadImageError, load_image
+from apps.vision.evaluate import HOW_TO_TRAIN
+from apps.vision.predict import Predictor
 
 __all__ = ["build_demo", "classify", "overlay", "EXAMPLES", "main"]
 
@@ -113,12 +111,7 @@ def build_demo(ckpt: str | None = None) -> gr.Blocks:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint folder, hustvl .pth or Lightning .ckpt")
-    p.add_argument("--port", type=int, default=None)
-    a = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    launch(build_demo(a.ckpt), port=a.port)
+    demo_main(build_demo, argv, __doc__, ckpt_help="checkpoint folder, hustvl .pth or Lightning .ckpt")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,8 @@ from torch import nn
 
 from apps.common.callbacks import HeldOutEvaluation
 from apps.common.paths import REPO_ROOT, default_checkpoints, repo_path
-
-from .data import ImageFolderDataModule
-from .model import CheckpointError, load_vision_model
+from apps.vision.data import ImageFolderDataModule
+from apps.vision.model import CheckpointError, load_vision_model
 
 __all__ = ["evaluate", "HeldOutTop1", "resolve_checkpoint", "SHIPPED", "DEFAULT_DATA", "confusion_figure",
            "imagenet_wnids", "main"]

@@ -21,10 +21,9 @@ from pathlib import Path
 from apps.common.cli import cli_main
 from apps.common.errors import run_cli
 from apps.common.paths import repo_path
-
-from .classifier import VisionClassifier
-from .data import ImageFolderDataModule, RobustImageFolder
-from .model import read_any
+from apps.vision.classifier import VisionClassifier
+from apps.vision.data import ImageFolderDataModule, RobustImageFolder
+from apps.vision.model import read_any
 
 FINETUNE_CONFIG = Path(__file__).resolve().parent / "configs" / "finetune.yaml"
 

@@ -22,9 +22,9 @@ from PIL import Image
 from timm.data import resolve_data_config
 from torch import nn
 
-from .data import BadImageError, build_transforms, load_image
-from .evaluate import resolve_checkpoint
-from .model import load_vision_model
+from apps.vision.data import BadImageError, build_transforms, load_image
+from apps.vision.evaluate import resolve_checkpoint
+from apps.vision.model import load_vision_model
 
 __all__ = ["Predictor", "class_names_for", "pretty", "main"]
 
@@ -60,7 +60,7 @@ class Predictor:
 
     def tensor(self, image: Image.Image | str | Path) -> torch.Tensor:
         """A PIL image or a file -> the model's input (1, C, H, W); BadImageError names a bad file."""
-        from .data import convert_mode
+        from apps.vision.data import convert_mode
 
         img = load_image(image, self.channels) if not isinstance(image, Image.Image) else convert_mode(
             image, self.channels)
