@@ -257,7 +257,8 @@ def _fmt(x: float | None, best: float) -> str:
 
 
 def render(rows: list[Row], ckpt: str | None, note: str, alpha: float, max_order: int, threads: int) -> str:
-    ckpt_txt = "none (--no-model)" if not ckpt else f"`{os.path.relpath(ckpt, ROOT) if Path(ckpt).is_absolute() else ckpt}`"
+    shown = ckpt and (os.path.relpath(ckpt, ROOT) if Path(ckpt).is_absolute() else ckpt)
+    ckpt_txt = f"`{shown}`" if ckpt else "none (--no-model)"
     est = "Krichevsky-Trofimov (a = 1/2)" if alpha == 0.5 else ("Laplace (a = 1)" if alpha == 1 else f"a = {alpha:g}")
     out = ["## Bits per base beside classical compressors", "",
            f"Measured {datetime.date.today()} (`python -m benchmarks.dna_compress`, {threads} torch thread(s)). "

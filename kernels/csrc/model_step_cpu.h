@@ -21,10 +21,11 @@
 // snapshot buffers, and restore(t) puts the state after token t back (a rejected speculative draft costs a
 // copy, not a re-run).
 //
-// Matmuls: rows <= small_rows (default 4) go through our own GEMV kernel (4 weight rows per block, fp32 or
-// bf16 weights widened in registers, AVX2+FMA variant picked at run time; threads over output rows): at
-// batch 1 a decode step is a stream of the weights, and this kernel reads them once at memory speed with no
-// packing. Larger row counts go to ATen's mm (MKL for fp32, oneDNN for bf16) into preallocated outputs.
+// Matmuls: rows <= small_rows (default 8) go through our own GEMV kernel (4 weight rows x 2 activation rows
+// per register block, fp32 or bf16 weights widened in registers, software prefetch, AVX2+FMA variant picked
+// at run time; threads over output rows): at batch 1 a decode step is a stream of the weights, and this
+// kernel reads them once at memory speed with no packing. Larger row counts go to ATen's mm (MKL for fp32,
+// oneDNN for bf16) into preallocated outputs.
 //
 // Layers of another kind (attention) are "external": the Python side runs them between calls to
 // run_layers(begin, end) on the residual buffer (hybrid models).

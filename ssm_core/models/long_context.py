@@ -13,9 +13,11 @@ Why not ``torch.utils.checkpoint`` per piece: the non-reentrant checkpoint runs 
 autograd on and keeps that piece's whole autograd graph (hundreds of small nodes and saved-tensor holders)
 until backward. Those small long-lived allocations land between the piece's freed activation buffers; glibc
 can then neither reuse the fragmented holes for the next piece's buffers nor return the pages to the OS, so
-RSS grew by ~2.3 KB per token (2^20 tokens: +2.4 GB) although the live tensors were a few MB
-(benchmarks/long_dna.py measures it; ``malloc_trim`` after the forward gave the memory back). That path is
-kept only for models that are not ``nn.Module``s (a closure) or whose state is not a ``ModelState``.
+RSS grew by ~2.5 KB per token (a 2^20-token step: 3.5 GB instead of 1.1 GB) although the live tensors were a
+few MB (``python -m benchmarks.long_dna --attribute 2^18``: ``malloc_trim`` after the forward gave it all
+back). Any small allocation kept per piece does the same, which is why the per-piece states go into buffers
+allocated once per window (``_PieceStore``). The checkpoint path is kept only for models that are not
+``nn.Module``s (a closure: its parameters are unknown here) or whose state is not a ``ModelState``.
 """
 
 from __future__ import annotations
