@@ -101,7 +101,7 @@ def test_text_demo_in_headless_chromium(tmp_path):
     try:
         driver = chrome(webdriver)
         driver.get(f"http://127.0.0.1:{port}/")
-        wait = WebDriverWait(driver, 60)
+        wait = WebDriverWait(driver, 240)  # generous: a loaded CI box, first kernel use
         prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#text-prompt textarea"))
         prompt.clear()
         prompt.send_keys("To read a file in Python, ")
