@@ -260,8 +260,8 @@ def render(rows: list[Row], ckpt: str | None, note: str, alpha: float, max_order
     shown = ckpt and (os.path.relpath(ckpt, ROOT) if Path(ckpt).is_absolute() else ckpt)
     ckpt_txt = f"`{shown}`" if ckpt else "none (--no-model)"
     est = "Krichevsky-Trofimov (a = 1/2)" if alpha == 0.5 else ("Laplace (a = 1)" if alpha == 1 else f"a = {alpha:g}")
-    out = ["## Bits per base beside classical compressors", "",
-           f"Measured {datetime.date.today()} (`python -m benchmarks.dna_compress`, {threads} torch thread(s)). "
+    out = [f"**Bits per base beside classical compressors**, measured {datetime.date.today()} "
+           f"(`python -m benchmarks.dna_compress`, {threads} torch thread(s)). "
            "Every coder is charged for every A/C/G/T base of the whole genome (all records; non-ACGT characters "
            "removed first and counted); bits/base = total code length / bases. Compressors: 8 x output bytes "
            "of the one-byte-per-base text. Order-k Markov: adaptive code length with "
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--doc", default=str(DOC), help="markdown file whose dna_compress block is replaced")
     p.add_argument("--no-docs", action="store_true", help="print only")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--from-json", metavar="PATH", help="render (and write the doc) from rows saved by --json")
     args = p.parse_args(argv)
     if not 1 <= args.max_order <= MAX_ORDER:
         p.error(f"--max-order must be in 1..{MAX_ORDER}")
@@ -319,7 +320,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     note = args.ckpt_note or (DEFAULT_NOTE if ckpt and Path(ckpt).resolve() == DEFAULT_CKPT.resolve() else
                               "The checkpoint's training data: not stated (--ckpt-note)")
     rows = []
-    for path in args.fasta:
+    if args.from_json:
+        rows = [Row(**{**d, "markov": {int(k): v for k, v in d["markov"].items()}})
+                for d in json.loads(Path(args.from_json).read_text())]
+    for path in [] if args.from_json else args.fasta:
         r = run_genome(path, ckpt, args.max_order, args.alpha, args.chunk_len)
         rows.append(r)
         comp = "  ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in r.compressors.items())
