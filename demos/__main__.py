@@ -1,4 +1,4 @@
-"""python -m demos [genomics|text|audio|vision|all] [--port N] [--ckpt DIR] [--debug]: serve one app's demo or all as tabs."""
+"""python -m demos [genomics|text|audio|vision|all] [--port N] [--ckpt DIR] [--debug]: one app's demo or all as tabs."""
 
 from __future__ import annotations
 

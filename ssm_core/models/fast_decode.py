@@ -1,8 +1,8 @@
 """The whole-model decode step: every layer of a MambaLMHeadModel in one compiled call per token (CPU).
 
 ``FastDecoder(model, state)`` hands the model's weights (in place, fp32 or bf16) and ``state`` (a ModelState,
-updated IN PLACE from then on) to the compiled step of ``backend.KERNELS["model_step"]`` (``kernels.cpu.decode_model_cpu``)
-(kernels/csrc/model_step_cpu.h). Then
+updated IN PLACE from then on) to the compiled step of ``backend.KERNELS["model_step"]``
+(``kernels.cpu.decode_model_cpu``, kernels/csrc/model_step_cpu.h). Then
 
     logits = dec.step(tokens)                         # tokens (batch,) -> (batch, padded_vocab)
     logits = dec.forward(ids, n_last, snapshots)      # ids (batch, T): T tokens in one call -> (batch, n_last, V)

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ..state import ModelState
-from .sampling import allowed_mask, check_generation, filter_logits, is_greedy, restrict_logits, sample_logits
 from .fast_decode import fast_decoder_or_none
+from .sampling import allowed_mask, check_generation, filter_logits, is_greedy, restrict_logits, sample_logits
 from .speculative import SpecStats, speculative_stream
 
 __all__ = ["GenerationMixin", "sample_logits", "filter_logits", "is_greedy"]
