@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import time
@@ -130,3 +131,19 @@ def read_safetensors(path: str | os.PathLike, device="cpu", kind: str = "safeten
         return load_file(str(path), device=device if isinstance(device, str) else str(device))
     except SafetensorError as e:
         raise _unreadable(path, kind, str(e)) from e
+
+
+def read_json_object(path: str | os.PathLike, missing_hint: str = "") -> dict:
+    """A config file that must hold a JSON object; every failure names the file (and line/column for bad JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file{' (' + missing_hint + ')' if missing_hint else ''}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(f"{path}: not a text file (byte {e.start} is not UTF-8): corrupt?") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of config fields, got a JSON {type(raw).__name__}")
+    return raw

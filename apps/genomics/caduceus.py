@@ -58,6 +58,7 @@ from apps.common.errors import run_cli
 from apps.genomics.data import VOCAB_SIZE
 from apps.genomics.model import DNABackbone, DNAModel
 from ssm_core import MambaConfig
+from ssm_core.io import read_json_object
 from ssm_core.models.checkpoint import load_weights
 
 __all__ = ["is_caduceus_dir", "read_caduceus_config", "CaduceusLayout", "caduceus_layout", "load_caduceus",
@@ -102,17 +103,7 @@ def is_caduceus_dir(path: str | os.PathLike) -> bool:
 
 def read_caduceus_config(path: str | os.PathLike) -> dict:
     """config.json of a Caduceus folder, as a dict (errors name the file)."""
-    path = Path(path)
-    cfg = path / CONFIG
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{path}: no config.json (Caduceus folders are read locally, nothing is downloaded)")
-    try:
-        raw = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg}: expected a JSON object of config fields")
-    return raw
+    return read_json_object(Path(path) / CONFIG, "Caduceus folders are read locally, nothing is downloaded")
 
 
 def _flag(raw: dict, name: str, where: str) -> bool:

@@ -37,6 +37,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from apps.common.checkpoint import read_lightning_checkpoint
 from ssm_core import BiMambaV2, Block, RMSNorm, atomic_write
 
 __all__ = [
@@ -396,7 +397,7 @@ def read_any(path: str | Path, use_ema: bool = False) -> tuple[dict[str, Tensor]
             raise CheckpointError(f"{cfg_file}: unreadable config ({e})") from None
         return read_checkpoint(path / WEIGHTS_NAME), cfg
     if path.suffix == ".ckpt":
-        ckpt = _read_lightning(path)
+        ckpt = read_lightning_checkpoint(path)  # weights only; errors name the file
         hp = ckpt.get("hyper_parameters", {})
         if "model_name" not in hp:
             raise CheckpointError(f"{path}: not a Lightning checkpoint of apps.vision.train (no model_name)")
@@ -480,13 +481,6 @@ def apply_data_config(model: nn.Module, data_config: dict | None) -> None:
     if "input_size" not in cfg and data_config.get("input_size"):
         cfg["input_size"] = tuple(data_config["input_size"])
     model.pretrained_cfg = model.default_cfg = cfg
-
-
-def _read_lightning(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable Lightning checkpoint (weights_only): {e}") from None
 
 
 def infer_vim_variant(sd: dict[str, Tensor], path: str | Path = "checkpoint") -> tuple[str, dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..io import CorruptFileError, atomic_write, read_safetensors
+from ..io import CorruptFileError, atomic_write, read_json_object, read_safetensors
 from .config import MambaConfig
 
 __all__ = ["save_pretrained", "load_pretrained", "load_weights", "config_from_hf"]
@@ -89,16 +89,7 @@ def config_from_hf(cfg: dict) -> MambaConfig:
 
 def _read_config(directory: Path) -> tuple[MambaConfig, str]:
     path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json (from_pretrained reads local directories only)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise CorruptFileError(f"{path}: not a text file (byte {e.start} is not UTF-8): corrupt?") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object of config fields, got a JSON {type(raw).__name__}")
+    raw = read_json_object(path, "from_pretrained reads local directories only")
     try:
         if "model_type" in raw:
             return config_from_hf(raw), "hf"

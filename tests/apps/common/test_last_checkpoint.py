@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from apps.common import LastCheckpoint, ResumableLoader
+from apps.common.checkpoint import read_lightning_checkpoint
 from apps.common.paths import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,7 +86,7 @@ def fit(root: Path, max_steps: int, every: int = 3, ckpt_path: str | None = None
 
 
 def ckpt_step(path: Path) -> int:
-    return torch.load(path, weights_only=False, map_location="cpu")["global_step"]
+    return read_lightning_checkpoint(path)["global_step"]
 
 
 class Record(pl.Callback):

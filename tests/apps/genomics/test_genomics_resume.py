@@ -14,9 +14,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
+from apps.common.checkpoint import read_lightning_checkpoint
 from apps.genomics.train import DEFAULT_CONFIG
 from apps.genomics.train import main as train_main
 
@@ -84,7 +84,7 @@ def test_kill_9_mid_epoch_then_resume_continues_the_loss_curve(tmp_path, monkeyp
                          text=True, timeout=300)
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     last = runs / "version_1" / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, weights_only=False, map_location="cpu")
+    saved = read_lightning_checkpoint(last)
     lost = KILL_AT - saved["global_step"]
     assert saved["global_step"] == 6 and 0 < lost <= EVERY  # at most one interval lost
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]

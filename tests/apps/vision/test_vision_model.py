@@ -145,7 +145,7 @@ def test_parity_reference_backend_and_ema(hustvl_file, images, monkeypatch):
     monkeypatch.setenv("HISS_BACKEND", "ref")
     model = timm.create_model("vim_tiny_patch16_224", num_classes=CLASSES, **TINY).eval()
     load_hustvl(hustvl_file, model, use_ema=True)
-    ema = torch.load(hustvl_file, weights_only=False)["model_ema"]
+    ema = read_checkpoint(hustvl_file, use_ema=True)  # the allow-listed loader, never a full unpickle
     with torch.no_grad():
         assert (model(images) - hustvl_forward(ema, images)).abs().max() <= TOL
 
