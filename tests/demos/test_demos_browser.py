@@ -10,76 +10,15 @@ newest trained checkpoint when there is one: ``HISS_TEXT_CKPT=DIR``).
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from browser_support import chrome, free_port, needs_browser, publish_screenshot, start_server, stop
 
 from ssm_core import MambaConfig, MambaLMHeadModel
 
-REPO = Path(__file__).resolve().parents[2]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                 reason="headless browser test: chromium and chromedriver not installed "
-                                        "(apt-get install -y chromium chromium-driver; .ci/run does this)")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"demo server exited with code {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-def start_server(args: list[str], port: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(f"http://127.0.0.1:{port}/", server, timeout=180)
-    except BaseException:
-        stop(server)
-        raise
-    return server
-
-
-def stop(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-
-
-def chrome(webdriver):
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1250",
-                "--disable-gpu"):
-        opts.add_argument(arg)
-    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=opts)
+pytestmark = [pytest.mark.usefixtures("one_thread"), needs_browser]
 
 
 def tiny_text_checkpoint(path: Path) -> str:
@@ -117,12 +56,7 @@ def test_text_demo_in_headless_chromium(tmp_path):
         shot = tmp_path / "text_demo.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
-        if os.environ.get("HISS_SCREENSHOT_DIR"):
-            out = Path(os.environ["HISS_SCREENSHOT_DIR"]) / "text_demo.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".png.tmp")
-            shutil.copyfile(shot, tmp)
-            os.replace(tmp, out)  # atomic: never a half-written image in docs/
+        publish_screenshot(shot, "text_demo.png")
     finally:
         if driver is not None:
             driver.quit()

@@ -5,31 +5,13 @@ shipped checkpoint, or HISS_AUDIO_CKPT=DIR). Needs chromium + chromium-driver (D
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from browser_support import chrome, free_port, needs_browser, publish_screenshot, start_server, stop
 
 from apps.audio.generate import DEFAULT_CKPT
 
-REPO = Path(__file__).resolve().parents[3]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                reason="headless browser test: chromium and chromedriver not installed "
-                                       "(apt-get install -y chromium chromium-driver)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = needs_browser
 
 
 def test_audio_demo_in_headless_chromium(tmp_path):
@@ -39,30 +21,10 @@ def test_audio_demo_in_headless_chromium(tmp_path):
 
     ckpt = os.environ.get("HISS_AUDIO_CKPT") or str(DEFAULT_CKPT)
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "-m", "demos", "audio", "--port", str(port), "--ckpt", ckpt,
-                               "--threads", "1"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    server = start_server(["-m", "demos", "audio", "--port", str(port), "--ckpt", ckpt, "--threads", "1"], port)
     driver = None
     try:
-        t0 = time.time()
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"demo server exited:\n{server.stdout.read()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.time() - t0 > 300:
-                    raise TimeoutError("the audio demo did not start within 300 s") from None
-                time.sleep(0.5)
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
-                    "--disable-gpu"):
-            opts.add_argument(arg)
-        driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=opts)
+        driver = chrome(webdriver, height=1000)
         driver.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(driver, 300)  # the first generation may wait for the CPU kernels' build
         button = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#audio-generate"))
@@ -80,17 +42,8 @@ def test_audio_demo_in_headless_chromium(tmp_path):
         shot = tmp_path / "audio_demo.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
-        if os.environ.get("HISS_SCREENSHOT_DIR"):
-            out = Path(os.environ["HISS_SCREENSHOT_DIR"]) / "audio_demo.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".png.tmp")
-            shutil.copyfile(shot, tmp)
-            os.replace(tmp, out)
+        publish_screenshot(shot, "audio_demo.png")
     finally:
         if driver is not None:
             driver.quit()
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
