@@ -10,12 +10,23 @@ updated IN PLACE from then on) to the compiled step of ``backend.KERNELS["model_
     dec.save(slot); dec.load(slot)                    # copies of the whole state (preallocated, reused)
     dec.prefill(ids)                                  # a long prompt through the module forward (scan kernels)
 
+``FastDecoder(model, state, quantize="int8")``: int8 weight-only decoding. The big matrices the step streams
+(in_proj, out_proj, gated-MLP fc1 / fc2, the LM head, and the embedding when tied to it) are quantised once, here,
+to int8 with one symmetric fp32 scale per output row (``quantize_int8``: s = max|w_row| / 127, q = round(w / s),
+so |w - q s| <= s / 2); x_proj / dt_proj (about 5% of a Mamba-1 layer's bytes at d_model 768, and dt feeds
+exp(dt A)) and the per-channel parameters keep the model dtype; activations, state and accumulation stay fp32 (a
+bf16 model's roundings are kept). The decoder then holds the int8 copies (the model is not modified);
+``prefill`` reads the prompt through the int8 step too (in chunks), so a quantised decoder never uses the
+full-precision matrices. Its reference twin is the module path of ``dequantized_copy(model)`` (the same int8
+weights as q s in the model dtype); ``weight_bytes`` is what one step streams. Attention layers of hybrids keep
+their module weights.
+
 The reference twin is the module path: ``model(ids, state=..., return_state=True)`` (``Mamba._step`` /
 ``Mamba2._step`` per layer); tests/core/test_fast_decode.py checks step == forward against it. Attention layers
 of hybrid models run through their module (``Block.forward``) between compiled segments. Returned logits are
 the kernel's buffer, valid until the next call. ``unsupported_reason(model)`` says why a model cannot use it
 (the caller then uses the module path): not CPU, not fp32 / bf16, delta hooks, bidirectional, a fast path that
-cannot load here (after the one warning of ssm_core.ops.backend), or HISS_BACKEND=ref.
+cannot load here (after the one warning of ssm_core.ops.backend), HISS_BACKEND=ref, or complex-A Mamba layers.
 """
 
 from __future__ import annotations
@@ -33,7 +44,10 @@ from ..ops.backend import fast_path
 from ..ops.norm import RMSNorm
 from ..state import AttentionState, ModelState, SSMState
 
-__all__ = ["FastDecoder", "unsupported_reason", "fast_decoder_or_none"]
+__all__ = ["FastDecoder", "unsupported_reason", "fast_decoder_or_none", "quantize_int8", "dequantized_copy",
+           "QUANTIZE"]
+
+QUANTIZE = (None, "int8")  # the quantize= options of FastDecoder / generate / stream
 
 
 def _structure_reason(model) -> str | None:
@@ -58,6 +72,8 @@ def _structure_reason(model) -> str | None:
             return f"layer {i}: {type(mixer).__name__} mixers are not supported"
         if isinstance(mixer, Mamba) and mixer._delta_hooks:
             return f"layer {i}: delta hooks run in Python"
+        if isinstance(mixer, Mamba) and mixer.complex_A:  # model_step_cpu.h has a real state only
+            return f"layer {i}: complex A (complex_A=True) is stepped through the module"
         for norm in (layer.norm, getattr(layer, "norm2", None)):
             if norm is not None and not isinstance(norm, (RMSNorm, nn.LayerNorm)):
                 return f"layer {i}: norm {type(norm).__name__} is not supported"
@@ -81,11 +97,48 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def fast_decoder_or_none(model, state: ModelState) -> FastDecoder | None:
+def fast_decoder_or_none(model, state: ModelState, quantize: str | None = None) -> FastDecoder | None:
     """A FastDecoder bound to ``state`` (updated in place), or None when ``model`` must use the module path."""
     if unsupported_reason(model) is not None:
         return None
-    return FastDecoder(model, state)
+    return FastDecoder(model, state, quantize=quantize)
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-row int8 of a matrix w (O, K): (q int8 (O, K), scale fp32 (O,)) with w ~ q * scale,
+    scale = max|w_row| / 127 (1 for an all-zero row), q = round(w / scale) in [-127, 127]: |w - q s| <= s / 2."""
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _int8_targets(model) -> list[tuple[str, nn.Linear]]:
+    """(name, linear) of every matrix int8 decoding quantises: per Mamba layer in_proj, out_proj (+ fc1, fc2 of a
+    gated MLP), and the LM head (whose weight is the embedding's when tied)."""
+    out = []
+    for i, layer in enumerate(model.backbone.layers):
+        if isinstance(layer.mixer, MHA):
+            continue
+        out += [(f"layers.{i}.in_proj", layer.mixer.in_proj), (f"layers.{i}.out_proj", layer.mixer.out_proj)]
+        if layer.mlp is not None:
+            out += [(f"layers.{i}.fc1", layer.mlp.fc1), (f"layers.{i}.fc2", layer.mlp.fc2)]
+    out.append(("lm_head", model.lm_head))
+    return out
+
+
+def dequantized_copy(model):
+    """A deep copy of ``model`` whose matrices ``FastDecoder(..., quantize="int8")`` quantises hold q * s in the
+    model dtype (the tied embedding with them): the module-path reference twin of the int8 decoder."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for _, lin in _int8_targets(twin):
+            q, s = quantize_int8(lin.weight)
+            lin.weight.copy_((q.float() * s[:, None]).to(lin.weight.dtype))
+    return twin
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
@@ -112,9 +165,14 @@ def _linear(name: str, lin: nn.Linear, tensors: dict) -> None:
 
 
 class FastDecoder:
-    """Compiled whole-model decode step bound to one model and one ModelState (updated in place)."""
+    """Compiled whole-model decode step bound to one model and one ModelState (updated in place).
+    ``quantize="int8"``: int8 weight-only (see the module docstring)."""
 
-    def __init__(self, model, state: ModelState):
+    PREFILL_CHUNK = 256  # tokens per call when a quantised decoder reads a prompt (bounded scratch memory)
+
+    def __init__(self, model, state: ModelState, quantize: str | None = None):
+        if quantize not in QUANTIZE:
+            raise ValueError(f"FastDecoder: quantize must be one of {QUANTIZE}, got {quantize!r}")
         reason = _structure_reason(model)
         if reason is not None:
             raise ValueError(f"FastDecoder: {reason}")
@@ -122,18 +180,23 @@ class FastDecoder:
         if factory is None:
             raise RuntimeError("FastDecoder: the compiled CPU kernels are not in use here")
         backbone = model.backbone
-        self.model, self.state = model, state
+        self.model, self.state, self.quantize = model, state, quantize
         self.dtype = backbone.embedding.weight.dtype
         if len(state.layers) != len(backbone.layers):
             raise ValueError(f"FastDecoder: state has {len(state.layers)} layers, the model {len(backbone.layers)}")
         first = state.layers[0]
         self.batch = int((first.conv if isinstance(first, SSMState) else first.k).shape[0])
         self._dm = dm = factory(self.batch)
-        io, nums = {"embedding": _mat(backbone.embedding.weight), "lm_head": _mat(model.lm_head.weight)}, {}
+        self._q8: dict[int, tuple[Tensor, Tensor]] = {}  # weight data_ptr -> (q, scale): a tied head quantised once
+        io, nums = {"embedding": _mat(backbone.embedding.weight)}, {"bf16": float(self.dtype == torch.bfloat16)}
+        self._linear("lm_head", model.lm_head, io)
+        if quantize and model.lm_head.weight.data_ptr() == backbone.embedding.weight.data_ptr():
+            io["embedding"], io["embedding_scale"] = io["lm_head"], io["lm_head_scale"]
         _norm("norm_f", backbone.norm_f, io, nums)
         nums["residual_in_fp32"] = float(bool(backbone.layers[0].residual_in_fp32))
         self._res_fp32 = bool(backbone.layers[0].residual_in_fp32)
         dm.set_io(io, nums)
+        self._streamed = list(io.values())
         self._external: list[int] = []
         with torch.no_grad():
             for i, layer in enumerate(backbone.layers):
@@ -143,18 +206,39 @@ class FastDecoder:
                     continue
                 kind, t, n = self._layer_args(layer)
                 dm.add_layer(kind, t, n)
+                self._streamed += list(t.values())
+        self._q8.clear()  # the kernel holds the int8 tensors it was given
         self._bind()
         self._slots: dict[int, list] = {}
         self._snap_base: tuple | None = None
 
-    @staticmethod
-    def _layer_args(layer) -> tuple[str, dict, dict]:
+    def _linear(self, name: str, lin: nn.Linear, tensors: dict) -> None:
+        """The linear's weight (and bias) for the kernel: as it is, or (quantize="int8") int8 + per-row scales."""
+        _linear(name, lin, tensors)
+        if self.quantize == "int8":
+            key = lin.weight.data_ptr()
+            if key not in self._q8:
+                self._q8[key] = quantize_int8(lin.weight)
+            tensors[name], tensors[f"{name}_scale"] = self._q8[key]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights one step streams: every tensor handed to the kernel once (int8 values + scales for
+        quantised matrices; a tied head counted once; the whole embedding, as benchmarks.decode counts it)."""
+        seen, total = set(), 0
+        for t in self._streamed:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    def _layer_args(self, layer) -> tuple[str, dict, dict]:
         m = layer.mixer
         t: dict[str, Tensor] = {}
         n: dict[str, float] = {"d_state": float(m.d_state)}
         _norm("norm", layer.norm, t, n)
-        _linear("in_proj", m.in_proj, t)
-        _linear("out_proj", m.out_proj, t)
+        self._linear("in_proj", m.in_proj, t)
+        self._linear("out_proj", m.out_proj, t)
         t["conv_weight"] = _f32(m.conv1d.weight.squeeze(1))
         if m.conv1d.bias is not None:
             t["conv_bias"] = _f32(m.conv1d.bias)
@@ -184,8 +268,8 @@ class FastDecoder:
                 n["gnorm_group"] = float(m.norm.group_size or m.d_ssm)
         if layer.mlp is not None:
             _norm("norm2", layer.norm2, t, n)
-            _linear("fc1", layer.mlp.fc1, t)
-            _linear("fc2", layer.mlp.fc2, t)
+            self._linear("fc1", layer.mlp.fc1, t)
+            self._linear("fc2", layer.mlp.fc2, t)
         return kind, t, n
 
     def _bind(self) -> None:
@@ -252,7 +336,22 @@ class FastDecoder:
 
     def prefill(self, ids: Tensor, n_last: int = 1) -> Tensor:
         """Read ids (batch, L) through the module forward (the scan kernels: faster for long prompts) from the
-        current state, then copy the result into the bound state. Returns the last n_last logits."""
+        current state, then copy the result into the bound state. Returns the last n_last logits. A quantised
+        decoder reads them through its own (int8) step instead, PREFILL_CHUNK tokens per call."""
+        if self.quantize is not None:
+            L = int(ids.shape[1])
+            if not 1 <= n_last <= L:
+                raise ValueError(f"FastDecoder.prefill: n_last must be in [1, {L}], got {n_last}")
+            outs = []
+            for a in range(0, L, self.PREFILL_CHUNK):
+                b = min(L, a + self.PREFILL_CHUNK)
+                k = min(b - a, n_last - (L - b))  # of this chunk's logits, the ones among the last n_last
+                if k > 0:
+                    outs.append(self.forward(ids[:, a:b], k).clone())
+                else:
+                    self.forward(ids[:, a:b], 1)
+            self._snap_base = None
+            return torch.cat(outs, 1)
         with torch.inference_mode():
             out = self.model(ids, state=self.state, return_state=True, num_last_tokens=n_last)
             for i, new in enumerate(out.state.layers):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..state import ModelState
-from .fast_decode import fast_decoder_or_none
+from .fast_decode import QUANTIZE, FastDecoder, fast_decoder_or_none, unsupported_reason
 from .sampling import allowed_mask, check_generation, filter_logits, is_greedy, restrict_logits, sample_logits
 from .speculative import SpecStats, speculative_stream
 
@@ -25,7 +25,7 @@ class GenerationMixin:
                state: ModelState | None = None, vocab_size: int | None = None, *,
                allowed_tokens: Sequence[int] | Tensor | None = None, draft=None, k: int = 4,
                stats: SpecStats | None = None, draft_state: ModelState | None = None,
-               fast: bool = True) -> Iterator[Tensor]:
+               fast: bool = True, quantize: str | None = None) -> Iterator[Tensor]:
         """Yield the next token ids (batch,) one step at a time. ``state`` continues a saved context
         (``input_ids`` are then the tokens after it). Rows that emitted ``eos_token_id`` keep emitting it.
         Sampling is restricted to the first ``vocab_size`` ids (default: config.vocab_size, not padding), and
@@ -41,10 +41,20 @@ class GenerationMixin:
         compiled whole-model step (``ssm_core.models.fast_decode.FastDecoder``, CPU, fp32 / bf16) when the model
         supports it, else the module path; ``fast=False`` always steps through the modules (the reference twin).
         Tokens are the same either way up to float rounding.
+
+        ``quantize="int8"``: int8 weight-only decoding (``FastDecoder(..., quantize="int8")``: in_proj / out_proj /
+        MLP / LM-head matrices as int8 with per-row scales, activations and state fp32), the prompt included (read
+        by the int8 step); needs the compiled step (RuntimeError with the reason otherwise), not with ``fast=False``
+        or ``draft``. The caller's ``state`` is not modified.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"generate: input_ids must be (batch, L>=1), got {tuple(input_ids.shape)}")
         check_generation("generate", max_new_tokens, temperature, top_k, top_p)
+        if quantize not in QUANTIZE:
+            raise ValueError(f"generate: quantize must be one of {QUANTIZE}, got {quantize!r}")
+        if quantize is not None and (not fast or draft is not None):
+            raise ValueError(f"generate: quantize={quantize!r} runs on the compiled step: not with fast=False or "
+                             "draft= (speculative decoding)")
         vocab = vocab_size or self.config.vocab_size
         if draft is not None:
             if input_ids.shape[0] != 1:
@@ -61,10 +71,23 @@ class GenerationMixin:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        out = self(input_ids, state=state, return_state=True, num_last_tokens=1)
-        state, last = out.state, out.logits[:, -1]
-        # the state is this loop's own from here (the forward made new tensors): the compiled step updates it in place
-        decoder = fast_decoder_or_none(self, state) if fast and max_new_tokens > 1 else None
+        if quantize is not None:
+            reason = unsupported_reason(self)
+            if reason is not None:
+                raise RuntimeError(f"generate: quantize={quantize!r} needs the compiled decode step: {reason}")
+            if state is None:
+                state = self.empty_state(input_ids.shape[0], input_ids.device)
+            else:  # the caller's state stays as it is: the compiled step works on a copy
+                state = ModelState([type(s)(*(t.clone() for t in vars(s).values())) for s in state.layers],
+                                   state.seqlen_offset)
+            decoder = FastDecoder(self, state, quantize=quantize)
+            last = decoder.prefill(input_ids)[:, -1]
+        else:
+            out = self(input_ids, state=state, return_state=True, num_last_tokens=1)
+            state, last = out.state, out.logits[:, -1]
+            # the state is this loop's own from here (the forward made new tensors): the compiled step updates it
+            # in place
+            decoder = fast_decoder_or_none(self, state) if fast and max_new_tokens > 1 else None
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
             logits = restrict_logits(last[:, :vocab], allowed)
@@ -87,7 +110,7 @@ class GenerationMixin:
         """Returns (batch, L + new) token ids: the prompt followed by up to ``max_new_tokens`` tokens.
         ``max_length`` (mamba_ssm's argument: total length) may be given instead (a prompt already that
         long gets no new tokens). ``kwargs`` go to ``stream``: vocab_size, allowed_tokens, draft, k, stats,
-        draft_state, fast."""
+        draft_state, fast, quantize (``"int8"``: int8 weight-only decoding)."""
         if max_new_tokens is None:
             if max_length is None:
                 raise ValueError("generate: give max_new_tokens (or max_length)")
