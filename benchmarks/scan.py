@@ -8,8 +8,9 @@ Sections (each writes its own <!-- name:begin --> ... <!-- name:end --> block of
   scan    selective scan, the table below
   step    decode-step latency: selective_state_update (Mamba-1 and Mamba-2 layouts), causal_conv1d_update
   conv    causal conv1d (+silu) forward and forward+backward: compiled kernel vs F.conv1d
-  ssd     Mamba-2 SSD on CPU: chunked (matmul) path vs the token-by-token recurrence vs the Mamba-1 scan
+  ssd     Mamba-2 SSD on CPU: the matmul form (ssd_matmul) vs the compiled scan vs the autograd / recurrence twins
   blocks  Mamba / Mamba2 block tokens/s (forward, forward+backward), hiss vs HF transformers and mambapy
+  prefill_flat  Mamba2 block forward CPU time per token at L = 1k..32k (issue 15: flat in L)
   model   MambaLMHeadModel tokens/s: prefill, training step, decode (generation), hiss vs the peers
   gpu     CUDA only (Triton): scan/SSD bandwidth vs peak, time vs L up to 2^20, SSD vs Mamba-1.
           Without a GPU, --gpu-dry-run runs the same code on CPU at tiny sizes (nothing written).
@@ -425,58 +426,103 @@ def conv_section(args) -> str:
 
 # ---- ssd: Mamba-2 on CPU ------------------------------------------------------------------------
 
+def _cpu_note() -> str:
+    return (f"{torch.get_num_threads()} thread(s); times are this process's CPU time (time.process_time), which "
+            "the other jobs on a shared machine inflate far less than wall time")
+
+
 def ssd_section(args) -> str:
     from ssm_core.ops import mamba_chunk_scan_combined, selective_scan, ssd_ref
+    from ssm_core.ops.ssd import ssd_matmul
 
     repeats = 3
     g = torch.Generator().manual_seed(0)
-    Ls = [256, 1024] if args.quick else [256, 2048]
+    Ls = [256] if args.quick else [256, 1024, 4096]
     out = [_header(repeats, "python -m benchmarks.scan --sections ssd"), "",
            " ".join([
-               "Equal sizes: d_inner = nheads x headdim = 1536 channels, batch 1.",
-               "`ssd chunked`: ssm_core's mamba_chunk_scan_combined PyTorch path (backend='ref', chunk 256, the",
-               "matmul form); `ssd recurrence`: ssd_ref, the token-by-token recurrence (PyTorch ops per token,",
-               "the shape of a naive kernel without SIMD/threads; timed once at L = 256 only, it takes seconds);",
-               "`mamba-1 scan`: the compiled selective scan (diagonal A per channel and state) on the expanded",
-               "inputs; `ssd auto`: what ssm_core now runs on CPU (kernels.cpu.mamba_chunk_scan_combined_cpu:",
-               "that scan plus the views and Δ in PyTorch).",
+               f"Equal sizes: d_inner = nheads x headdim = 24 x 64 = 1536 channels, batch 1; {_cpu_note()}.",
+               "A in [-16, -1], Δ = softplus(dt + bias) ~ 0.1 (Mamba-2's init ranges).",
+               "`ssd matmul`: ssm_core.ops.ssd.ssd_matmul, the chunked matmul form (chunk 64, blocks of 1024",
+               "tokens) with its hand-written backward; `ssd scan`: kernels.cpu.mamba_chunk_scan_combined_cpu, the",
+               "compiled Mamba-1 scan on the expanded inputs; `auto` is what mamba_chunk_scan_combined picks",
+               "(backend.ssd_cpu_impl); `ssd autograd`: the chunked PyTorch path under autograd (backend='ref',",
+               "chunk 256; timed at L <= 1024, once); `ssd recurrence`: ssd_ref, token by token (forward, L = 256,",
+               "once); `mamba-1 scan`: the compiled selective scan called directly on pre-expanded inputs.",
+               "Last column: the scan's time / ssd matmul's time (> 1: the matmul form is faster).",
            ]), "",
-           "| L | N | impl | forward ms | fwd+bwd ms | forward ns / (token x channel x N) |",
-           "| ---: | ---: | --- | ---: | ---: | ---: |"]
+           "| L | N | impl | forward ms | fwd+bwd ms | scan / matmul fwd | scan / matmul fwd+bwd |",
+           "| ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     H, P = 24, 64
     for L in Ls:
-        for N in (16, 128):
+        for N in (16, 64, 128):
             x = torch.randn(1, L, H, P, generator=g)
-            dt = torch.rand(1, L, H, generator=g) * 0.1
-            A = -torch.rand(H, generator=g) - 0.5
+            dt = torch.randn(1, L, H, generator=g) * 0.5 - 2.2
+            A = -torch.rand(H, generator=g) * 15 - 1
             B, C = torch.randn(1, L, 1, N, generator=g), torch.randn(1, L, 1, N, generator=g)
-            D = torch.randn(H, generator=g)
+            D, bias = torch.randn(H, generator=g), torch.randn(H, generator=g) * 0.1
             u = x.reshape(1, L, H * P).transpose(1, 2).contiguous()
-            delta = dt.repeat_interleave(P, dim=2).transpose(1, 2).contiguous()
+            delta = torch.nn.functional.softplus(dt + bias).repeat_interleave(P, dim=2).transpose(1, 2).contiguous()
             A1 = A.repeat_interleave(P)[:, None].expand(H * P, N).contiguous()
             B1, C1 = B[:, :, 0].transpose(1, 2).contiguous(), C[:, :, 0].transpose(1, 2).contiguous()
             D1 = D.repeat_interleave(P)
+            ssd_in = [x, dt, A, B, C, D, bias]
+
+            def ssd(be=None, impl=None):
+                def call(t):
+                    with ssd_env(impl):
+                        return mamba_chunk_scan_combined(*t[:5], 256, D=t[5], dt_bias=t[6], dt_softplus=True,
+                                                         backend=be)
+                return call
+
             impls = {
-                "ssd chunked": (lambda t: mamba_chunk_scan_combined(*t[:5], 256, D=t[5], backend="ref"),
-                                [x, dt, A, B, C, D]),
-                "ssd auto": (lambda t: mamba_chunk_scan_combined(*t[:5], 256, D=t[5]), [x, dt, A, B, C, D]),
+                "ssd matmul": (lambda t: ssd_matmul(*t[:5], D=t[5], dt_bias=t[6], dt_softplus=True), ssd_in),
+                "ssd scan": (ssd(impl="scan"), ssd_in),
+                "auto": (ssd(), ssd_in),
                 "mamba-1 scan": (lambda t: selective_scan(*t, backend="cpu"), [u, delta, A1, B1, C1, D1]),
             }
+            if L <= 1024:
+                impls["ssd autograd"] = (ssd(be="ref"), ssd_in)
             if L <= 256:
-                impls["ssd recurrence"] = (lambda t: ssd_ref(*t[:5], D=t[5]), [x, dt, A, B, C, D])
+                impls["ssd recurrence"] = (lambda t: ssd_ref(*t[:5], D=t[5], dt_bias=t[6], dt_softplus=True), ssd_in)
+            res = {}
             for name, (fn, ins) in impls.items():
                 def run(grad, fn=fn, ins=ins):
                     ts = [t.clone().requires_grad_(grad) for t in ins]
                     y = fn(ts)
                     if grad:
                         y.sum().backward()
+                once = name in ("ssd recurrence", "ssd autograd")
                 with torch.no_grad():
-                    fwd = median_time(lambda run=run: run(False), 1 if name == "ssd recurrence" else repeats)
-                fb = "" if name == "ssd recurrence" else f"{median_time(lambda run=run: run(True), repeats) * 1e3:.1f}"
-                per = fwd / (L * H * P * N) * 1e9
-                out.append(f"| {L} | {N} | {name} | {fwd * 1e3:.1f} | {fb} | {per:.3f} |")
-            print(out[-1], flush=True)
+                    fwd = median_time(lambda run=run: run(False), 1 if once else repeats, clock=time.process_time)
+                fb = None if name == "ssd recurrence" else \
+                    median_time(lambda run=run: run(True), 1 if once else repeats, clock=time.process_time)
+                res[name] = (fwd, fb)
+                ratio = ("", "")
+                if name == "ssd scan":
+                    mm = res["ssd matmul"]
+                    ratio = (f"{fwd / mm[0]:.2f}", f"{fb / mm[1]:.2f}")
+                out.append(f"| {L} | {N} | {name} | {fwd * 1e3:.1f} | {'' if fb is None else f'{fb * 1e3:.1f}'} | "
+                           f"{ratio[0]} | {ratio[1]} |")
+                print(out[-1], flush=True)
     return "\n".join(out)
+
+
+class ssd_env:
+    """Force backend.ssd_cpu_impl's choice ($HISS_SSD_CPU) for a block; None leaves it alone."""
+
+    def __init__(self, impl: str | None):
+        self.impl = impl
+
+    def __enter__(self):
+        self.old = os.environ.get("HISS_SSD_CPU")
+        if self.impl:
+            os.environ["HISS_SSD_CPU"] = self.impl
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("HISS_SSD_CPU", None)
+        else:
+            os.environ["HISS_SSD_CPU"] = self.old
 
 
 # ---- blocks and model: tokens/s -----------------------------------------------------------------
@@ -505,6 +551,8 @@ def _block_impls():
 
     for layer in (1, 2):
         impls[f"hiss Mamba{'' if layer == 1 else '2'} (auto)"] = hiss(layer, "auto")
+        if layer == 2:  # the SSD's other CPU fast path, forced: the compiled Mamba-1 scan
+            impls["hiss Mamba2 (auto, SSD via the scan)"] = hiss(layer, "auto")
         impls[f"hiss Mamba{'' if layer == 1 else '2'} (ref)"] = hiss(layer, "ref")
 
     def hf(use_mambapy):
@@ -543,7 +591,8 @@ def _block_impls():
 
 
 
-def _tokens_per_s(module, backend, batch, L, repeats, train: bool):
+def _tokens_per_s(module, backend, batch, L, repeats, train: bool, ssd_impl: str | None = None):
+    """(wall, CPU) tokens/s: medians over the same timed runs (CPU = this process's CPU time)."""
     x0 = torch.randn(batch, L, D_MODEL)
 
     def run():
@@ -554,13 +603,13 @@ def _tokens_per_s(module, backend, batch, L, repeats, train: bool):
             y.float().pow(2).mean().backward()
 
     ctx = backend_env(backend) if backend else _nullctx()
-    with ctx:
+    with ctx, ssd_env(ssd_impl):
         if train:
-            t = median_time(run, repeats)
+            cpu, wall = median_cpu_wall(run, repeats)
         else:
             with torch.no_grad():
-                t = median_time(run, repeats)
-    return batch * L / t
+                cpu, wall = median_cpu_wall(run, repeats)
+    return batch * L / wall, batch * L / cpu
 
 
 class _nullctx:
@@ -576,24 +625,69 @@ def blocks_section(args) -> str:
     batch, L = (1, 256) if args.quick else (1, args.block_len)
     out = [_header(repeats, "python -m benchmarks.scan --sections blocks"), "",
            f"One block, d_model {D_MODEL} (d_inner 1536; Mamba: N 16; Mamba2: headdim 64, N 128), batch {batch}, "
-           f"L {L}, fp32, random weights. hiss `auto` = compiled CPU kernels (scan / SSD via the scan / conv), `ref` = "
-           "PyTorch path. Peers are timed once (hiss: median of the repeats).", "",
-           "| block | forward tokens/s | fwd+bwd tokens/s |", "| --- | ---: | ---: |"]
+           f"L {L}, fp32, random weights, {torch.get_num_threads()} thread(s). hiss `auto` = the CPU fast paths "
+           "(Mamba: the compiled scan; Mamba2: the SSD picked by backend.ssd_cpu_impl, the matmul form at N 128; conv "
+           "kernel), `SSD via the scan` = Mamba2 with $HISS_SSD_CPU=scan (the compiled Mamba-1 scan), `ref` = "
+           "PyTorch path. tokens/s from wall time and from this process's CPU time (the CPU columns are the ones "
+           "to compare on a shared machine). Peers are timed once (hiss: median of the repeats).", "",
+           "| block | forward tokens/s | fwd+bwd tokens/s | forward tokens/s (CPU) | fwd+bwd tokens/s (CPU) |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+    cpu_fb = {}
     for name, make in _block_impls().items():
         torch.manual_seed(0)
         try:
             module, backend = make()
         except Exception as exc:  # a peer missing or incompatible here: say so in the table
-            out.append(f"| {name} | unavailable: {type(exc).__name__} | |")
+            out.append(f"| {name} | unavailable: {type(exc).__name__} | | | |")
             continue
         peer = not name.startswith("hiss")
-        fwd = _tokens_per_s(module, backend, batch, L, 1 if peer else repeats, False)
+        impl = "scan" if "via the scan" in name else None
+        fwd, fwd_cpu = _tokens_per_s(module, backend, batch, L, 1 if peer else repeats, False, impl)
         if "torch loop" in name:  # fwd+bwd through a Python loop over L: minutes, and mambapy's pscan is faster
-            out.append(f"| {name} | {fwd:,.0f} | not timed (sequential loop; see the pscan row) |")
+            out.append(f"| {name} | {fwd:,.0f} | not timed (sequential loop; see the pscan row) | {fwd_cpu:,.0f} | |")
         else:
-            fb = _tokens_per_s(module, backend, batch, L, 1 if peer else repeats, True)
-            out.append(f"| {name} | {fwd:,.0f} | {fb:,.0f} |")
+            fb, fb_cpu = _tokens_per_s(module, backend, batch, L, 1 if peer else repeats, True, impl)
+            cpu_fb[name] = (fwd_cpu, fb_cpu)
+            out.append(f"| {name} | {fwd:,.0f} | {fb:,.0f} | {fwd_cpu:,.0f} | {fb_cpu:,.0f} |")
         print(out[-1], flush=True)
+    m1, m2, m2s = (cpu_fb.get(k) for k in ("hiss Mamba (auto)", "hiss Mamba2 (auto)",
+                                            "hiss Mamba2 (auto, SSD via the scan)"))
+    if m1 and m2 and m2s:
+        out += ["", f"Mamba2 (auto) / Mamba (auto), CPU tokens/s: forward {m2[0] / m1[0]:.2f}x, forward+backward "
+                f"{m2[1] / m1[1]:.2f}x (issue 15's goal: >= 1); with the SSD via the scan: {m2s[0] / m1[0]:.2f}x, "
+                f"{m2s[1] / m1[1]:.2f}x."]
+    return "\n".join(out)
+
+
+def prefill_flat_section(args) -> str:
+    """Mamba2 block forward (prefill, no grad): CPU time per token vs L, per SSD implementation."""
+    from ssm_core import Mamba, Mamba2
+
+    repeats = 2 if args.quick else 3
+    Ls = [1024, 4096] if args.quick else [1024, 4096, 16384, 32768]
+    torch.manual_seed(0)
+    blocks = {"Mamba2 (auto: SSD matmul)": (Mamba2(d_model=D_MODEL, headdim=64, d_state=128), None),
+              "Mamba2 (SSD via the scan)": (Mamba2(d_model=D_MODEL, headdim=64, d_state=128), "scan"),
+              "Mamba (N 16)": (Mamba(d_model=D_MODEL), None)}
+    out = [_header(repeats, "python -m benchmarks.scan --sections prefill_flat"), "",
+           f"One block, d_model {D_MODEL}, batch 1, fp32, forward under no_grad (prefill), {_cpu_note()}. "
+           "µs of CPU per token at each L, and that / the value at L = 1024 (issue 15's goal for Mamba2: <= 1.10 "
+           "at 32k).", "",
+           "| block | " + " | ".join(f"L {L}" for L in Ls) + " | " + " | ".join(f"{L} / 1024" for L in Ls[1:]) + " |",
+           "| --- |" + " ---: |" * (2 * len(Ls) - 1)]
+    for name, (module, impl) in blocks.items():
+        per = []
+        for L in Ls:
+            x = torch.randn(1, L, D_MODEL)
+
+            def run(x=x, module=module):
+                module(x)
+
+            with torch.no_grad(), ssd_env(impl):
+                per.append(median_time(run, repeats, clock=time.process_time) / L)
+            print(f"{name} L={L}: {per[-1] * 1e6:.1f} µs/token", flush=True)
+        out.append(f"| {name} | " + " | ".join(f"{p * 1e6:.1f}" for p in per) + " | "
+                   + " | ".join(f"{p / per[0]:.2f}" for p in per[1:]) + " |")
     return "\n".join(out)
 
 
@@ -781,11 +875,12 @@ def gpu_section(args) -> None:
         update_doc("gpu", "GPU (Triton)", body)
 
 
-SECTIONS = ["scan", "step", "conv", "ssd", "blocks", "model", "gpu"]
+SECTIONS = ["scan", "step", "conv", "ssd", "blocks", "prefill_flat", "model", "gpu"]
 SECTION_FNS = {"step": step_section, "conv": conv_section, "ssd": ssd_section, "blocks": blocks_section,
-               "model": model_section}
+               "prefill_flat": prefill_flat_section, "model": model_section}
 SECTION_TITLES = {"step": "Decode step, CPU", "conv": "Causal conv1d, CPU", "ssd": "Mamba-2 SSD on CPU",
-                  "blocks": "Mamba / Mamba2 blocks, CPU", "model": "Language model tokens/s, CPU"}
+                  "blocks": "Mamba / Mamba2 blocks, CPU", "prefill_flat": "Mamba2 prefill cost per token vs L, CPU",
+                  "model": "Language model tokens/s, CPU"}
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "KERNELS", "resolve_backend", "fast_path", "load_kernel"]
+__all__ = ["BACKENDS", "ENV_VAR", "KERNELS", "SSD_CPU_ENV", "resolve_backend", "fast_path", "load_kernel",
+           "ssd_cpu_impl"]
 
 BACKENDS = ("auto", "ref", "cpu", "triton")
 ENV_VAR = "HISS_BACKEND"
@@ -33,6 +34,10 @@ KERNELS: dict[str, dict[str, str]] = {
     "selective_scan": {
         "cpu": "kernels.cpu:selective_scan_cpu",
         "triton": "kernels.triton:selective_scan_triton",
+    },
+    # complex diagonal A (S4D / complex Mamba); no Triton kernel: CUDA tensors take the PyTorch path
+    "complex_scan": {
+        "cpu": "kernels.cpu:complex_scan_cpu",
     },
     "selective_state_update": {
         "cpu": "kernels.cpu:selective_state_update_cpu",
@@ -56,6 +61,31 @@ KERNELS: dict[str, dict[str, str]] = {
         "cpu": "kernels.cpu:decode_model_cpu",
     },
 }
+
+
+# Mamba-2 SSD on CPU has two fast implementations; ``ssd_cpu_impl`` picks one per call (docs/kernels.md):
+#   "matmul": ssm_core.ops.ssd.ssd_matmul, the chunked SSD through BLAS with a hand-written backward (PyTorch
+#             only: it needs no compiler);
+#   "scan":   KERNELS["mamba_chunk_scan_combined"]["cpu"], the compiled Mamba-1 scan on the expanded inputs.
+# $HISS_SSD_CPU = auto (default) | matmul | scan forces one (benchmarks compare them side by side).
+SSD_CPU_ENV = "HISS_SSD_CPU"
+# Measured (one thread, CPU time, 24 heads x 64; docs/benchmarks.md "Mamba-2 SSD on CPU"): the matmul form's
+# forward + backward is faster from d_state 64 at every L (2.5-4.5x at 128) and at d_state 16 from L 4096
+# (1.8x; the expanded-input scan's cost per token grows with L), the scan's at d_state 16, L <= 1024
+# (1.4x). Forward alone: the matmul form from d_state 64 (1.7-3.4x); at 16 it is on par at L 1024.
+SSD_MATMUL_MIN_DSTATE = 32
+SSD_MATMUL_MIN_LEN_SMALL_STATE = 2048
+
+
+def ssd_cpu_impl(dstate: int, length: int, training: bool) -> str:
+    """"matmul" or "scan": the faster Mamba-2 SSD on CPU for this d_state and length ($HISS_SSD_CPU overrides)."""
+    name = os.environ.get(SSD_CPU_ENV) or "auto"
+    if name not in ("auto", "matmul", "scan"):
+        raise ValueError(f"{SSD_CPU_ENV} must be auto, matmul or scan, got {name!r}")
+    if name != "auto":
+        return name
+    del training  # measured: the same rule forward-only and with backward
+    return "matmul" if (dstate >= SSD_MATMUL_MIN_DSTATE or length >= SSD_MATMUL_MIN_LEN_SMALL_STATE) else "scan"
 
 
 def _probe(name: str) -> tuple[bool, str]:
