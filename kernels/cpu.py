@@ -1,10 +1,10 @@
-"""Compiled CPU kernels: selective scan (Mamba-1) fwd + bwd, causal conv1d fwd + bwd + decode step,
-and the decode-step selective state update (Mamba-1 and Mamba-2 layouts).
+"""Compiled CPU kernels: selective scan (Mamba-1) fwd + bwd, complex-A scan fwd + bwd, causal conv1d fwd +
+bwd + decode step, and the decode-step selective state update (Mamba-1 and Mamba-2 layouts).
 
 One extension module, so the ~60 s parse of ``torch/extension.h`` is paid once: the C++ translation
-unit ``csrc/selective_scan_cpu.cpp`` includes ``csrc/causal_conv1d_cpu.h`` and ``csrc/state_update_cpu.h``
-(SIMD helpers in ``csrc/simd.h``). It is compiled with ``torch.utils.cpp_extension.load``
-the first time it is needed and cached under ``$HISS_KERNEL_CACHE`` (default
+unit ``csrc/selective_scan_cpu.cpp`` includes ``csrc/causal_conv1d_cpu.h``, ``csrc/state_update_cpu.h``
+and ``csrc/complex_scan_cpu.h`` (SIMD helpers in ``csrc/simd.h``). It is compiled with
+``torch.utils.cpp_extension.load`` the first time it is needed and cached under ``$HISS_KERNEL_CACHE`` (default
 ``~/.cache/hiss/kernels``) in a folder named by a hash of the source, the flags, torch's and
 Python's versions, so a later process just loads the built module. Importing this module never
 compiles and never raises: ``available()`` tries the build once and, on failure (no compiler, no
@@ -13,8 +13,9 @@ ninja, a compile error, ``HISS_DISABLE_KERNELS=1``), returns False and keeps the
 
 Each public function has the signature, semantics and return values of its ``ssm_core.ops`` twin:
 ``selective_scan_cpu`` (differentiable in every input, the initial state included, and through the
-last state), ``causal_conv1d_cpu`` (differentiable, through the final state too),
-``causal_conv1d_update_cpu`` and ``selective_state_update_cpu`` (decode steps, in place, no autograd).
+last state), ``complex_scan_cpu`` (the complex-A scan, likewise), ``causal_conv1d_cpu`` (differentiable,
+through the final state too), ``causal_conv1d_update_cpu`` and ``selective_state_update_cpu`` (decode steps,
+in place, no autograd).
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ import torch
 from torch import Tensor
 
 from .build_lock import build_lock
-from .shape_checks import check_conv, check_conv_update, check_scan, check_ssd, check_state_update, per_token
+from .shape_checks import (
+    check_complex_scan,
+    check_conv,
+    check_conv_update,
+    check_scan,
+    check_ssd,
+    check_state_update,
+    per_token,
+)
 
 __all__ = [
     "available",
@@ -40,6 +49,7 @@ __all__ = [
     "load",
     "build_dir",
     "selective_scan_cpu",
+    "complex_scan_cpu",
     "causal_conv1d_cpu",
     "causal_conv1d_update_cpu",
     "selective_state_update_cpu",
@@ -219,6 +229,92 @@ def selective_scan_cpu(
     if chunk <= 0:
         raise ValueError(f"selective_scan_cpu: chunk_len must be positive, got {chunk_len}")
     out, last = _SelectiveScanCPU.apply(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk
+    )
+    return (out, last) if return_last_state else out
+
+
+def _pairs(X: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """complex (...) -> real (..., 2) of ``dtype`` (PyTorch's view_as_real), contiguous, detached."""
+    if X is None:
+        return None
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    return torch.view_as_real(X.detach().to(cdt).resolve_conj()).to(dtype).contiguous()
+
+
+def _complex_back(g: Tensor | None, meta: tuple | None) -> Tensor | None:
+    """real (..., 2) gradient -> complex in the input's dtype (and rank: an ungrouped B / C drops G)."""
+    if g is None or meta is None:
+        return None
+    g = torch.view_as_complex(g.contiguous())
+    if meta[1] == 3 and g.dim() == 4:
+        g = g.squeeze(1)
+    return g.to(meta[0])
+
+
+class _ComplexScanCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+        ext = load()
+        comp = _comp_dtype(u)
+        B4 = B if B.dim() != 3 else B.unsqueeze(1)  # (batch, N, L) -> (batch, 1, N, L); (dim, N) stays
+        C4 = C if C.dim() != 3 else C.unsqueeze(1)
+        args = [_cvt(u, comp), _cvt(delta, comp), _pairs(A, comp), _pairs(B4, comp), _pairs(C4, comp),
+                _cvt(D, comp), _cvt(z, comp), _cvt(delta_bias, comp)]
+        out, last, cst = ext.complex_fwd(*args, delta_softplus, _pairs(initial_state, comp), chunk)
+        ctx.save_for_backward(*args, cst)
+        ctx.delta_softplus, ctx.chunk, ctx.comp = delta_softplus, chunk, comp
+        ctx.meta = tuple(
+            None if t is None else (t.dtype, t.dim()) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        )
+        return out.to(u.dtype), torch.view_as_complex(last)
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        ext = load()
+        *args, cst = ctx.saved_tensors
+        comp = ctx.comp
+        dout = torch.zeros_like(args[0]) if dout is None else dout.to(comp).contiguous()
+        dlast = _pairs(dlast, comp)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = ext.complex_bwd(
+            *args, ctx.delta_softplus, cst, dout, dlast, ctx.chunk
+        )
+        u, delta, A, B, C, D, z, bias, h0 = ctx.meta
+        grads = (
+            _back(du, u), _back(ddelta, delta), _complex_back(dA, A), _complex_back(dB, B), _complex_back(dC, C),
+            _back(dD, D), _back(dz, z), _back(dbias, bias), _complex_back(dh0, h0),
+        )
+        grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:9]))
+        return (*grads, None, None)
+
+
+def complex_scan_cpu(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Tensor | None = None,
+    *,
+    chunk_len: int | None = None,
+):
+    """Compiled CPU twin of ``ssm_core.ops.complex_scan.complex_scan`` (same arguments, same results).
+
+    A, B, C, initial_state complex (B / C time-invariant (dim, N) or (batch, [G,] N, L)); computes in fp32 /
+    complex64 (fp64 / complex128 for fp64 ``u``); ``out`` in u's dtype, ``last_state`` complex. Differentiable
+    in every input and through the last state; memory for backward: one state per ``chunk_len`` steps.
+    """
+    check_complex_scan("complex_scan_cpu", u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check_cpu("complex_scan_cpu", u, delta, A, B, C, D, z, delta_bias, initial_state)
+    chunk = int(chunk_len or DEFAULT_CHUNK)
+    if chunk <= 0:
+        raise ValueError(f"complex_scan_cpu: chunk_len must be positive, got {chunk_len}")
+    out, last = _ComplexScanCPU.apply(
         u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk
     )
     return (out, last) if return_last_state else out
@@ -419,8 +515,10 @@ def decode_model_cpu(batch: int):
     or, with external (attention) layers run by the caller in between: ``embed(tokens)``, ``run_layers(a, b,
     snapshots)``, ``residual()`` (a (batch, T, d_model) fp32 view to read and write), ``head(n_last)``.
     Matrices (in_proj, x_proj, dt_proj, out_proj, fc1, fc2, embedding, lm_head) are used in place: contiguous
-    fp32 or bf16, one dtype for all; per-channel parameters are contiguous fp32. The returned logits are an
-    internal buffer, overwritten by the next call. Not differentiable. Raises RuntimeError when the extension
-    cannot be built here (see ``available()``).
+    fp32 or bf16, one dtype for all; per-channel parameters are contiguous fp32. Any matrix may instead be int8
+    weight-only: an int8 (O, K) tensor plus ``"<name>_scale"``, fp32 (O,) per-row scales (W = q * scale; a tied
+    head passes the same int8 tensor as embedding and lm_head, and ``numbers["bf16"]`` then gives the model
+    dtype). The returned logits are an internal buffer, overwritten by the next call. Not differentiable. Raises
+    RuntimeError when the extension cannot be built here (see ``available()``).
     """
     return load().DecodeModel(int(batch))

@@ -51,6 +51,52 @@ def check_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_state) ->
         )
 
 
+def check_complex_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple[bool, bool]:
+    """complex scan: u, delta, z (batch, dim, L) real; A (dim, N) complex; B, C complex, each (dim, N)
+    (time-invariant) or (batch, [G,] N, L); D, bias (dim,) real; initial_state (batch, dim, N) complex.
+    Returns whether B and C are input-dependent."""
+    if u.dim() != 3:
+        raise ValueError(f"{name}: u must be (batch, dim, L), got {tuple(u.shape)}")
+    batch, dim, L = u.shape
+    if L < 1:
+        raise ValueError(f"{name}: sequence length must be positive")
+    if delta.shape != u.shape:
+        raise ValueError(f"{name}: delta must match u {tuple(u.shape)}, got {tuple(delta.shape)}")
+    for label, X in (("u", u), ("delta", delta), ("z", z), ("D", D), ("delta_bias", delta_bias)):
+        if X is not None and not X.is_floating_point():
+            raise ValueError(f"{name}: {label} must be a real floating-point tensor, got {X.dtype}")
+    if A.dim() != 2 or A.shape[0] != dim or not A.is_complex():
+        raise ValueError(f"{name}: A must be complex (dim={dim}, N), got {tuple(A.shape)} {A.dtype}")
+    N = A.shape[1]
+    groups = []
+    for label, X in (("B", B), ("C", C)):
+        if not X.is_complex():
+            raise ValueError(f"{name}: {label} must be complex, got {X.dtype}")
+        if X.dim() == 2 and X.shape == (dim, N):
+            groups.append(None)
+            continue
+        ok = (X.dim() == 3 and X.shape == (batch, N, L)) or (
+            X.dim() == 4 and X.shape[0] == batch and X.shape[2:] == (N, L) and X.shape[1] > 0 and dim % X.shape[1] == 0
+        )
+        if not ok:
+            raise ValueError(
+                f"{name}: {label} must be (dim={dim}, N={N}) (time-invariant), (batch={batch}, N, L={L}) or "
+                f"(batch, G, N, L) with G dividing dim, got {tuple(X.shape)}"
+            )
+        groups.append(1 if X.dim() == 3 else X.shape[1])
+    if None not in groups and groups[0] != groups[1]:
+        raise ValueError(f"{name}: B and C must have the same number of groups")
+    for label, X in (("D", D), ("delta_bias", delta_bias)):
+        if X is not None and X.shape != (dim,):
+            raise ValueError(f"{name}: {label} must be (dim={dim},), got {tuple(X.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"{name}: z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and (initial_state.shape != (batch, dim, N) or not initial_state.is_complex()):
+        raise ValueError(f"{name}: initial_state must be complex (batch={batch}, dim={dim}, N={N}), "
+                         f"got {tuple(initial_state.shape)} {initial_state.dtype}")
+    return groups[0] is not None, groups[1] is not None
+
+
 def check_ssd(name: str, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size) -> None:
     """SSD: x, z (batch, L, H, P); dt (batch, L, H); A, dt_bias (H,); B, C (batch, L, G, N); D (H,) | (H, P)."""
     if x.dim() != 4:

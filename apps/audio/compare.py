@@ -1,6 +1,7 @@
 """Mamba U-Net vs LTI U-Net (the S4-SaShiMi stand-in) vs a U-Net with an attention centre, same CPU time:
 
     python -m apps.audio.compare --minutes 8 [--classifier runs/audio/classifier]   # -> runs/audio_compare/
+    python -m apps.audio.compare --variants lti_outer lti_complex_outer   # real vs complex LTI next to the waveform
 
 Each model is apps/audio/configs/default.yaml with only ``model.config.blocks`` changed (same data, crops,
 batch, optimiser, seed 0), trained until it has used ``--minutes`` of CPU time (apps.common CPUTimeBudget).
@@ -24,6 +25,9 @@ VARIANTS = {
     "mamba": "mamba",                          # selective SSM at every level
     "lti": "lti",                              # Mamba block with selection off: an S4D-like LTI layer
     "attention_centre": ["mamba", "mamba", "attention"],
+    # the Mamba paper's complex-vs-real question next to the waveform: LTI outer stages, Mamba inside
+    "lti_outer": ["lti", "mamba", "mamba"],
+    "lti_complex_outer": ["lti_complex", "mamba", "mamba"],  # complex diagonal A, S4D-Lin init
 }
 
 
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0, help="CPU minutes of training per model")
     p.add_argument("--out", type=Path, default=Path("runs/audio_compare"))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["mamba", "lti", "attention_centre"], choices=list(VARIANTS))
     p.add_argument("--classifier", help="a digit classifier folder (python -m apps.audio.metrics train)")
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--root", help="the digits / SC09 folder for the metrics' reference")

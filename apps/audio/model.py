@@ -10,8 +10,9 @@ SaShiMi (Goel et al. 2022) with the Mamba paper's SC09 layout: pooling [4, 4], w
 blocks on both sides of each stage (``unet=True``; ``False`` puts them on the up path only, SaShiMi's
 default) and in the centre. Every block is ssm_core's pre-norm residual ``Block`` with the mixer chosen per
 level (``blocks``): ``mamba`` (selective), ``lti`` (``Mamba(selective=False)``: the S4-like LTI layer of
-the Mamba paper's ablations) or ``attention`` (ssm_core ``MHA``, causal, RoPE), plus an optional gated MLP
-(``ff``) — so the paper's Table 5 outer/centre ablation is a config change.
+the Mamba paper's ablations), ``lti_complex`` / ``mamba_complex`` (the same with a complex diagonal A, S4D-Lin
+init: ``Mamba(complex_A=True)``) or ``attention`` (ssm_core ``MHA``, causal, RoPE), plus an optional gated
+MLP (``ff``) — so the paper's Table 5 outer/centre ablation is a config change.
 
 Causality: the up-pooling output of frame j (4 samples) is shifted to frames j+1, so sample t only sees the
 coarse path through frames that ended before t (SaShiMi's one-step shift); the skip adds the fine path.
@@ -42,7 +43,7 @@ from ssm_core import MHA, Block, GatedMLP, Mamba, RMSNorm, atomic_write, chunked
 
 __all__ = ["UNetConfig", "UNetState", "AudioOutput", "AudioUNet", "AudioLM", "BLOCK_KINDS"]
 
-BLOCK_KINDS = ("mamba", "lti", "attention")
+BLOCK_KINDS = ("mamba", "lti", "attention", "lti_complex", "mamba_complex")
 
 
 @dataclass
@@ -52,7 +53,9 @@ class UNetConfig:
     d_model: width of level 0; level s has d_model * expand**s.
     pool: pooling factor of each stage (default [4, 4]: 16 kHz -> 4 kHz -> 1 kHz).
     n_layers: residual blocks per side of each stage and in the centre: one int for all, or len(pool)+1 ints.
-    blocks: mixer of each level, ``mamba`` | ``lti`` | ``attention``: one name for all, or len(pool)+1 names.
+    blocks: mixer of each level, ``mamba`` | ``lti`` | ``attention`` | ``lti_complex`` | ``mamba_complex`` (complex
+    diagonal A, S4D-Lin: the Mamba paper's complex layer, e.g. ``[lti_complex, mamba, mamba]``): one name for all,
+    or len(pool)+1 names.
     unet: blocks on the down path too (the Mamba paper's SC09 model); False: up path and centre only.
     ff: gated-MLP expansion after each mixer (0: none).
     ssm_cfg: extra ssm_core.Mamba arguments (d_state, expand, d_conv, ...); attn_cfg: MHA arguments
@@ -221,7 +224,8 @@ class AudioUNet(nn.Module):
             cfg.setdefault("rotary_emb_dim", width // heads)
             mixer = MHA(width, num_heads=heads, causal=True, **cfg)
         else:
-            mixer = Mamba(width, selective=kind == "mamba", **c.ssm_cfg)
+            mixer = Mamba(width, selective=kind.startswith("mamba"), complex_A=kind.endswith("_complex"),
+                          **c.ssm_cfg)
         mlp = norm2 = None
         if c.ff > 0:
             mlp = GatedMLP(width, hidden_features=c.ff * width, multiple_of=8)

@@ -40,6 +40,7 @@
 #include "causal_conv1d_cpu.h"
 #include "state_update_cpu.h"
 #include "model_step_cpu.h"
+#include "complex_scan_cpu.h"
 
 namespace hiss {
 
@@ -697,7 +698,7 @@ at::Tensor elementwise(const std::string& name, const at::Tensor& x_) {
 }  // namespace hiss
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "hiss CPU kernels: selective scan fwd + bwd, causal conv1d fwd + bwd + update, state update";
+  m.doc() = "hiss CPU kernels: selective scan fwd + bwd, complex scan fwd + bwd, causal conv1d fwd + bwd + update, state update";
   m.def("fwd", &hiss::fwd, "selective scan forward -> (out, last_state, chunk_states)", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
         py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
@@ -707,6 +708,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
         py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
         py::arg("chunk_states"), py::arg("dout"), py::arg("dlast_state") = py::none(), py::arg("chunk") = 64);
+  m.def("complex_fwd", &hiss::complex_fwd,
+        "complex diagonal scan forward -> (out, last_state (batch, dim, N, 2), chunk_states)", py::arg("u"),
+        py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
+        py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
+        py::arg("initial_state") = py::none(), py::arg("chunk") = 64);
+  m.def("complex_bwd", &hiss::complex_bwd,
+        "complex diagonal scan backward -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)",
+        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
+        py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
+        py::arg("chunk_states"), py::arg("dout"), py::arg("dlast_state") = py::none(), py::arg("chunk") = 64);
+  m.def("complex_sincos", &hiss::complex_sincos, "vector (sin x, cos x) of the complex scan (tests)");
   m.def("isa", &hiss::isa, "instruction set the kernels run with: 'avx2' or 'base'");
   m.def("set_isa", &hiss::set_isa, "force 'base' or 'avx2', or 'auto' (default)");
   m.def("time_block", &hiss::time_block, "time steps per loop block (tuning knob)");

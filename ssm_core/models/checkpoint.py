@@ -171,6 +171,6 @@ def load_pretrained(directory: str | os.PathLike, device=None, dtype=None, stric
     if dtype is not None:
         model.to(dtype)
         for name, p in model.named_parameters():  # A_log, D, dt bias stay fp32
-            if name.endswith((".A_log", ".D", ".dt_bias", "dt_proj.bias")):
+            if name.endswith((".A_log", ".A_imag", ".D", ".dt_bias", "dt_proj.bias")):
                 p.data = p.data.float()
     return model

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..ops.complex_scan import complex_scan, complex_state_update, s4d_lin
 from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import fp32, selective_scan, selective_state_update
 from ..state import SSMState
@@ -39,6 +40,11 @@ class Mamba(nn.Module):
     time and channels like the selective B, C), so the SSM is a fixed convolution (S4D-real A init);
     in_proj, conv1d, gating and out_proj are unchanged.
 
+    ``complex_A=True``: a complex diagonal A with S4D-Lin init (A = -exp(A_log) + i A_imag = -1/2 + i π n),
+    complex B, C and state, y = 2 Re <C, h> (ssm_core.ops.complex_scan; the Mamba paper's complex SSM). With
+    ``selective=False`` it is the S4D layer inside the Mamba block: B = 1, C ~ CN(0, 1) as (d_state, 2) real
+    pairs; selective, x_proj emits B and C as (d_state, 2) pairs each. The SSM state is complex64.
+
     ``register_delta_hook`` exposes the step size Δ = softplus(dt + dt_bias) of every call (to measure it,
     penalise it, or replace it) without touching the forward when no hook is registered.
     """
@@ -59,6 +65,7 @@ class Mamba(nn.Module):
         bias: bool = False,
         use_fast_path: bool = True,  # accepted for mamba_ssm compatibility; dispatch is in ssm_core.ops
         selective: bool = True,  # False: the LTI ablation (Δ, B, C do not depend on the input)
+        complex_A: bool = False,  # True: complex diagonal A (S4D-Lin), complex B, C and state
         layer_idx: int | None = None,
         device=None,
         dtype=None,
@@ -70,13 +77,14 @@ class Mamba(nn.Module):
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.layer_idx, self.selective = layer_idx, selective
+        self.layer_idx, self.selective, self.complex_A = layer_idx, selective, complex_A
+        bc = 2 * d_state if complex_A else d_state  # complex B, C come as (d_state, 2) real pairs
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
                                 padding=d_conv - 1, bias=conv_bias, **factory)
         if selective:
-            self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+            self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * bc, bias=False, **factory)
             self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
             std = self.dt_rank**-0.5 * dt_scale
             with torch.no_grad():
@@ -91,14 +99,25 @@ class Mamba(nn.Module):
             # S4D-style init: B = 1, C ~ N(0, 1); Δ log-uniform in [dt_min, dt_max] as in the selective layer
             self.dt_bias = nn.Parameter(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor,
                                                             device=device))
-            self.B = nn.Parameter(torch.ones(d_state, device=device, dtype=torch.float32))
-            self.C = nn.Parameter(torch.randn(d_state, device=device, dtype=torch.float32))
+            if complex_A:  # S4D: B = 1 + 0i, C ~ CN(0, 1) (real and imaginary parts of variance 1/2)
+                B = torch.stack([torch.ones(d_state), torch.zeros(d_state)], dim=-1)
+                C = torch.randn(d_state, 2) * math.sqrt(0.5)
+                self.B = nn.Parameter(B.to(device=device, dtype=torch.float32))
+                self.C = nn.Parameter(C.to(device=device, dtype=torch.float32))
+            else:
+                self.B = nn.Parameter(torch.ones(d_state, device=device, dtype=torch.float32))
+                self.C = nn.Parameter(torch.randn(d_state, device=device, dtype=torch.float32))
             for p in (self.dt_bias, self.B, self.C):
                 p._no_weight_decay = True
 
-        # S4D-real init, kept in fp32 whatever the module dtype
-        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(A))
+        if complex_A:  # S4D-Lin: A = -exp(A_log) + i A_imag = -1/2 + i π n, fp32 whatever the module dtype
+            A_log, A_imag = s4d_lin(self.d_inner, d_state, device=device)
+            self.A_log = nn.Parameter(A_log)
+            self.A_imag = nn.Parameter(A_imag)
+            self.A_imag._no_weight_decay = True
+        else:  # S4D-real init, kept in fp32 whatever the module dtype
+            A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+            self.A_log = nn.Parameter(torch.log(A))
         self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))
         self.D._no_weight_decay = True
@@ -142,8 +161,14 @@ class Mamba(nn.Module):
         dtype = dtype or self.in_proj.weight.dtype
         return SSMState(
             conv=torch.zeros(batch, self.d_inner, self.d_conv - 1, device=device, dtype=dtype),
-            ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+            ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device,
+                            dtype=torch.complex64 if self.complex_A else torch.float32),
         )
+
+    def _A(self) -> Tensor:
+        """(d_inner, d_state): -exp(A_log), or -exp(A_log) + i A_imag (complex64) with ``complex_A``."""
+        A_real = -torch.exp(fp32(self.A_log))
+        return torch.complex(A_real, fp32(self.A_imag)) if self.complex_A else A_real
 
     def forward(self, hidden_states: Tensor, state: SSMState | None = None, return_state: bool = False):
         """hidden_states: (batch, L, d_model) -> (batch, L, d_model) [, SSMState]."""
@@ -154,7 +179,7 @@ class Mamba(nn.Module):
         if state is None:
             state = self.empty_state(batch, hidden_states.device, hidden_states.dtype)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
-        A = -torch.exp(fp32(self.A_log))
+        A = self._A()
         if L == 1:  # decode step: no scan machinery
             y, new_state = self._step(x[:, 0], z[:, 0], A, state)
             out = self.out_proj(y.unsqueeze(1))
@@ -168,6 +193,14 @@ class Mamba(nn.Module):
         dt, dt_bias = dt.transpose(1, 2), self._dt_bias()
         if self._delta_hooks and (delta := self._run_delta_hooks(dt, x)) is not None:
             dt, dt_bias = delta, None  # a hook replaced Δ: the scan takes it as is
+        if self.complex_A:  # B, C: (d_inner, d_state) time-invariant, or (batch, d_state, L) complex
+            B, C = (X if X.dim() == 2 else X.transpose(1, 2) for X in (B, C))
+            y, ssm_state = complex_scan(
+                x, dt, A, B, C, fp32(self.D), z.transpose(1, 2), delta_bias=dt_bias,
+                delta_softplus=dt_bias is not None, return_last_state=True, initial_state=state.ssm,
+            )
+            out = self.out_proj(y.transpose(1, 2))
+            return (out, SSMState(conv_state, ssm_state)) if return_state else out
         y, ssm_state = selective_scan(
             x, dt, A, B.transpose(1, 2), C.transpose(1, 2), fp32(self.D), z.transpose(1, 2),
             delta_bias=dt_bias, delta_softplus=dt_bias is not None,
@@ -177,12 +210,26 @@ class Mamba(nn.Module):
         return (out, SSMState(conv_state, ssm_state)) if return_state else out
 
     def _dt_B_C(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (..., d_inner) -> dt (pre-bias, pre-softplus): (..., d_inner); B, C: (..., d_state)."""
+        """x: (..., d_inner) -> dt (pre-bias, pre-softplus): (..., d_inner); B, C: (..., d_state).
+        complex_A: B, C complex64, (d_inner, d_state) time-invariant (LTI) or (..., d_state) per token."""
+        if self.complex_A:
+            return self._complex_dt_B_C(x)
         if not self.selective:  # LTI: dt = 0 so Δ = softplus(dt_bias); B, C the same at every step
             shape = x.shape[:-1] + (self.d_state,)
             return x.new_zeros(x.shape), self.B.to(x.dtype).expand(shape), self.C.to(x.dtype).expand(shape)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return dt @ self.dt_proj.weight.t(), B, C  # the dt bias goes in separately, in fp32
+
+    def _complex_dt_B_C(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def cplx(p: Tensor) -> Tensor:  # (..., d_state, 2) real pairs -> (..., d_state) complex64 (128 for fp64)
+            return torch.complex(fp32(p[..., 0]), fp32(p[..., 1]))
+
+        if not self.selective:
+            B, C = (cplx(p).expand(self.d_inner, self.d_state) for p in (self.B, self.C))
+            return x.new_zeros(x.shape), B, C
+        dt, B, C = self.x_proj(x).split([self.dt_rank, 2 * self.d_state, 2 * self.d_state], dim=-1)
+        B, C = (cplx(X.unflatten(-1, (self.d_state, 2))) for X in (B, C))
+        return dt @ self.dt_proj.weight.t(), B, C
 
     def _dt_bias(self) -> Tensor:
         return fp32(self.dt_proj.bias if self.selective else self.dt_bias)
@@ -195,6 +242,12 @@ class Mamba(nn.Module):
         dt_bias = self._dt_bias()
         if self._delta_hooks and (delta := self._run_delta_hooks(dt, xc)) is not None:
             dt, dt_bias = delta, None
+        if self.complex_A:
+            if self.selective:  # this token's (batch, d_state) -> (batch, 1 group, d_state)
+                B, C = B.unsqueeze(1), C.unsqueeze(1)
+            y, ssm = complex_state_update(state.ssm, xc, dt, A, B, C, fp32(self.D), z, dt_bias=dt_bias,
+                                          dt_softplus=dt_bias is not None)
+            return y, SSMState(conv_state, ssm)
         y, ssm = selective_state_update(
             state.ssm, xc, dt, A, B, C, fp32(self.D), z, dt_bias=dt_bias,
             dt_softplus=dt_bias is not None, inplace=False,
