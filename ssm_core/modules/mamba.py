@@ -141,6 +141,11 @@ class Mamba(nn.Module):
         self._delta_hooks[handle.id] = hook
         return handle
 
+    @property
+    def has_delta_hooks(self) -> bool:
+        """True while a delta hook is registered (fused decode paths that skip Δ must then step in Python)."""
+        return bool(self._delta_hooks)
+
     def _run_delta_hooks(self, dt: Tensor, u: Tensor) -> Tensor | None:
         """dt (pre-bias): (batch, d_inner[, L]) -> the Δ that replaces the scan's own after every delta hook has
         seen it, or None when no hook replaced it."""
