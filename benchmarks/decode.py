@@ -1,7 +1,7 @@
 """Decode speed of a whole language model: hiss's compiled whole-model step vs hiss's module step vs HF
 transformers' MambaForCausalLM generate, on the same (random) weights, beside the memory-bandwidth bound.
 
-    python -m benchmarks.decode                                   # CPU, every size, fp32 + bf16 -> docs/benchmarks.md
+    python -m benchmarks.decode                           # CPU, every size, fp32 + bf16 + int8 -> docs/benchmarks.md
     python -m benchmarks.decode --sizes 130m --dtypes fp32 --batches 1 --no-doc
     python -m benchmarks.decode --quick                           # tiny model, prints only (a smoke test)
     python -m benchmarks.decode --device cuda                     # GPU: module step vs HF (the compiled step is CPU)
@@ -17,6 +17,16 @@ Implementations: ``hiss fast`` = ``generate`` (its default: ssm_core.models.fast
 token for all layers); ``hiss module`` = ``generate(fast=False)`` (the reference twin: ssm_core's modules, one
 Python call per layer); ``HF`` = transformers' MambaForCausalLM.generate (its PyTorch path) with our tensors
 assigned as its parameters (no copy).
+
+``int8`` rows: the compiled step with int8 weight-only matrices (``generate(..., quantize="int8")``: in_proj /
+out_proj / LM head int8 with fp32 per-row scales, the rest fp32; activations fp32), hiss fast only (the module path
+and HF have no int8 weights); its bound counts the bytes that step streams (``FastDecoder.weight_bytes``).
+
+``llama.cpp`` rows (Mamba-1, batch 1; benchmarks/llama_cpp.py): the same weights exported as an HF checkpoint,
+converted by llama.cpp's convert_hf_to_gguf.py to F32 (beside fp32), BF16 and F16 (beside bf16), Q8_0 (beside
+int8), timed by its ``llama-bench -p 0 -n 128 -t THREADS`` with the same clock (cpu: the CPU time of llama-bench
+per token, from two runs differing only in token count). ``--llama-cpp auto`` (default) finds a llama-bench built
+by ``bash benchmarks/build_llama_cpp.sh``; when there is none it prints that command and skips the rows.
 
 Bound: weight bytes read per step (every parameter once, a tied head once) / a bandwidth measured in the same
 run: ``copy`` = STREAM-style copy of a 512 MB buffer ((read + written bytes) / time, torch's threads).
@@ -41,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from benchmarks._doc import write_section  # noqa: E402
+from benchmarks.llama_cpp import setup as llama_cpp_setup  # noqa: E402
 from ssm_core import MambaConfig, MambaLMHeadModel  # noqa: E402
 from ssm_core.models.fast_decode import FastDecoder, unsupported_reason  # noqa: E402
 
@@ -48,7 +59,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 SIZES = {"130m": (768, 24), "370m": (1024, 48), "1.4b": (2048, 48)}
 VOCAB = 50280
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}  # int8: fp32 model, int8 matrices
+QUANT = {"int8": "int8"}  # weights name -> FastDecoder's quantize=
 
 
 CLOCK = time.perf_counter  # set by main: time.process_time for --clock cpu
@@ -128,15 +140,18 @@ class _Stamps:
         pass
 
 
-def per_token_fns(model, hf, prompt, n, device):
+def per_token_fns(model, hf, prompt, n, device, quantize=None):
     """name -> a function running one greedy generation of n + 1 tokens and returning the n intervals between
-    consecutive new tokens (s): the per-token cost of generate, the prompt and first token left out."""
+    consecutive new tokens (s): the per-token cost of generate, the prompt and first token left out. ``quantize``:
+    the compiled step with int8 weights only."""
     fns = {}
 
     def hiss(fast):
+        kw = {"quantize": quantize} if quantize else {}
+
         def run():
             stamps = []
-            for _ in model.stream(prompt, n + 1, temperature=0, fast=fast):
+            for _ in model.stream(prompt, n + 1, temperature=0, fast=fast, **kw):
                 _sync(device)
                 stamps.append(CLOCK())
             return [b - a for a, b in zip(stamps, stamps[1:])]
@@ -149,6 +164,8 @@ def per_token_fns(model, hf, prompt, n, device):
 
     if unsupported_reason(model) is None:
         fns["hiss fast"] = hiss(True)
+    if quantize:
+        return fns
     fns["hiss module"] = hiss(False)
     if hf is not None:
         fns["HF generate"] = hf_run
@@ -169,15 +186,16 @@ def measure(fns: dict, repeats: int, peer_repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in res.items()}
 
 
-def spec_costs(model, k: int, repeats: int) -> dict:
-    """Median s of one step and of a (k+1)-token verify call from a state, compiled and module paths, batch 1."""
+def spec_costs(model, k: int, repeats: int, quantize=None) -> dict:
+    """Median s of one step and of a (k+1)-token verify call from a state, compiled and module paths, batch 1
+    (``quantize``: the compiled path with int8 weights only)."""
     ids = torch.randint(0, 1000, (1, 16))
     out = {}
     with torch.inference_mode():
         state = model(ids, return_state=True).state
         one, many = ids[:, :1], ids[:, : k + 1]
         if unsupported_reason(model) is None:
-            dec = FastDecoder(model, model(ids, return_state=True).state)
+            dec = FastDecoder(model, model(ids, return_state=True).state, quantize=quantize)
             dec.save(0)
 
             def fstep():
@@ -191,8 +209,10 @@ def spec_costs(model, k: int, repeats: int) -> dict:
             def fload():
                 dec.load(0)
             out["fast"] = [fstep, fverify, fload]
-        out["module"] = [lambda: model(one, state=state, return_state=True),
-                         lambda: model(many, state=state, return_state=True, num_last_tokens=k + 1), lambda: None]
+        if not quantize:
+            out["module"] = [lambda: model(one, state=state, return_state=True),
+                             lambda: model(many, state=state, return_state=True, num_last_tokens=k + 1),
+                             lambda: None]
         res = {}
         for name, (st, ve, ld) in out.items():
             for f in (st, ve):
@@ -227,7 +247,8 @@ def header(args, load: float, bw: float, device) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8"], choices=list(DTYPES),
+                   help="weights: fp32, bf16, int8 (weight-only, on the fp32 model; compiled step only)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--tokens", type=int, default=16, help="new tokens timed at batch 1 (half that above batch 8)")
     p.add_argument("--repeats", type=int, default=3)
@@ -243,6 +264,10 @@ def main(argv=None):
                    help="cpu: this process's CPU time (robust on a shared machine; use with --threads 1); wall")
     p.add_argument("--quick", action="store_true", help="a tiny model, prints only")
     p.add_argument("--no-doc", action="store_true")
+    p.add_argument("--llama-cpp", default="auto", metavar="PATH|auto|off",
+                   help="llama.cpp rows (Mamba-1, batch 1): path of llama-bench; auto = ~/.cache/hiss/llama_cpp "
+                        "or $PATH (when none is built: prints how to build it, skips the rows); off")
+    p.add_argument("--llama-cpp-tokens", type=int, default=128, help="tokens per llama-bench run")
     args = p.parse_args(argv)
     args.argv_echo = list(argv) if argv is not None else __import__("sys").argv[1:]
     device = torch.device(args.device)
@@ -255,6 +280,8 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     bw = bandwidth(device, 64 if args.quick else 512)
     print(f"copy bandwidth {bw:.1f} GB/s; load average {load:.1f}", flush=True)
+    lc = llama_cpp_setup(args.llama_cpp if device.type == "cpu" and 1 in args.batches else "off",
+                         n_gen=256 if args.quick else args.llama_cpp_tokens, reps=1 if args.quick else 3)
     cases = [(s, "Mamba1") for s in args.sizes]
     if args.mamba2 and "130m" in args.sizes:
         cases.insert(1, ("130m", "Mamba2"))
@@ -265,17 +292,25 @@ def main(argv=None):
         d_model, n_layer = (256, 4) if size == "quick" else SIZES[size]
         vocab = 1000 if size == "quick" else VOCAB
         model = make_model(d_model, n_layer, layer, vocab, device)
-        for dname in args.dtypes:
+        if lc is not None and layer == "Mamba1":  # the fp32 weights, before any dtype change
+            lc.export(hf_twin(model), size)
+        # bf16 last: .to(bfloat16) rounds the weights, and int8 must quantise the fp32 originals
+        for dname in sorted(args.dtypes, key=lambda d: d == "bf16"):
             model = model.to(DTYPES[dname])
             gc.collect()
-            nbytes = weight_bytes(model)
+            quant = QUANT.get(dname)
+            if quant and unsupported_reason(model) is not None:
+                print(f"{size} {layer} {dname}: skipped ({unsupported_reason(model)})", flush=True)
+                continue
+            nbytes = (FastDecoder(model, model.empty_state(1), quantize=quant).weight_bytes if quant
+                      else weight_bytes(model))
             bound = nbytes / (bw * 1e9)
             for batch in args.batches:
-                use_hf = (not args.no_hf and layer == "Mamba1" and batch <= args.hf_max_batch)
+                use_hf = (not args.no_hf and layer == "Mamba1" and batch <= args.hf_max_batch and not quant)
                 hf = hf_twin(model) if use_hf else None
                 prompt = torch.randint(0, vocab, (batch, 16), generator=torch.Generator().manual_seed(batch)).to(device)
                 n = args.tokens if batch <= 8 else max(2, args.tokens // 2)
-                res = measure(per_token_fns(model, hf, prompt, n, device), args.repeats, args.peer_repeats)
+                res = measure(per_token_fns(model, hf, prompt, n, device, quant), args.repeats, args.peer_repeats)
                 for impl, t in res.items():
                     row = (f"{size} {layer}", dname, batch, impl, t, batch / t, t / bound, nbytes)
                     rows.append(row)
@@ -283,13 +318,19 @@ def main(argv=None):
                           f"{batch / t:9.1f} tokens/s  {t / bound:5.2f}x bound ({bound * 1e3:.1f} ms)", flush=True)
                 del hf
                 gc.collect()
+                if lc is not None and layer == "Mamba1" and batch == 1:  # right after hiss, same weights
+                    rows += lc.rows(f"{size} {layer}", dname, args.threads, args.clock, bw)
             if device.type == "cpu" and 1 in args.batches and layer == "Mamba1":
-                costs = spec_costs(model, args.spec_k, max(5, args.repeats))
+                costs = spec_costs(model, args.spec_k, max(5, args.repeats), quant)
                 spec_rows.append((f"{size} {layer}", dname, costs))
                 print(f"{size} {dname} spec costs (step, verify k+1={args.spec_k + 1}) s: {costs}", flush=True)
         del model
         gc.collect()
-    body = render(rows, spec_rows, args, header(args, load, bw, device))
+    head = header(args, load, bw, device)
+    if lc is not None:
+        head += "\n\n" + lc.note(args.threads, args.clock)
+        lc.close()
+    body = render(rows, spec_rows, args, head)
     print(body)
     if not (args.quick or args.no_doc):
         key = "decode" if device.type == "cpu" else "decode_gpu"
@@ -303,7 +344,9 @@ def render(rows, spec_rows, args, head: str) -> str:
     out = [head, "",
            "Random weights, greedy, 16-token prompt; ms per step = median interval between consecutive new tokens of "
            "a generation (one token for every row of the batch; sampling included), tokens/s = batch / step time; "
-           "bound = weight bytes per step / copy bandwidth; x bound = step time / bound.", "",
+           "bound = weight bytes per step / copy bandwidth; x bound = step time / bound. int8 = int8 weight-only "
+           "matrices (in_proj / out_proj / LM head, per-row fp32 scales) on the fp32 model, compiled step only; its "
+           "bound counts the int8 bytes.", "",
            "| model | weights | batch | implementation | ms / step | tokens/s | x bound | bound ms (MB / step) |",
            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for model, dname, batch, impl, t, tps, xb, nbytes in rows:
