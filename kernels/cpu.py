@@ -3,7 +3,8 @@ bwd + decode step, and the decode-step selective state update (Mamba-1 and Mamba
 
 One extension module, so the ~60 s parse of ``torch/extension.h`` is paid once: the C++ translation
 unit ``csrc/selective_scan_cpu.cpp`` includes ``csrc/causal_conv1d_cpu.h``, ``csrc/state_update_cpu.h``
-and ``csrc/complex_scan_cpu.h`` (SIMD helpers in ``csrc/simd.h``). It is compiled with
+and ``csrc/complex_scan_cpu.h`` (SIMD helpers in ``csrc/simd.h``; loads,
+checks and ISA dispatch shared by the kernels in ``csrc/common.h``). It is compiled with
 ``torch.utils.cpp_extension.load`` the first time it is needed and cached under ``$HISS_KERNEL_CACHE`` (default
 ``~/.cache/hiss/kernels``) in a folder named by a hash of the source, the flags, torch's and
 Python's versions, so a later process just loads the built module. Importing this module never
@@ -161,6 +162,31 @@ def _back(g: Tensor | None, meta: tuple | None) -> Tensor | None:
     return None if (g is None or meta is None) else g.to(meta[0])
 
 
+def _meta(*inputs: Tensor | None) -> tuple:
+    """(dtype, rank) of each input (None for an absent one), to hand gradients back in the caller's dtypes
+    and shapes."""
+    return tuple(None if t is None else (t.dtype, t.dim()) for t in inputs)
+
+
+def _needed(ctx, grads: tuple) -> tuple:
+    """The scans' backward result: each input's gradient where autograd asks for it, None for the two
+    non-tensor arguments (delta_softplus, chunk)."""
+    grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[: len(grads)]))
+    return (*grads, None, None)
+
+
+def _scan(name: str, check, fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+          initial_state, chunk_len):
+    """The scans' front-end: shape and device checks, the chunk length, the autograd Function ``fn``."""
+    check(name, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check_cpu(name, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    chunk = int(chunk_len or DEFAULT_CHUNK)
+    if chunk <= 0:
+        raise ValueError(f"{name}: chunk_len must be positive, got {chunk_len}")
+    out, last = fn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk)
+    return (out, last) if return_last_state else out
+
+
 class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
@@ -173,10 +199,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
         out, last, cst = ext.fwd(*args, delta_softplus, h0, chunk)
         ctx.save_for_backward(*args, cst)
         ctx.delta_softplus, ctx.chunk, ctx.comp = delta_softplus, chunk, comp
-        # (dtype, rank) of each input, to hand gradients back in the caller's dtypes and shapes
-        ctx.meta = tuple(
-            None if t is None else (t.dtype, t.dim()) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
-        )
+        ctx.meta = _meta(u, delta, A, B, C, D, z, delta_bias, initial_state)
         return out.to(u.dtype), last
 
     @staticmethod
@@ -198,8 +221,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
             _back(du, u), _back(ddelta, delta), _back(dA, A), _back(dB, B), _back(dC, C),
             _back(dD, D), _back(dz, z), _back(dbias, bias), _back(dh0, h0),
         )
-        grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:9]))
-        return (*grads, None, None)
+        return _needed(ctx, grads)
 
 
 def selective_scan_cpu(
@@ -223,15 +245,8 @@ def selective_scan_cpu(
     compute dtype. ``chunk_len`` is the spacing of the states saved for backward.
     Raises RuntimeError if the kernels can't be built here (check ``available()`` first).
     """
-    check_scan("selective_scan_cpu", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    _check_cpu("selective_scan_cpu", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    chunk = int(chunk_len or DEFAULT_CHUNK)
-    if chunk <= 0:
-        raise ValueError(f"selective_scan_cpu: chunk_len must be positive, got {chunk_len}")
-    out, last = _SelectiveScanCPU.apply(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk
-    )
-    return (out, last) if return_last_state else out
+    return _scan("selective_scan_cpu", check_scan, _SelectiveScanCPU, u, delta, A, B, C, D, z, delta_bias,
+                 delta_softplus, return_last_state, initial_state, chunk_len)
 
 
 def _pairs(X: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -264,9 +279,7 @@ class _ComplexScanCPU(torch.autograd.Function):
         out, last, cst = ext.complex_fwd(*args, delta_softplus, _pairs(initial_state, comp), chunk)
         ctx.save_for_backward(*args, cst)
         ctx.delta_softplus, ctx.chunk, ctx.comp = delta_softplus, chunk, comp
-        ctx.meta = tuple(
-            None if t is None else (t.dtype, t.dim()) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)
-        )
+        ctx.meta = _meta(u, delta, A, B, C, D, z, delta_bias, initial_state)
         return out.to(u.dtype), torch.view_as_complex(last)
 
     @staticmethod
@@ -284,8 +297,7 @@ class _ComplexScanCPU(torch.autograd.Function):
             _back(du, u), _back(ddelta, delta), _complex_back(dA, A), _complex_back(dB, B), _complex_back(dC, C),
             _back(dD, D), _back(dz, z), _back(dbias, bias), _complex_back(dh0, h0),
         )
-        grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:9]))
-        return (*grads, None, None)
+        return _needed(ctx, grads)
 
 
 def complex_scan_cpu(
@@ -309,15 +321,8 @@ def complex_scan_cpu(
     complex64 (fp64 / complex128 for fp64 ``u``); ``out`` in u's dtype, ``last_state`` complex. Differentiable
     in every input and through the last state; memory for backward: one state per ``chunk_len`` steps.
     """
-    check_complex_scan("complex_scan_cpu", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    _check_cpu("complex_scan_cpu", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    chunk = int(chunk_len or DEFAULT_CHUNK)
-    if chunk <= 0:
-        raise ValueError(f"complex_scan_cpu: chunk_len must be positive, got {chunk_len}")
-    out, last = _ComplexScanCPU.apply(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk
-    )
-    return (out, last) if return_last_state else out
+    return _scan("complex_scan_cpu", check_complex_scan, _ComplexScanCPU, u, delta, A, B, C, D, z, delta_bias,
+                 delta_softplus, return_last_state, initial_state, chunk_len)
 
 
 def _check_cpu(name: str, *tensors: Tensor | None) -> None:

@@ -17,8 +17,8 @@ from torch import Tensor
 ACTIVATIONS = (None, "silu", "swish")
 
 
-def check_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
-    """selective scan: u, delta, z (batch, dim, L); A (dim, N); B, C (batch, [G,] N, L); D, bias (dim,)."""
+def _check_u_delta(name: str, u, delta) -> tuple[int, int, int]:
+    """The scans' u and delta: (batch, dim, L) with L >= 1; returns (batch, dim, L)."""
     if u.dim() != 3:
         raise ValueError(f"{name}: u must be (batch, dim, L), got {tuple(u.shape)}")
     batch, dim, L = u.shape
@@ -26,6 +26,22 @@ def check_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_state) ->
         raise ValueError(f"{name}: sequence length must be positive")
     if delta.shape != u.shape:
         raise ValueError(f"{name}: delta must match u {tuple(u.shape)}, got {tuple(delta.shape)}")
+    return batch, dim, L
+
+
+def _check_D_z_bias(name: str, u, D, z, delta_bias) -> None:
+    """The scans' optional D, delta_bias (dim,) and z (like u)."""
+    dim = u.shape[1]
+    for label, X in (("D", D), ("delta_bias", delta_bias)):
+        if X is not None and X.shape != (dim,):
+            raise ValueError(f"{name}: {label} must be (dim={dim},), got {tuple(X.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"{name}: z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+def check_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
+    """selective scan: u, delta, z (batch, dim, L); A (dim, N); B, C (batch, [G,] N, L); D, bias (dim,)."""
+    batch, dim, L = _check_u_delta(name, u, delta)
     if A.dim() != 2 or A.shape[0] != dim or A.is_complex():
         raise ValueError(f"{name}: A must be real (dim={dim}, N), got {tuple(A.shape)} {A.dtype}")
     N = A.shape[1]
@@ -40,11 +56,7 @@ def check_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_state) ->
             )
     if (1 if B.dim() == 3 else B.shape[1]) != (1 if C.dim() == 3 else C.shape[1]):
         raise ValueError(f"{name}: B and C must have the same number of groups")
-    for label, X in (("D", D), ("delta_bias", delta_bias)):
-        if X is not None and X.shape != (dim,):
-            raise ValueError(f"{name}: {label} must be (dim={dim},), got {tuple(X.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"{name}: z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
+    _check_D_z_bias(name, u, D, z, delta_bias)
     if initial_state is not None and initial_state.shape != (batch, dim, N):
         raise ValueError(
             f"{name}: initial_state must be (batch={batch}, dim={dim}, N={N}), got {tuple(initial_state.shape)}"
@@ -55,13 +67,7 @@ def check_complex_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_s
     """complex scan: u, delta, z (batch, dim, L) real; A (dim, N) complex; B, C complex, each (dim, N)
     (time-invariant) or (batch, [G,] N, L); D, bias (dim,) real; initial_state (batch, dim, N) complex.
     Returns whether B and C are input-dependent."""
-    if u.dim() != 3:
-        raise ValueError(f"{name}: u must be (batch, dim, L), got {tuple(u.shape)}")
-    batch, dim, L = u.shape
-    if L < 1:
-        raise ValueError(f"{name}: sequence length must be positive")
-    if delta.shape != u.shape:
-        raise ValueError(f"{name}: delta must match u {tuple(u.shape)}, got {tuple(delta.shape)}")
+    batch, dim, L = _check_u_delta(name, u, delta)
     for label, X in (("u", u), ("delta", delta), ("z", z), ("D", D), ("delta_bias", delta_bias)):
         if X is not None and not X.is_floating_point():
             raise ValueError(f"{name}: {label} must be a real floating-point tensor, got {X.dtype}")
@@ -86,11 +92,7 @@ def check_complex_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_s
         groups.append(1 if X.dim() == 3 else X.shape[1])
     if None not in groups and groups[0] != groups[1]:
         raise ValueError(f"{name}: B and C must have the same number of groups")
-    for label, X in (("D", D), ("delta_bias", delta_bias)):
-        if X is not None and X.shape != (dim,):
-            raise ValueError(f"{name}: {label} must be (dim={dim},), got {tuple(X.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"{name}: z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
+    _check_D_z_bias(name, u, D, z, delta_bias)
     if initial_state is not None and (initial_state.shape != (batch, dim, N) or not initial_state.is_complex()):
         raise ValueError(f"{name}: initial_state must be complex (batch={batch}, dim={dim}, N={N}), "
                          f"got {tuple(initial_state.shape)} {initial_state.dtype}")

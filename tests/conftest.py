@@ -18,6 +18,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def ext():
+    """The compiled CPU kernels (kernels.cpu.load()); skips the module when they can't be built here, and puts the
+    instruction set back to auto after it."""
+    import kernels.cpu as kcpu
+
+    if not kcpu.available():
+        pytest.skip(f"CPU kernels unavailable: {kcpu.unavailable_reason()}")
+    mod = kcpu.load()
+    yield mod
+    mod.set_isa("auto")
+
+
 @pytest.fixture(autouse=True)
 def leaves_ieee_subnormals_alone():
     """A test must not leave the process in flush-to-zero mode (torch.set_flush_denormal, or loading a shared

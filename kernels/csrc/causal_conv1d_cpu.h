@@ -15,7 +15,7 @@
 
 #pragma once
 
-#include "simd.h"
+#include "common.h"
 
 namespace hiss {
 
@@ -183,43 +183,30 @@ HISS_INLINE void conv_bwd_channels(const ConvArgs<T>& a, int64_t dbegin, int64_t
 
 // ISA variants: plain target and avx2+fma, chosen at run time like the scan's; W = 4 (every Mamba
 // block) gets its taps unrolled.
-template <typename T>
-HISS_INLINE void conv_fwd_any(const ConvArgs<T>& a, int64_t b, int64_t e) {
-  if (a.W == 4)
-    conv_fwd_rows<T, 4>(a, b, e);
-  else
-    conv_fwd_rows<T, 0>(a, b, e);
-}
-template <typename T>
-HISS_INLINE void conv_bwd_any(const ConvArgs<T>& a, int64_t b, int64_t e) {
-  if (a.W == 4)
-    conv_bwd_channels<T, 4>(a, b, e);
-  else
-    conv_bwd_channels<T, 0>(a, b, e);
-}
-template <typename T>
-void conv_fwd_base(const ConvArgs<T>& a, int64_t b, int64_t e) { conv_fwd_any<T>(a, b, e); }
-template <typename T>
-void conv_bwd_base(const ConvArgs<T>& a, int64_t b, int64_t e) { conv_bwd_any<T>(a, b, e); }
-#if HISS_HAVE_AVX2
-template <typename T>
-__attribute__((target("avx2,fma"))) void conv_fwd_avx2(const ConvArgs<T>& a, int64_t b, int64_t e) {
-  conv_fwd_any<T>(a, b, e);
-}
-template <typename T>
-__attribute__((target("avx2,fma"))) void conv_bwd_avx2(const ConvArgs<T>& a, int64_t b, int64_t e) {
-  conv_bwd_any<T>(a, b, e);
-}
-#endif
+struct ConvFwd {
+  template <typename T>
+  static HISS_INLINE void run(const ConvArgs<T>& a, int64_t b, int64_t e) {
+    if (a.W == 4)
+      conv_fwd_rows<T, 4>(a, b, e);
+    else
+      conv_fwd_rows<T, 0>(a, b, e);
+  }
+};
+struct ConvBwd {
+  template <typename T>
+  static HISS_INLINE void run(const ConvArgs<T>& a, int64_t b, int64_t e) {
+    if (a.W == 4)
+      conv_bwd_channels<T, 4>(a, b, e);
+    else
+      conv_bwd_channels<T, 0>(a, b, e);
+  }
+};
 
 template <typename T>
-using ConvFn = void (*)(const ConvArgs<T>&, int64_t, int64_t);
+using ConvFn = RangeFnOf<ConvArgs<T>>;
 template <typename T>
 ConvFn<T> conv_pick(bool backward) {
-#if HISS_HAVE_AVX2
-  if (isa() == "avx2") return backward ? conv_bwd_avx2<T> : conv_fwd_avx2<T>;
-#endif
-  return backward ? conv_bwd_base<T> : conv_fwd_base<T>;
+  return backward ? pick_isa<ConvBwd, ConvArgs<T>>() : pick_isa<ConvFwd, ConvArgs<T>>();
 }
 
 struct ConvIn {

@@ -35,7 +35,7 @@
 
 #pragma once
 
-#include "simd.h"
+#include "common.h"
 
 namespace hiss {
 namespace cplx {
@@ -99,23 +99,35 @@ struct Args {
   }
 };
 
-template <typename T>
-HISS_INLINE void load_pad(T* dst, const T* src, int64_t len, int64_t Tp) {
-  std::memcpy(dst, src, sizeof(T) * len);
-  for (int64_t i = len; i < Tp; ++i) dst[i] = T(0);
+// ---- one block of NB vectors of complex states -------------------------------------------------------
+// A's block (planes Ar, Ai) into registers
+template <typename V, int NB, typename T>
+HISS_INLINE void load_A(const T* Ar, const T* Ai, V* Arl, V* Ail) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  for (int j = 0; j < NB; ++j) {
+    Arl[j] = vload<V>(Ar + j * W);
+    Ail[j] = vload<V>(Ai + j * W);
+  }
 }
 
-// dt and dt*u for one chunk of one channel, vectorized over time
-template <typename T>
-HISS_INLINE void discretize(int64_t Tp, bool softplus, const T* xd, const T* xu, T bias, T* dt, T* dtu) {
-  typedef typename VT<T>::V V;
-  constexpr int W = VT<T>::W;
-  for (int64_t i = 0; i < Tp; i += W) {
-    V x = vload<V>(xd + i) + bias;
-    if (softplus) x = vsoftplus(x);
-    vstore(dt + i, x);
-    vstore(dtu + i, x * vload<V>(xu + i));
+// the decay a = exp(dt A) = exp(dt Ar) (cos(dt Ai) + i sin(dt Ai)) of the block, dv = dt on every lane
+template <typename V, int NB>
+HISS_INLINE void decay(V dv, const V* Arl, const V* Ail, V* aR, V* aI) {
+  for (int j = 0; j < NB; ++j) {
+    V e = vexp(dv * Arl[j]), s, c;
+    vsincos(dv * Ail[j], s, c);
+    aR[j] = e * c;
+    aI[j] = e * s;
   }
+}
+
+// h <- a h + dt u B for one vector of states (duv = dt u on every lane, B = br + i bi)
+template <typename V>
+HISS_INLINE void step(V aR, V aI, V duv, V br, V bi, V& hr, V& hi) {
+  const V r = aR * hr - aI * hi + duv * br;
+  const V i = aR * hi + aI * hr + duv * bi;
+  hr = r;
+  hi = i;
 }
 
 // ---- forward: one block of NB vectors of states over one chunk --------------------------------------
@@ -127,34 +139,24 @@ HISS_INLINE void fwd_block(int64_t len, const T* dt, const T* dtu, const T* Ar, 
   typedef typename VT<T>::V V;
   constexpr int W = VT<T>::W;
   V hr[NB], hi[NB], Arl[NB], Ail[NB], aR[NB], aI[NB];
+  load_A<V, NB>(Ar, Ai, Arl, Ail);
   for (int j = 0; j < NB; ++j) {
     hr[j] = vload<V>(hr_m + j * W);
     hi[j] = vload<V>(hi_m + j * W);
-    Arl[j] = vload<V>(Ar + j * W);
-    Ail[j] = vload<V>(Ai + j * W);
   }
   T dprev = std::numeric_limits<T>::quiet_NaN();
   for (int64_t t = 0; t < len; ++t) {
     const T d = dt[t];
     if (!(d == dprev)) {  // LTI: the same Δ at every step, the same decay
       dprev = d;
-      const V dv = splat<V>(d);
-      for (int j = 0; j < NB; ++j) {
-        V e = vexp(dv * Arl[j]), s, c;
-        vsincos(dv * Ail[j], s, c);
-        aR[j] = e * c;
-        aI[j] = e * s;
-      }
+      decay<V, NB>(splat<V>(d), Arl, Ail, aR, aI);
     }
     const V duv = splat<V>(dtu[t]);
     V yacc = {};
     for (int j = 0; j < NB; ++j) {
       const int64_t ob = t * bts + j * W, oc = t * cts + j * W;
-      const V r = aR[j] * hr[j] - aI[j] * hi[j] + duv * vload<V>(Br + ob);
-      const V i = aR[j] * hi[j] + aI[j] * hr[j] + duv * vload<V>(Bi + ob);
-      hr[j] = r;
-      hi[j] = i;
-      yacc += vload<V>(Cr + oc) * r - vload<V>(Ci + oc) * i;
+      step(aR[j], aI[j], duv, vload<V>(Br + ob), vload<V>(Bi + ob), hr[j], hi[j]);
+      yacc += vload<V>(Cr + oc) * hr[j] - vload<V>(Ci + oc) * hi[j];
     }
     y[t] += T(2) * hsum(yacc);
   }
@@ -194,8 +196,8 @@ HISS_INLINE void fwd_range(const Args<T>& a, int64_t begin, int64_t end) {
     for (int64_t k = 0; k < a.nchunks; ++k) {
       const int64_t t0 = k * a.chunk, len = std::min(a.chunk, L - t0);
       std::memcpy(a.cst + (c * a.nchunks + k) * 2 * Np, h.data(), sizeof(T) * 2 * Np);
-      load_pad(xu, a.u + c * L + t0, len, Tp);
-      load_pad(xd, a.delta + c * L + t0, len, Tp);
+      load_padded(xu, a.u + c * L + t0, len, Tp);
+      load_padded(xd, a.delta + c * L + t0, len, Tp);
       discretize(Tp, a.softplus, xd, xu, a.bias ? a.bias[d] : T(0), dt, dtu);
       std::fill(yb, yb + Tp, T(0));
       const int64_t ob = a.row(a.b_var, c, t0), oc = a.row(a.c_var, c, t0);
@@ -208,7 +210,7 @@ HISS_INLINE void fwd_range(const Args<T>& a, int64_t begin, int64_t end) {
 #undef HISS_CALL
       // skip and gate, vectorized over time
       const T Dd = a.D ? a.D[d] : T(0);
-      if (a.z) load_pad(xz, a.z + c * L + t0, len, Tp);
+      if (a.z) load_padded(xz, a.z + c * L + t0, len, Tp);
       for (int64_t i = 0; i < Tp; i += W) {
         V y = vload<V>(yb + i) + Dd * vload<V>(xu + i);
         if (a.z) {
@@ -240,10 +242,7 @@ HISS_INLINE void bwd_block(const Args<T>& a, int64_t c, int64_t k, int64_t len, 
   const int64_t bts = a.b_var ? Np : 0, cts = a.c_var ? Np : 0;
   const T *Br = a.B + ob, *Bi = a.B + a.Bplane + ob, *Cr = a.C + oc, *Ci = a.C + a.Cplane + oc;
   V Arl[NB], Ail[NB];
-  for (int j = 0; j < NB; ++j) {
-    Arl[j] = vload<V>(Ar + j * W);
-    Ail[j] = vload<V>(Ai + j * W);
-  }
+  load_A<V, NB>(Ar, Ai, Arl, Ail);
   // 1. recompute states and decays of the chunk (and y for the gate's gradient)
   {
     const T* h0 = a.cst + (c * a.nchunks + k) * 2 * Np + off;
@@ -259,13 +258,7 @@ HISS_INLINE void bwd_block(const Args<T>& a, int64_t c, int64_t k, int64_t len, 
       const T dd = dt[t];
       if (!(dd == dprev)) {
         dprev = dd;
-        const V dv = splat<V>(dd);
-        for (int j = 0; j < NB; ++j) {
-          V e = vexp(dv * Arl[j]), s, cc;
-          vsincos(dv * Ail[j], s, cc);
-          aR[j] = e * cc;
-          aI[j] = e * s;
-        }
+        decay<V, NB>(splat<V>(dd), Arl, Ail, aR, aI);
       }
       const V duv = splat<V>(dtu[t]);
       V yacc = {};
@@ -273,15 +266,12 @@ HISS_INLINE void bwd_block(const Args<T>& a, int64_t c, int64_t k, int64_t len, 
       T* at = as_ + t * 2 * NW;
       for (int j = 0; j < NB; ++j) {
         const int64_t o_b = t * bts + j * W, o_c = t * cts + j * W;
-        const V r = aR[j] * hr[j] - aI[j] * hi[j] + duv * vload<V>(Br + o_b);
-        const V i = aR[j] * hi[j] + aI[j] * hr[j] + duv * vload<V>(Bi + o_b);
-        hr[j] = r;
-        hi[j] = i;
-        vstore(hn + j * W, r);
-        vstore(hn + NW + j * W, i);
+        step(aR[j], aI[j], duv, vload<V>(Br + o_b), vload<V>(Bi + o_b), hr[j], hi[j]);
+        vstore(hn + j * W, hr[j]);
+        vstore(hn + NW + j * W, hi[j]);
         vstore(at + j * W, aR[j]);
         vstore(at + NW + j * W, aI[j]);
-        if (a.z) yacc += vload<V>(Cr + o_c) * r - vload<V>(Ci + o_c) * i;
+        if (a.z) yacc += vload<V>(Cr + o_c) * hr[j] - vload<V>(Ci + o_c) * hi[j];
       }
       if (a.z) yb[t] += T(2) * hsum(yacc);
     }
@@ -383,11 +373,11 @@ HISS_INLINE void bwd_range(const Args<T>& a, int64_t begin, int64_t end) {
     double dD = 0, dbias = 0;
     for (int64_t k = a.nchunks - 1; k >= 0; --k) {
       const int64_t t0 = k * a.chunk, len = std::min(a.chunk, L - t0);
-      load_pad(xu, a.u + c * L + t0, len, Tp);
-      load_pad(xd, a.delta + c * L + t0, len, Tp);
-      load_pad(xo, a.dout + c * L + t0, len, Tp);
+      load_padded(xu, a.u + c * L + t0, len, Tp);
+      load_padded(xd, a.delta + c * L + t0, len, Tp);
+      load_padded(xo, a.dout + c * L + t0, len, Tp);
       discretize(Tp, a.softplus, xd, xu, bias, dt, dtu);
-      if (a.z) load_pad(xz, a.z + c * L + t0, len, Tp);
+      if (a.z) load_padded(xz, a.z + c * L + t0, len, Tp);
       // dy = dout * silu(z) (the gradient reaching 2 Re<C, h> + D u)
       for (int64_t i = 0; i < Tp; i += W) {
         V go = vload<V>(xo + i);
@@ -433,50 +423,26 @@ HISS_INLINE void bwd_range(const Args<T>& a, int64_t begin, int64_t end) {
   }
 }
 
-void fwd_base_f32(const Args<float>& a, int64_t b, int64_t e) { fwd_range<float>(a, b, e); }
-void fwd_base_f64(const Args<double>& a, int64_t b, int64_t e) { fwd_range<double>(a, b, e); }
-void bwd_base_f32(const Args<float>& a, int64_t b, int64_t e) { bwd_range<float>(a, b, e); }
-void bwd_base_f64(const Args<double>& a, int64_t b, int64_t e) { bwd_range<double>(a, b, e); }
-#if HISS_HAVE_AVX2
-__attribute__((target("avx2,fma"))) void fwd_avx2_f32(const Args<float>& a, int64_t b, int64_t e) {
-  fwd_range<float>(a, b, e);
-}
-__attribute__((target("avx2,fma"))) void fwd_avx2_f64(const Args<double>& a, int64_t b, int64_t e) {
-  fwd_range<double>(a, b, e);
-}
-__attribute__((target("avx2,fma"))) void bwd_avx2_f32(const Args<float>& a, int64_t b, int64_t e) {
-  bwd_range<float>(a, b, e);
-}
-__attribute__((target("avx2,fma"))) void bwd_avx2_f64(const Args<double>& a, int64_t b, int64_t e) {
-  bwd_range<double>(a, b, e);
-}
-#endif
+struct Fwd {
+  template <typename T>
+  static HISS_INLINE void run(const Args<T>& a, int64_t b, int64_t e) { fwd_range<T>(a, b, e); }
+};
+struct Bwd {
+  template <typename T>
+  static HISS_INLINE void run(const Args<T>& a, int64_t b, int64_t e) { bwd_range<T>(a, b, e); }
+};
 
 template <typename T>
-using RangeFn = void (*)(const Args<T>&, int64_t, int64_t);
+using RangeFn = RangeFnOf<Args<T>>;
 
 template <typename T>
-RangeFn<T> pick(bool backward);
-template <>
-inline RangeFn<float> pick<float>(bool backward) {
-#if HISS_HAVE_AVX2
-  if (isa() == "avx2") return backward ? bwd_avx2_f32 : fwd_avx2_f32;
-#endif
-  return backward ? bwd_base_f32 : fwd_base_f32;
-}
-template <>
-inline RangeFn<double> pick<double>(bool backward) {
-#if HISS_HAVE_AVX2
-  if (isa() == "avx2") return backward ? bwd_avx2_f64 : fwd_avx2_f64;
-#endif
-  return backward ? bwd_base_f64 : fwd_base_f64;
+RangeFn<T> pick(bool backward) {
+  return backward ? pick_isa<Bwd, Args<T>>() : pick_isa<Fwd, Args<T>>();
 }
 
 // ---- entry points ------------------------------------------------------------------------------------
-struct Prepared {
-  int64_t batch = 0, dim = 0, L = 0, N = 0, Np = 0, G = 1, chunk = 0, nchunks = 0;
+struct Prepared : ScanPrepared {
   bool b_var = false, c_var = false;
-  at::Tensor u, delta, A, B, C, D, z, bias;
 };
 
 // (..., N, 2) view_as_real -> (2, ..., Np) planes, zero padded
@@ -488,13 +454,6 @@ static at::Tensor planes(const at::Tensor& x, int64_t Np) {
 static at::Tensor var_planes(const at::Tensor& x, int64_t Np) {
   at::Tensor p = x.movedim(-1, 0).transpose(3, 4);
   return at::constant_pad_nd(p, {0, Np - p.size(-1)}).contiguous();
-}
-static at::Tensor opt(const c10::optional<at::Tensor>& t, at::ScalarType st, const char* name,
-                      at::IntArrayRef shape) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->scalar_type() == st, name, ": dtype ", t->scalar_type(), " != ", st);
-  TORCH_CHECK(t->sizes() == shape, name, ": shape ", t->sizes(), " != ", shape);
-  return t->contiguous();
 }
 
 static Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -512,12 +471,7 @@ static Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::
   TORCH_CHECK(p.L > 0 && p.N > 0 && chunk > 0, "empty sequence / state or bad chunk");
   for (const at::Tensor* X : {&u, &delta, &A, &B, &C})
     TORCH_CHECK(X->scalar_type() == st && X->device().is_cpu(), "inputs must be CPU tensors of u's dtype");
-  const int64_t W = st == at::kDouble ? 4 : 8;
-  p.Np = (p.N + W - 1) / W * W;
-  p.chunk = std::min(chunk, p.L);
-  p.nchunks = (p.L + p.chunk - 1) / p.chunk;
-  p.u = u.contiguous();
-  p.delta = delta.contiguous();
+  scan_chunking(p, u, delta, chunk);
   p.A = planes(A, p.Np);
   auto bc = [&](const at::Tensor& X, bool& var, const char* name) {
     if (X.dim() == 3) {
@@ -538,39 +492,19 @@ static Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::
     p.G = C.size(1);
   }
   TORCH_CHECK(p.dim % p.G == 0, "G must divide dim");
-  p.D = opt(D, st, "D", {p.dim});
-  p.z = opt(z, st, "z", u.sizes());
-  p.bias = opt(bias, st, "delta_bias", {p.dim});
+  scan_optionals(p, D, z, bias);
   return p;
 }
 
 template <typename T>
 static Args<T> make_args(const Prepared& p, bool softplus) {
   Args<T> a;
-  a.batch = p.batch;
-  a.dim = p.dim;
-  a.L = p.L;
-  a.N = p.N;
-  a.Np = p.Np;
-  a.G = p.G;
-  a.dpg = p.dim / p.G;
-  a.chunk = p.chunk;
-  a.nchunks = p.nchunks;
-  a.Tp = (p.chunk + VT<T>::W - 1) / VT<T>::W * VT<T>::W;
-  a.softplus = softplus;
+  scan_args<T>(a, p, softplus);
   a.b_var = p.b_var;
   a.c_var = p.c_var;
-  a.u = p.u.data_ptr<T>();
-  a.delta = p.delta.data_ptr<T>();
-  a.A = p.A.data_ptr<T>();
   a.Aplane = p.A.numel() / 2;
-  a.B = p.B.data_ptr<T>();
   a.Bplane = p.B.numel() / 2;
-  a.C = p.C.data_ptr<T>();
   a.Cplane = p.C.numel() / 2;
-  a.D = p.D.defined() ? p.D.data_ptr<T>() : nullptr;
-  a.z = p.z.defined() ? p.z.data_ptr<T>() : nullptr;
-  a.bias = p.bias.defined() ? p.bias.data_ptr<T>() : nullptr;
   return a;
 }
 
@@ -584,11 +518,6 @@ static at::Tensor state_in(const c10::optional<at::Tensor>& s, const Prepared& p
   return at::constant_pad_nd(s->transpose(2, 3), {0, p.Np - p.N}).contiguous();
 }
 static at::Tensor state_out(const at::Tensor& s, int64_t N) { return s.narrow(3, 0, N).transpose(2, 3).contiguous(); }
-
-static int64_t grain_of(int64_t units) {
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(1, (units + nthreads - 1) / nthreads);
-}
 
 }  // namespace cplx
 

@@ -37,6 +37,7 @@
 #include <mutex>
 
 #include "simd.h"
+#include "common.h"
 #include "causal_conv1d_cpu.h"
 #include "state_update_cpu.h"
 #include "model_step_cpu.h"
@@ -67,26 +68,6 @@ struct Args {
   std::vector<BwdPartial<T>>* partials = nullptr;
   std::mutex* mu = nullptr;
 };
-
-// Load len values (zero padded to Tp) into a scratch buffer.
-template <typename T>
-HISS_INLINE void load_padded(T* dst, const T* src, int64_t len, int64_t Tp) {
-  std::memcpy(dst, src, sizeof(T) * len);
-  for (int64_t i = len; i < Tp; ++i) dst[i] = T(0);
-}
-
-// dt and dt*u for one chunk of one channel, vectorized over time.
-template <typename T>
-HISS_INLINE void discretize(int64_t Tp, bool softplus, const T* xd, const T* xu, T bias, T* dt, T* dtu) {
-  typedef typename VT<T>::V V;
-  constexpr int W = VT<T>::W;
-  for (int64_t i = 0; i < Tp; i += W) {
-    V x = vload<V>(xd + i) + bias;
-    if (softplus) x = vsoftplus(x);
-    vstore(dt + i, x);
-    vstore(dtu + i, x * vload<V>(xu + i));
-  }
-}
 
 // ---- forward -----------------------------------------------------------------------------------
 // exp(dt_t * A0) for one chunk, vectorized over time (rows of A constant along N: one exp per step, the very
@@ -397,24 +378,14 @@ HISS_INLINE void bwd_range_nv(const Args<T>& a, int64_t b, int64_t e) {
   }
 }
 
-void fwd_base_f32(const Args<float>& a, int64_t b, int64_t e) { fwd_range_nv<float>(a, b, e); }
-void fwd_base_f64(const Args<double>& a, int64_t b, int64_t e) { fwd_range_nv<double>(a, b, e); }
-void bwd_base_f32(const Args<float>& a, int64_t b, int64_t e) { bwd_range_nv<float>(a, b, e); }
-void bwd_base_f64(const Args<double>& a, int64_t b, int64_t e) { bwd_range_nv<double>(a, b, e); }
-#if HISS_HAVE_AVX2
-__attribute__((target("avx2,fma"))) void fwd_avx2_f32(const Args<float>& a, int64_t b, int64_t e) {
-  fwd_range_nv<float>(a, b, e);
-}
-__attribute__((target("avx2,fma"))) void fwd_avx2_f64(const Args<double>& a, int64_t b, int64_t e) {
-  fwd_range_nv<double>(a, b, e);
-}
-__attribute__((target("avx2,fma"))) void bwd_avx2_f32(const Args<float>& a, int64_t b, int64_t e) {
-  bwd_range_nv<float>(a, b, e);
-}
-__attribute__((target("avx2,fma"))) void bwd_avx2_f64(const Args<double>& a, int64_t b, int64_t e) {
-  bwd_range_nv<double>(a, b, e);
-}
-#endif
+struct ScanFwd {
+  template <typename T>
+  static HISS_INLINE void run(const Args<T>& a, int64_t b, int64_t e) { fwd_range_nv<T>(a, b, e); }
+};
+struct ScanBwd {
+  template <typename T>
+  static HISS_INLINE void run(const Args<T>& a, int64_t b, int64_t e) { bwd_range_nv<T>(a, b, e); }
+};
 
 static std::string g_isa_request = "auto";
 // Time steps per block: a task walks (block, channel, chunk), so a block's B/C rows (and dB/dC rows)
@@ -449,42 +420,17 @@ void set_isa(const std::string& name) {
 }
 
 template <typename T>
-using RangeFn = void (*)(const Args<T>&, int64_t, int64_t);
+using RangeFn = RangeFnOf<Args<T>>;
 
 template <typename T>
-RangeFn<T> pick(bool backward);
-template <>
-RangeFn<float> pick<float>(bool backward) {
-#if HISS_HAVE_AVX2
-  if (isa() == "avx2") return backward ? bwd_avx2_f32 : fwd_avx2_f32;
-#endif
-  return backward ? bwd_base_f32 : fwd_base_f32;
-}
-template <>
-RangeFn<double> pick<double>(bool backward) {
-#if HISS_HAVE_AVX2
-  if (isa() == "avx2") return backward ? bwd_avx2_f64 : fwd_avx2_f64;
-#endif
-  return backward ? bwd_base_f64 : fwd_base_f64;
+RangeFn<T> pick(bool backward) {
+  return backward ? pick_isa<ScanBwd, Args<T>>() : pick_isa<ScanFwd, Args<T>>();
 }
 
 // ---- entry points ------------------------------------------------------------------------------
-static int64_t simd_width(at::ScalarType st) { return st == at::kDouble ? 4 : 8; }
-
-struct Prepared {
-  int64_t batch, dim, L, N, Np, G, chunk, nchunks;
+struct Prepared : ScanPrepared {
   bool a_const = false;
-  at::Tensor u, delta, A, B, C, D, z, bias;
 };
-
-static at::Tensor opt_check(const c10::optional<at::Tensor>& t, at::ScalarType st, const char* name,
-                            at::IntArrayRef shape) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->scalar_type() == st, name, ": dtype ", t->scalar_type(), " != ", st);
-  TORCH_CHECK(t->sizes() == shape, name, ": shape ", t->sizes(), " != ", shape);
-  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
-  return t->contiguous();
-}
 
 static Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                         const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
@@ -511,12 +457,8 @@ static Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::
     TORCH_CHECK(X->device().is_cpu(), "inputs must be CPU tensors");
   }
   TORCH_CHECK(delta.sizes() == u.sizes(), "delta must match u");
+  scan_chunking(p, u, delta, chunk);
   const int64_t W = simd_width(st);
-  p.Np = (p.N + W - 1) / W * W;
-  p.chunk = std::min(chunk, p.L);
-  p.nchunks = (p.L + p.chunk - 1) / p.chunk;
-  p.u = u.contiguous();
-  p.delta = delta.contiguous();
   p.A = at::constant_pad_nd(A, {0, p.Np - p.N}).contiguous();
   // rows constant along N (SSD's A is one scalar per head, expanded): one exp(dt A) per step, not per state.
   // Only worth it beyond one vector of states; the results are identical either way.
@@ -524,37 +466,17 @@ static Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::
   // (batch, G, N, L) -> (batch, G, L, Np): time-major rows, zero padded state lanes.
   p.B = at::constant_pad_nd(B.transpose(2, 3), {0, p.Np - p.N}).contiguous();
   p.C = at::constant_pad_nd(C.transpose(2, 3), {0, p.Np - p.N}).contiguous();
-  p.D = opt_check(D, st, "D", {p.dim});
-  p.z = opt_check(z, st, "z", u.sizes());
-  p.bias = opt_check(bias, st, "delta_bias", {p.dim});
+  scan_optionals(p, D, z, bias);
   return p;
 }
 
 template <typename T>
 static Args<T> make_args(const Prepared& p, bool softplus) {
   Args<T> a;
-  a.batch = p.batch;
-  a.dim = p.dim;
-  a.L = p.L;
-  a.N = p.N;
-  a.Np = p.Np;
-  a.G = p.G;
-  a.dpg = p.dim / p.G;
-  a.chunk = p.chunk;
-  a.nchunks = p.nchunks;
+  scan_args<T>(a, p, softplus);
   a.nv = p.Np / VT<T>::W;
-  a.Tp = (p.chunk + VT<T>::W - 1) / VT<T>::W * VT<T>::W;
-  a.softplus = softplus;
   a.a_const = p.a_const;
   a.kblock = std::max<int64_t>(1, g_time_block / std::max<int64_t>(1, p.chunk));
-  a.u = p.u.data_ptr<T>();
-  a.delta = p.delta.data_ptr<T>();
-  a.A = p.A.data_ptr<T>();
-  a.B = p.B.data_ptr<T>();
-  a.C = p.C.data_ptr<T>();
-  a.D = p.D.defined() ? p.D.data_ptr<T>() : nullptr;
-  a.z = p.z.defined() ? p.z.data_ptr<T>() : nullptr;
-  a.bias = p.bias.defined() ? p.bias.data_ptr<T>() : nullptr;
   return a;
 }
 
@@ -564,12 +486,6 @@ static at::Tensor pad_state(const c10::optional<at::Tensor>& s, const Prepared& 
   TORCH_CHECK(s->dim() == 3 && s->size(0) == p.batch && s->size(1) == p.dim && s->size(2) == p.N, name,
               " must be (batch, dim, N)");
   return at::constant_pad_nd(*s, {0, p.Np - p.N}).contiguous();
-}
-
-static int64_t grain(const Prepared& p) {
-  // one task per thread in practice; at least a few channels each
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(1, (p.batch * p.dim + nthreads - 1) / nthreads);
 }
 
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -590,7 +506,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
     a.last = last.data_ptr<scalar_t>();
     a.cst = cst.data_ptr<scalar_t>();
     RangeFn<scalar_t> fn = pick<scalar_t>(false);
-    at::parallel_for(0, p.batch * p.dim, grain(p), [&](int64_t b, int64_t e) { fn(a, b, e); });
+    at::parallel_for(0, p.batch * p.dim, grain_of(p.batch * p.dim), [&](int64_t b, int64_t e) { fn(a, b, e); });
   });
   return {out, last.narrow(2, 0, p.N).contiguous(), cst};
 }
@@ -639,7 +555,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
     a.partials = &partials;
     a.mu = &mu;
     RangeFn<scalar_t> fn = pick<scalar_t>(true);
-    at::parallel_for(0, p.batch * p.dim, grain(p), [&](int64_t b, int64_t e) { fn(a, b, e); });
+    at::parallel_for(0, p.batch * p.dim, grain_of(p.batch * p.dim), [&](int64_t b, int64_t e) { fn(a, b, e); });
     // shared (batch, group) rows: add the private partials in task order (deterministic)
     std::sort(partials.begin(), partials.end(),
               [](const BwdPartial<scalar_t>& x, const BwdPartial<scalar_t>& y) { return x.begin < y.begin; });

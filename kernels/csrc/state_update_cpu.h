@@ -14,7 +14,7 @@
 
 #pragma once
 
-#include "simd.h"
+#include "common.h"
 
 namespace hiss {
 
@@ -109,14 +109,10 @@ HISS_INLINE void step_rows(const StepArgs<T>& a, int64_t begin, int64_t end) {
   }
 }
 
-template <typename T>
-void step_rows_base(const StepArgs<T>& a, int64_t b, int64_t e) { step_rows<T>(a, b, e); }
-#if HISS_HAVE_AVX2
-template <typename T>
-__attribute__((target("avx2,fma"))) void step_rows_avx2(const StepArgs<T>& a, int64_t b, int64_t e) {
-  step_rows<T>(a, b, e);
-}
-#endif
+struct StepRows {
+  template <typename T>
+  static HISS_INLINE void run(const StepArgs<T>& a, int64_t b, int64_t e) { step_rows<T>(a, b, e); }
+};
 
 // Strides of t (rank nd) as the canonical rank: Mamba-1 rows (dim) split into (G, dim / G) at axis `row`.
 static void canon_strides(const at::Tensor& t, int64_t* dst, bool m1, int row, int64_t P) {
@@ -190,10 +186,7 @@ inline at::Tensor state_update(at::Tensor state, const at::Tensor& x, const at::
     a.out = out.data_ptr<scalar_t>();
     // A decode step is microseconds of work: only fork threads when there are >= 64k state elements.
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(N, 1));
-    void (*fn)(const StepArgs<scalar_t>&, int64_t, int64_t) = step_rows_base<scalar_t>;
-#if HISS_HAVE_AVX2
-    if (isa() == "avx2") fn = step_rows_avx2<scalar_t>;
-#endif
+    RangeFnOf<StepArgs<scalar_t>> fn = pick_isa<StepRows, StepArgs<scalar_t>>();
     at::parallel_for(0, batch * H * P, grain, [&](int64_t b, int64_t e) { fn(a, b, e); });
   });
   return out;

@@ -6,13 +6,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.conv import causal_conv1d, causal_conv1d_update
+from ..ops.conv import causal_conv1d, causal_conv1d_time_major, causal_conv1d_update
 from ..ops.norm import RMSNormGated
 from ..ops.selective_scan import fp32, selective_state_update
 from ..ops.ssd import mamba_chunk_scan_combined
 from ..state import SSMState
 from ..validate import check_mamba2
 from .mamba import inverse_softplus_dt
+
+
+def _transpose_tiled(t: Tensor, tile: int = 128) -> Tensor:
+    """(b, m, n) -> contiguous (b, n, m), copied in tiles of ``tile`` rows of t. A plain ``.contiguous()``
+    of the transposed view reads with a stride of n elements: at n = 1024 (a power of two) every read maps to
+    the same cache sets and the copy ran 4-5x slower (14 ms against 3 ms for 1792 x 1024 fp32)."""
+    b, m, n = t.shape
+    out = t.new_empty(b, n, m)
+    for s in range(0, m, tile):
+        out[:, :, s: s + tile].copy_(t[:, s: s + tile].transpose(1, 2))
+    return out
+
+
+class _Transpose(torch.autograd.Function):
+    """``_transpose_tiled`` under autograd (its backward is the same copy the other way): the layout change
+    between the conv's channel-major (b, d, L) and the time-major (b, L, d) of in_proj and the SSD."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return _transpose_tiled(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _transpose_tiled(g)
 
 
 class Mamba2(nn.Module):
@@ -101,11 +125,32 @@ class Mamba2(nn.Module):
 
     def forward(self, u: Tensor, state: SSMState | None = None, return_state: bool = False,
                 seq_idx: Tensor | None = None):
-        """u: (batch, L, d_model) -> (batch, L, d_model) [, SSMState]. seq_idx: (batch, L) packing ids."""
+        """u: (batch, L, d_model) -> (batch, L, d_model) [, SSMState]. seq_idx: (batch, L) packing ids.
+
+        A long CPU prefill (no autograd graph, no seq_idx) runs in pieces of ``PREFILL_PIECE`` tokens per
+        sequence with the conv and SSM states carried: the same result (pieces start on the SSD's block
+        boundaries), and every intermediate stays piece-sized, so the cost per token does not grow with L
+        (whole-sequence tensors cost page faults and cache misses: 1.4x per token at 32k, docs/benchmarks.md).
+        """
         check_mamba2(self, u, state, seq_idx)
         batch, L, _ = u.shape
         if state is None:
             state = self.empty_state(batch, u.device, u.dtype)
+        piece = self.PREFILL_PIECE
+        if (L > piece and seq_idx is None and u.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (u.requires_grad or self.in_proj.weight.requires_grad))):
+            out = u.new_empty(batch, L, self.d_model)
+            for s in range(0, L, piece):
+                out[:, s: s + piece], state = self._forward(u[:, s: s + piece], state, None)
+            return (out, state) if return_state else out
+        out, state = self._forward(u, state, seq_idx)
+        return (out, state) if return_state else out
+
+    # tokens per piece of a long no-grad CPU forward: a multiple of the SSD's block (ssd.CPU_BLOCK), measured
+    PREFILL_PIECE = 1024
+
+    def _forward(self, u: Tensor, state: SSMState, seq_idx: Tensor | None):
+        batch, L, _ = u.shape
         zxbcdt = self.in_proj(u)
         z0, x0, z, xBC, dt = zxbcdt.split(
             [self.d_mlp, self.d_mlp, self.d_ssm, self.conv_dim, self.nheads], dim=-1)
@@ -115,11 +160,19 @@ class Mamba2(nn.Module):
         if L == 1 and seq_idx is None:  # decode step: no scan machinery
             y, conv_state, ssm_state = self._step(xBC[:, 0], dt[:, 0], z[:, 0], A, D, state)
         else:
-            xBC, conv_state = causal_conv1d(
-                xBC.transpose(1, 2), weight, self.conv1d.bias, seq_idx=seq_idx,
-                initial_states=state.conv, return_final_states=True, activation="silu",
-            )
-            x, B, C = xBC.transpose(1, 2).split(
+            # in_proj and the SSD work time-major (batch, L, conv_dim). On CPU the conv does too (shifted row
+            # ranges: no layout copies); the kernels (seq_idx, GPU) work channel-major (batch, conv_dim, L): one
+            # tiled copy each way there, so that no op reads x, B, C or their gradients through a transposed view
+            # (a strided gather, 3-10x slower per pass at L = 1024)
+            if u.device.type == "cpu" and seq_idx is None:
+                xBC, conv_state = causal_conv1d_time_major(xBC, weight, self.conv1d.bias, state.conv, "silu")
+            else:
+                xBC, conv_state = causal_conv1d(
+                    _Transpose.apply(xBC), weight, self.conv1d.bias, seq_idx=seq_idx,
+                    initial_states=state.conv, return_final_states=True, activation="silu",
+                )
+                xBC = _Transpose.apply(xBC)
+            x, B, C = xBC.split(
                 [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
             y, ssm_state = mamba_chunk_scan_combined(
                 x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
@@ -134,8 +187,7 @@ class Mamba2(nn.Module):
             y = self.norm(y, z)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-        out = self.out_proj(y)
-        return (out, SSMState(conv_state, ssm_state)) if return_state else out
+        return self.out_proj(y), SSMState(conv_state, ssm_state)
 
     def _step(self, xBC: Tensor, dt: Tensor, z: Tensor, A: Tensor, D: Tensor, state: SSMState):
         """One token: xBC: (batch, conv_dim), dt: (batch, nheads), z: (batch, d_ssm)."""

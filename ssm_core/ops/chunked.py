@@ -41,7 +41,9 @@ def _hillis_steele_(a: Tensor, x: Tensor, dim: int) -> Tensor:
 
 
 class LinearScan(torch.autograd.Function):
-    """h_t = a_t * h_{t-1} + x_t along ``dim`` with h_{-1} = 0; the adjoint is the same scan reversed."""
+    """h_t = a_t * h_{t-1} + x_t along ``dim`` with h_{-1} = 0; the adjoint is the same scan reversed.
+    Real or complex: with complex a the adjoint runs with conj(a), G_t = g_t + conj(a_{t+1}) G_{t+1},
+    dx_t = G_t, da_t = conj(h_{t-1}) G_t (PyTorch's convention); conj is the identity on real tensors."""
 
     @staticmethod
     def forward(ctx, a: Tensor, x: Tensor, dim: int):
@@ -55,10 +57,10 @@ class LinearScan(torch.autograd.Function):
         a, h = ctx.saved_tensors
         dim, T = ctx.dim, a.shape[ctx.dim]
         # g_x[t] = gh[t] + a[t+1] * g_x[t+1]: a forward scan over reversed time with shifted a
-        a_next = torch.cat([a.narrow(dim, 1, T - 1), torch.zeros_like(a.narrow(dim, 0, 1))], dim=dim)
-        gx = _hillis_steele_(a_next.flip(dim), gh.flip(dim).contiguous(), dim).flip(dim)
+        a_next = torch.cat([a.narrow(dim, 1, T - 1), torch.zeros_like(a.narrow(dim, 0, 1))], dim=dim).conj()
+        gx = _hillis_steele_(a_next.flip(dim).resolve_conj(), gh.flip(dim).contiguous(), dim).flip(dim)
         ga = torch.zeros_like(a)
-        ga.narrow(dim, 1, T - 1).copy_(gx.narrow(dim, 1, T - 1) * h.narrow(dim, 0, T - 1))
+        ga.narrow(dim, 1, T - 1).copy_(gx.narrow(dim, 1, T - 1) * h.narrow(dim, 0, T - 1).conj())
         return ga, gx, None
 
 

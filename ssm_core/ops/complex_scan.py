@@ -32,7 +32,7 @@ from torch import Tensor
 from kernels.shape_checks import check_complex_scan
 
 from .backend import fast_path
-from .chunked import _hillis_steele_, chunked_recurrence, pick_chunk_len
+from .chunked import chunked_recurrence, linear_scan, pick_chunk_len
 from .selective_scan import _discretize, _output, acc_dtype
 
 __all__ = ["complex_scan", "complex_scan_ref", "complex_state_update", "s4d_lin", "complex_dtype"]
@@ -49,28 +49,6 @@ def s4d_lin(dim: int, N: int, device=None) -> tuple[Tensor, Tensor]:
     A_log = torch.full((dim, N), math.log(0.5), device=device, dtype=torch.float32)
     A_imag = (math.pi * torch.arange(N, device=device, dtype=torch.float32)).repeat(dim, 1)
     return A_log, A_imag
-
-
-class _ComplexLinearScan(torch.autograd.Function):
-    """h_t = a_t h_{t-1} + x_t along ``dim`` (h_{-1} = 0), complex. The adjoint runs the same scan backwards
-    with conj(a): G_t = g_t + conj(a_{t+1}) G_{t+1}; dx_t = G_t, da_t = conj(h_{t-1}) G_t."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, x: Tensor, dim: int):
-        h = _hillis_steele_(a.clone(), x.clone(), dim)
-        ctx.dim = dim
-        ctx.save_for_backward(a, h)
-        return h
-
-    @staticmethod
-    def backward(ctx, gh: Tensor):
-        a, h = ctx.saved_tensors
-        dim, T = ctx.dim, a.shape[ctx.dim]
-        a_next = torch.cat([a.narrow(dim, 1, T - 1), torch.zeros_like(a.narrow(dim, 0, 1))], dim=dim).conj()
-        gx = _hillis_steele_(a_next.flip(dim).resolve_conj(), gh.flip(dim).contiguous(), dim).flip(dim)
-        ga = torch.zeros_like(a)
-        ga.narrow(dim, 1, T - 1).copy_(gx.narrow(dim, 1, T - 1) * h.narrow(dim, 0, T - 1).conj())
-        return ga, gx, None
 
 
 def _rows(X: Tensor, dim: int, cdt: torch.dtype) -> Tensor:
@@ -94,7 +72,7 @@ def _scan_chunk(u, delta, A, B, C, D, z, delta_bias, h0, *, delta_softplus: bool
     x = (dt * u.to(dt.dtype)).unsqueeze(-1) * _rows(B, dim, cdt)
     x = x.expand(a.shape)
     x = torch.cat([x[:, :, :1] + a[:, :, :1] * h0.unsqueeze(2), x[:, :, 1:]], dim=2)
-    h = _ComplexLinearScan.apply(a, x, 2)
+    h = linear_scan(a, x, dim=2)
     y = 2 * (h * _rows(C, dim, cdt)).real.sum(-1)
     return _output(y, u, D, z), h[:, :, -1].clone()
 

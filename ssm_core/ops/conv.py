@@ -14,7 +14,8 @@ from kernels.shape_checks import check_conv, check_conv_update  # pure Python: t
 
 from .backend import fast_path
 
-__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref"]
+__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_time_major", "causal_conv1d_update",
+           "causal_conv1d_update_ref"]
 
 
 def _activate(x: Tensor, activation: str | None) -> Tensor:
@@ -44,6 +45,98 @@ def causal_conv1d(
         return kernel(x, weight, bias, seq_idx=seq_idx, initial_states=initial_states,
                       return_final_states=return_final_states, activation=activation)
     return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
+
+
+class _CausalConv1dTimeMajor(torch.autograd.Function):
+    """The conv on time-major x (batch, L, dim): every tap is a shifted row range, so each pass is a contiguous
+    multiply-add over (rows, dim); hand-written backward. Saves the padded input, the output and (with silu)
+    the sigmoid of the pre-activation: silu'(p) = sig + silu(p) (1 - sig) needs no exp in backward."""
+
+    ROWS = 128  # backward works on this many time steps at a time (its temporaries stay in cache)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, init, silu):
+        b, L, d = x.shape
+        W = weight.shape[1]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xp = x.new_empty(b, L + W - 1, d, dtype=acc)  # the state's W - 1 inputs, then x
+        if init is None:
+            xp[:, : W - 1].zero_()
+        else:
+            xp[:, : W - 1].copy_(init.transpose(1, 2))
+        xp[:, W - 1:].copy_(x)
+        wt = weight.detach().to(acc).t().contiguous()  # (W, dim): tap k's weights, a contiguous row
+        if bias is None:
+            pre = torch.mul(xp[:, W - 1:], wt[W - 1])
+        else:
+            pre = torch.addcmul(bias.detach().to(acc), xp[:, W - 1:], wt[W - 1])
+        for k in range(W - 1):
+            pre.addcmul_(xp[:, k: k + L], wt[k])
+        sig = None
+        if silu:
+            sig = torch.sigmoid(pre)
+            pre.mul_(sig)
+        out = pre.to(x.dtype)
+        # (batch, dim, W - 1): the last W - 1 inputs; its own contiguous storage (a view would pin xp)
+        final = x.new_empty(b, d, W - 1).copy_(xp[:, L:].transpose(1, 2))
+        ctx.save_for_backward(xp, wt, sig, pre if silu else None)
+        ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, None if init is None else init.dtype)
+        ctx.set_materialize_grads(False)
+        return out, final
+
+    @staticmethod
+    def backward(ctx, gout, gfinal):
+        xp, wt, sig, act = ctx.saved_tensors
+        tx, tw, tb, ti = ctx.meta
+        W, d = wt.shape
+        b, L = xp.shape[0], xp.shape[1] - (W - 1)
+        acc = xp.dtype
+        dxp = xp.new_zeros(b, L + W - 1, d)
+        dwt = xp.new_zeros(W, d)
+        db = xp.new_zeros(d) if tb is not None else None
+        if gout is not None:
+            R = min(_CausalConv1dTimeMajor.ROWS, L)
+            wacc = xp.new_zeros(W, b, R, d)  # per-tap products, summed over time once at the end
+            for s in range(0, L, R):
+                e = min(s + R, L)
+                n = e - s
+                g = gout[:, s:e].to(acc)
+                if sig is not None:  # d silu(p) / dp = sig + silu(p) (1 - sig)
+                    sg, a = sig[:, s:e], act[:, s:e]
+                    g = torch.addcmul(a, a, sg, value=-1).add_(sg).mul_(g)
+                for k in range(W):  # out[t] += w_k xp[t + k]
+                    dxp[:, s + k: e + k].addcmul_(g, wt[k])
+                    wacc[k, :, :n].addcmul_(g, xp[:, s + k: e + k])
+                if db is not None:
+                    db += g.sum((0, 1))
+            dwt = wacc.sum((1, 2))
+        if gfinal is not None:
+            dxp[:, L:] += gfinal.transpose(1, 2).to(acc)
+        need = ctx.needs_input_grad
+        return (dxp[:, W - 1:].to(tx) if need[0] else None,
+                dwt.t().to(tw) if need[1] else None,
+                db.to(tb) if db is not None and need[2] else None,
+                dxp[:, : W - 1].transpose(1, 2).to(ti) if ti is not None and need[3] else None,
+                None)
+
+
+def causal_conv1d_time_major(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    activation: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``causal_conv1d`` on time-major x: (batch, L, dim) (any strides with a unit channel stride, e.g. a slice
+    of in_proj's output) -> (out (batch, L, dim), final state (batch, dim, width - 1)); weight, bias,
+    initial_states as in ``causal_conv1d``; no seq_idx. PyTorch ops with a hand-written backward
+    (differentiable in every input and through the final state), on any device: it saves the two layout
+    copies that the channel-major kernel needs around a time-major model. Computes in fp32 (fp64 for fp64 x).
+    Twin: ``causal_conv1d_ref`` on the transposed input."""
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d_time_major: x must be (batch, L, dim), got shape {tuple(x.shape)}")
+    check_conv("causal_conv1d_time_major", x.transpose(1, 2), weight, bias, None, initial_states, activation)
+    return _CausalConv1dTimeMajor.apply(x, weight, bias, initial_states, activation is not None)
 
 
 def causal_conv1d_ref(

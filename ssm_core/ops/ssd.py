@@ -229,10 +229,12 @@ def _ssd_fwd_block(x, delta, A, B, C, hbuf, Q, y_out, monotone):
     end = acs[:, :, -1:]  # (b, c, 1, H)
     w = _exp_(end - acs)  # decay from each step to its chunk's end
     Xw = torch.mul(xd, w.unsqueeze(-1)).view(b, c, Q, G, KP)
-    S = torch.matmul(Xw.permute(0, 1, 3, 4, 2), Bv).view(b, c, H, P, N)  # each chunk's own state at its end
+    # each chunk's own state at its end, written where the state after the chunk goes, then the recurrence over
+    # chunk states (cheap: H P N per chunk) adds the decayed state entering the chunk, in place
+    torch.matmul(Xw.permute(0, 1, 3, 4, 2), Bv, out=hbuf[:, 1:].view(b, c, G, KP, N))
     decay = _exp_(end.squeeze(2).clone())[..., None, None]  # (b, c, H, 1, 1): the whole chunk's decay
-    for ci in range(c):  # the recurrence over chunk states: cheap (H P N per chunk)
-        torch.addcmul(S[:, ci], decay[:, ci], hbuf[:, ci], out=hbuf[:, ci + 1])
+    for ci in range(c):
+        hbuf[:, ci + 1].addcmul_(decay[:, ci], hbuf[:, ci])
     y = torch.matmul(Cv, hbuf[:, :c].reshape(b, c, G, KP, N).transpose(-1, -2))  # (b, c, G, Q, KP)
     y = y.transpose(2, 3).reshape(b, c, Q, H, P)
     torch.addcmul(y_in.transpose(2, 3), y, _exp_(acs).unsqueeze(-1), out=y_out.view(b, c, Q, H, P))
@@ -364,14 +366,15 @@ class _SSDMatmul(torch.autograd.Function):
         monotone = _monotone(delta, Af)
         Dm = None if D is None else (D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
         dh = x.new_zeros(b, H, P, N, dtype=acc) if gh is None else gh.to(acc)
-        dx = torch.empty(b, L, H, P, dtype=acc, device=dev)
+        blocks = _blocks(L, Q, block)
+        dx = torch.empty(b, L, H, P, dtype=acc, device=dev) if len(blocks) > 1 else None
         ddelta = torch.empty(b, L, H, dtype=acc, device=dev)
         dB = torch.empty(b, L, G, N, dtype=acc, device=dev)
         dC = torch.empty_like(dB)
         dz = torch.empty(b, L, H, P, dtype=acc, device=dev) if z is not None else None
         dA = torch.zeros(H, dtype=acc, device=dev)
         dD = None if D is None else torch.zeros(H, P if D.dim() == 2 else 1, dtype=acc, device=dev)
-        for s, e in reversed(_blocks(L, Q, block)):
+        for s, e in reversed(blocks):
             n = e - s
             T = -(-n // Q) * Q
             k = s // Q
@@ -407,7 +410,10 @@ class _SSDMatmul(torch.autograd.Function):
             dxs = dxb[:, :n]
             if Dm is not None:
                 dxs = dxs.addcmul_(gy, Dm)
-            dx[:, s:e] = dxs
+            if n == L:  # one block: no copy
+                dx = dxs
+            else:
+                dx[:, s:e] = dxs
             ddelta[:, s:e] = ddb[:, :n]
             dB[:, s:e] = dBb[:, :n]
             dC[:, s:e] = dCb[:, :n]

@@ -9,24 +9,15 @@ import copy
 
 import pytest
 import torch
+from decode_support import ids_for, max_rel, module_steps, perturbed_model
 
 import kernels.cpu as kcpu
-from ssm_core import MambaConfig, MambaLMHeadModel, SpecStats, speculative_stream
+from ssm_core import MambaLMHeadModel, SpecStats, speculative_stream
 from ssm_core.models.fast_decode import FastDecoder, fast_decoder_or_none, unsupported_reason
 from ssm_core.state import SSMState
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "ext")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _kernels():
-    if not kcpu.available():
-        pytest.skip(f"CPU kernels unavailable: {kcpu.unavailable_reason()}")
-    yield
-    kcpu.load().set_isa("auto")
-
-
-VOCAB = 61  # padded to 64: logits have padding columns
 CONFIGS = {
     # Mamba-1: d_state 16 (whole vectors), tied and untied head, d_state 4 (scalar tail), the LTI layer
     "m1_n16": dict(d_model=32, n_layer=3, ssm_cfg={"d_state": 16}),
@@ -51,36 +42,9 @@ _MODELS: dict = {}
 
 def model_for(kind: str, dtype=torch.float32) -> MambaLMHeadModel:
     if kind not in _MODELS:
-        torch.manual_seed(1234)
-        m = MambaLMHeadModel(MambaConfig(vocab_size=VOCAB, **CONFIGS[kind])).eval()
-        g = torch.Generator().manual_seed(99)
-        with torch.no_grad():  # off the structured init, and peaked enough that argmaxes are not near-ties
-            for p in m.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-            m.backbone.embedding.weight.mul_(4)
-        _MODELS[kind] = m
+        _MODELS[kind] = perturbed_model(CONFIGS[kind], seed=1234, noise_seed=99)
     m = _MODELS[kind]
     return m if dtype == torch.float32 else copy.deepcopy(m).to(dtype)
-
-
-def ids_for(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
-
-
-def module_steps(model, ids, prefix):
-    """The reference twin: the module path, one token at a time from the prefix's state."""
-    state = model(ids[:, :prefix], return_state=True).state
-    outs = []
-    for t in range(prefix, ids.shape[1]):
-        out = model(ids[:, t : t + 1], state=state, return_state=True)
-        outs.append(out.logits[:, 0])
-        state = out.state
-    return torch.stack(outs, 1), state
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -9,24 +9,15 @@ import copy
 
 import pytest
 import torch
+from decode_support import ids_for, max_rel, module_steps, perturbed_model
 
 import kernels.cpu as kcpu
-from ssm_core import MambaConfig, MambaLMHeadModel
+from ssm_core import MambaLMHeadModel
 from ssm_core.models.fast_decode import FastDecoder, dequantized_copy, quantize_int8
 from ssm_core.state import SSMState
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "ext")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _kernels():
-    if not kcpu.available():
-        pytest.skip(f"CPU kernels unavailable: {kcpu.unavailable_reason()}")
-    yield
-    kcpu.load().set_isa("auto")
-
-
-VOCAB = 61  # padded to 64
 CONFIGS = {
     "m1": dict(d_model=32, n_layer=2, ssm_cfg={"d_state": 16}),  # tied head: the embedding is int8 too
     "m1_untied": dict(d_model=24, n_layer=2, tie_embeddings=False, ssm_cfg={"d_state": 4}),  # K % 8 != 0 tails
@@ -40,34 +31,9 @@ _MODELS: dict = {}
 
 def model_for(kind: str) -> MambaLMHeadModel:
     if kind not in _MODELS:
-        torch.manual_seed(4321)
-        m = MambaLMHeadModel(MambaConfig(vocab_size=VOCAB, **CONFIGS[kind])).eval()
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-            m.backbone.embedding.weight.mul_(4)
+        m = perturbed_model(CONFIGS[kind], seed=4321, noise_seed=7)
         _MODELS[kind] = (m, dequantized_copy(m))
     return _MODELS[kind]
-
-
-def ids_for(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
-
-
-def module_steps(model, ids, prefix):
-    state = model(ids[:, :prefix], return_state=True).state
-    outs = []
-    for t in range(prefix, ids.shape[1]):
-        out = model(ids[:, t : t + 1], state=state, return_state=True)
-        outs.append(out.logits[:, 0])
-        state = out.state
-    return torch.stack(outs, 1), state
 
 
 def test_quantize_int8_error_bound_per_row():

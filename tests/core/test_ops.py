@@ -1,13 +1,13 @@
 """Ops against independent naive float64 recurrences, gradients included."""
 
 import functools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ssd_support import naive_ssd
 
 from ssm_core.ops import (
     causal_conv1d,
@@ -188,34 +188,6 @@ def test_selective_state_update_one_and_several_tokens_match_scan():
 
 
 # ---------------------------------------------------------------- SSD (Mamba-2)
-
-def naive_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, h0=None, seq_idx=None, softplus=True,
-              dt_limit=(0.0, math.inf)):
-    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
-    b, L, H, P = x.shape
-    G, N = B.shape[2:]
-    if dt_bias is not None:
-        dt = dt + dt_bias.double()
-    if softplus:
-        dt = torch.log1p(torch.exp(dt))
-    dt = dt.clamp(dt_limit[0], dt_limit[1])
-    group = torch.arange(H) // (H // G)  # head -> its B/C group
-    Bh, Ch = B[:, :, group], C[:, :, group]  # (b, L, H, N)
-    h = torch.zeros(b, H, P, N, dtype=F64) if h0 is None else h0.double()
-    ys = []
-    for t in range(L):
-        decay = torch.exp(dt[:, t] * A)  # (b, H)
-        if seq_idx is not None and t > 0:
-            decay = decay * (seq_idx[:, t] == seq_idx[:, t - 1]).double()[:, None]
-        h = decay[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
-        ys.append((h * Ch[:, t, :, None, :]).sum(-1))
-    y = torch.stack(ys, 1)
-    if D is not None:
-        y = y + x * (D.double()[:, None] if D.dim() == 1 else D.double())
-    if z is not None:
-        y = y * F.silu(z.double())
-    return y, h
-
 
 def make_ssd_inputs(b, L, H, P, G, N, *, seed=0, dtype=F64, D_hdim=False):
     g = torch.Generator().manual_seed(seed)

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from ssd_support import naive_ssd
 
 from ssm_core import Mamba2
 from ssm_core.ops import mamba_chunk_scan_combined, ssd_ref
@@ -18,33 +19,6 @@ from ssm_core.ops.ssd import ssd_matmul
 
 F64 = torch.float64
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
-
-
-def naive(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=True,
-          dt_limit=(0.0, math.inf)):
-    """The recurrence in fp64, step by step (Δ clamped only when dt_limit is given, as the ops do)."""
-    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
-    b, L, H, P = x.shape
-    G, N = B.shape[2:]
-    if dt_bias is not None:
-        dt = dt + dt_bias.double()
-    if dt_softplus:
-        dt = torch.nn.functional.softplus(dt)
-    if tuple(dt_limit) != (0.0, math.inf):
-        dt = dt.clamp(dt_limit[0], dt_limit[1])
-    group = torch.arange(H) // (H // G)
-    Bh, Ch = B[:, :, group], C[:, :, group]
-    h = torch.zeros(b, H, P, N, dtype=F64) if initial_states is None else initial_states.double()
-    ys = []
-    for t in range(L):
-        h = torch.exp(dt[:, t] * A)[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None]
-        ys.append((h * Ch[:, t, :, None]).sum(-1))
-    y = torch.stack(ys, 1)
-    if D is not None:
-        y = y + x * (D.double()[:, None] if D.dim() == 1 else D.double())
-    if z is not None:
-        y = y * torch.nn.functional.silu(z.double())
-    return y, h
 
 
 def inputs(b, L, H, P, G, N, *, seed=0, dtype=F64, D="H", z=True, bias=True, h0=True):
@@ -88,7 +62,7 @@ def test_matches_fp64_recurrence_with_all_gradients(case):
     ins = inputs(b, L, H, P, G, N, seed=L + G, D=D, z=z, bias=bias, h0=h0)
     y, h, g = grads(lambda **kw: ssd_matmul(**kw, chunk_size=Q, block_len=blk, dt_softplus=True, dt_limit=limit,
                                             return_final_states=True), ins)
-    yr, hr, gr = grads(lambda **kw: naive(**kw, dt_limit=limit), ins)
+    yr, hr, gr = grads(lambda **kw: naive_ssd(**kw, dt_limit=limit), ins)
     torch.testing.assert_close(y, yr, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(h, hr, atol=1e-12, rtol=1e-10)
     assert set(g) == set(gr)
@@ -104,7 +78,7 @@ def test_fp32_within_fp32_tolerance_of_fp64(D, z):
     y, h, g = grads(lambda **kw: ssd_matmul(**kw, chunk_size=32, block_len=64, dt_softplus=True,
                                             return_final_states=True), ins)
     assert y.dtype == torch.float32 and h.dtype == torch.float32
-    yr, hr, gr = grads(lambda **kw: naive(**kw), {k: None if v is None else v.double() for k, v in ins.items()})
+    yr, hr, gr = grads(lambda **kw: naive_ssd(**kw), {k: None if v is None else v.double() for k, v in ins.items()})
     torch.testing.assert_close(y.double(), yr, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(h.double(), hr, atol=1e-4, rtol=1e-4)
     for k in gr:
@@ -151,7 +125,7 @@ def test_bf16_inputs_fp32_compute():
     y, h, g = grads(lambda **kw: ssd_matmul(**kw, chunk_size=8, dt_softplus=True, return_final_states=True), ins)
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
     assert all(g[k].dtype == ins[k].dtype for k in g)
-    yr, _ = naive(**ins)
+    yr, _ = naive_ssd(**ins)
     torch.testing.assert_close(y.double(), yr, atol=5e-2, rtol=5e-2)
 
 

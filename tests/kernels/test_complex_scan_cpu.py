@@ -34,15 +34,6 @@ make, run_naive_with_grads, run_op_with_grads, assert_all_close = (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def ext():
-    if not kcpu.available():
-        pytest.skip(f"CPU kernels unavailable: {kcpu.unavailable_reason()}")
-    mod = kcpu.load()
-    yield mod
-    mod.set_isa("auto")
-
-
 def _grads_io(pairs, seed=1):
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(pairs["u"].shape, generator=g, dtype=torch.float64)

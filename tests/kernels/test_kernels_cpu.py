@@ -33,15 +33,6 @@ from ssm_core.ops.selective_scan import selective_scan_ref, selective_state_upda
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def ext():
-    if not kcpu.available():
-        pytest.skip(f"CPU kernels unavailable: {kcpu.unavailable_reason()}")
-    mod = kcpu.load()
-    yield mod
-    mod.set_isa("auto")
-
-
 def _isas(ext):
     return ["base", "avx2"] if ext.isa() == "avx2" else ["base"]
 

@@ -8,28 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from audio_support import needs_fast, tiny
 
 from apps.audio.data import SILENCE_TOKEN, mu_law_encode, read_audio, write_audio
 from apps.audio.fast import FastStepper, fast_unavailable_reason
 from apps.audio.generate import DEFAULT_CKPT, generate, prefill, stream
-from apps.audio.model import AudioUNet, UNetConfig
+from apps.audio.model import AudioUNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAMPLE = Path(__file__).resolve().parents[3] / "datasets" / "samples" / "digits_small"
-
-
-def tiny(seed: int = 0, **kw) -> AudioUNet:
-    torch.manual_seed(seed)
-    cfg = dict(d_model=8, n_layers=[1, 1, 1], ssm_cfg={"d_state": 4})
-    cfg.update(kw)
-    return AudioUNet(UNetConfig(**cfg)).eval()
-
-
-def needs_fast(model):
-    reason = fast_unavailable_reason(model)
-    if reason:
-        pytest.skip(f"compiled step unavailable here: {reason}")
 
 
 @pytest.mark.parametrize("kw", [{"n_classes": 10}, {"blocks": ["lti", "mamba", "lti"], "ff": 2, "unet": False},

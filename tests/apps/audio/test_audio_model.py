@@ -9,19 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from audio_support import tiny
 
 from apps.audio.model import AudioLM, AudioUNet, UNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAMPLE = Path(__file__).resolve().parents[3] / "datasets" / "samples" / "digits_small"
-
-
-def tiny(seed: int = 0, **kw) -> AudioUNet:
-    torch.manual_seed(seed)
-    cfg = dict(d_model=8, n_layers=[1, 1, 1], ssm_cfg={"d_state": 4})
-    cfg.update(kw)
-    return AudioUNet(UNetConfig(**cfg)).eval()
 
 
 def stepped(model: AudioUNet, tokens: torch.Tensor, label=None, state=None) -> tuple[torch.Tensor, object]:

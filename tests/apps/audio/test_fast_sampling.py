@@ -9,26 +9,13 @@ import math
 
 import pytest
 import torch
+from audio_support import needs_fast, tiny
 
 from apps.audio.fast import FastStepper, compiled_draws, fast_unavailable_reason
 from apps.audio.generate import generate, stream
-from apps.audio.model import AudioUNet, UNetConfig
 from ssm_core.models.sampling import filter_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(seed: int = 0, **kw) -> AudioUNet:
-    torch.manual_seed(seed)
-    cfg = dict(d_model=8, n_layers=[1, 1, 1], ssm_cfg={"d_state": 4})
-    cfg.update(kw)
-    return AudioUNet(UNetConfig(**cfg)).eval()
-
-
-def needs_fast(model):
-    reason = fast_unavailable_reason(model)
-    if reason:
-        pytest.skip(f"compiled step unavailable here: {reason}")
 
 
 def tokens(model, n, batch, **kw) -> torch.Tensor:
