@@ -626,8 +626,9 @@ def blocks_section(args) -> str:
     out = [_header(repeats, "python -m benchmarks.scan --sections blocks"), "",
            f"One block, d_model {D_MODEL} (d_inner 1536; Mamba: N 16; Mamba2: headdim 64, N 128), batch {batch}, "
            f"L {L}, fp32, random weights, {torch.get_num_threads()} thread(s). hiss `auto` = the CPU fast paths "
-           "(Mamba: the compiled scan; Mamba2: the SSD picked by backend.ssd_cpu_impl, the matmul form at N 128; Mamba: "
-           "the conv kernel, Mamba2: the time-major conv), `SSD via the scan` = Mamba2 with $HISS_SSD_CPU=scan (the compiled Mamba-1 scan), `ref` = "
+           "(Mamba: the compiled scan and the conv kernel; Mamba2: the SSD picked by backend.ssd_cpu_impl, the "
+           "matmul form at N 128, and the time-major conv), `SSD via the scan` = Mamba2 with $HISS_SSD_CPU=scan "
+           "(the compiled Mamba-1 scan), `ref` = "
            "PyTorch path. tokens/s from wall time and from this process's CPU time (the CPU columns are the ones "
            "to compare on a shared machine). Peers are timed once (hiss: median of the repeats).", "",
            "| block | forward tokens/s | fwd+bwd tokens/s | forward tokens/s (CPU) | fwd+bwd tokens/s (CPU) |",

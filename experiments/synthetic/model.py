@@ -123,6 +123,10 @@ class SyntheticModule(pl.LightningModule):
               f"{self.curve[-1]['time_s']:.0f} s{extra}", flush=True)
         # next stage (or stop) once held-out accuracy has stayed at the target for `patience` checks in a row
         last = self.stage + 1 == len(self.hparams.lengths)
+        if last and self.hparams.snapshot_dir is not None and acc > getattr(self, "_best_final", -1.0):
+            # the best held-out weights at the final length: a late lr spike must not cost a reached result
+            self._best_final = acc
+            self.model.save_pretrained(Path(self.hparams.snapshot_dir) / f"best_{self.stream.L}")
         self._good = self._good + 1 if acc >= (self.hparams.stop_acc if last else self.hparams.stage_acc) else 0
         if self._good >= self.hparams.patience:
             if not last:

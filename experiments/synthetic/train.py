@@ -69,7 +69,8 @@ SPECS = {
 def train(task: str, model: str, spec: TrainSpec | None = None, *, seed: int = 0, out: Path | None = None,
           init: Path | None = None, max_minutes: float | None = None, progress: bool = True) -> dict:
     """Train one model on one task with ``spec`` (default SPECS[task]); writes out/ (save_pretrained) +
-    out/train.json, and out/stage_L/ with the weights that passed each curriculum stage L. Returns the record.
+    out/train.json, out/stage_L/ with the weights that passed each curriculum stage L, and out/best_L/ with the best
+    held-out weights at the final length L. Returns the record.
     ``init``: continue from that checkpoint (weights only; its train.json is kept as "previous").
     ``max_minutes``: a wall-clock cap."""
     spec = spec or SPECS[task]

@@ -202,13 +202,6 @@ struct ConvBwd {
   }
 };
 
-template <typename T>
-using ConvFn = RangeFnOf<ConvArgs<T>>;
-template <typename T>
-ConvFn<T> conv_pick(bool backward) {
-  return backward ? pick_isa<ConvBwd, ConvArgs<T>>() : pick_isa<ConvFwd, ConvArgs<T>>();
-}
-
 struct ConvIn {
   at::Tensor x, w, bias, init, seq;
   int64_t batch, dim, L, W;
@@ -271,7 +264,7 @@ inline std::vector<at::Tensor> conv_fwd(const at::Tensor& x, const at::Tensor& w
       ConvArgs<scalar_t> a = conv_args<scalar_t>(c, silu);
       a.out = out.data_ptr<scalar_t>();
       a.final = c.W > 1 ? fin.data_ptr<scalar_t>() : nullptr;
-      ConvFn<scalar_t> fn = conv_pick<scalar_t>(false);
+      const auto fn = pick_isa<ConvFwd, ConvArgs<scalar_t>>();
       at::parallel_for(0, c.batch * c.dim, conv_grain(c.batch * c.dim, c.L),
                        [&](int64_t b, int64_t e) { fn(a, b, e); });
     });
@@ -306,7 +299,7 @@ inline std::vector<at::Tensor> conv_bwd(const at::Tensor& x, const at::Tensor& w
       a.dfinal = gf.defined() ? gf.data_ptr<scalar_t>() : nullptr;
       a.dx = dx.data_ptr<scalar_t>(), a.dinit = dinit.data_ptr<scalar_t>();
       a.dw = dw.data_ptr<double>(), a.dbias = db.data_ptr<double>();
-      ConvFn<scalar_t> fn = conv_pick<scalar_t>(true);
+      const auto fn = pick_isa<ConvBwd, ConvArgs<scalar_t>>();
       const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
       const int64_t g = std::max<int64_t>(std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(c.L * c.batch, 1)),
                                           (c.dim + nthreads - 1) / nthreads);

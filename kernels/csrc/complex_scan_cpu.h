@@ -432,14 +432,6 @@ struct Bwd {
   static HISS_INLINE void run(const Args<T>& a, int64_t b, int64_t e) { bwd_range<T>(a, b, e); }
 };
 
-template <typename T>
-using RangeFn = RangeFnOf<Args<T>>;
-
-template <typename T>
-RangeFn<T> pick(bool backward) {
-  return backward ? pick_isa<Bwd, Args<T>>() : pick_isa<Fwd, Args<T>>();
-}
-
 // ---- entry points ------------------------------------------------------------------------------------
 struct Prepared : ScanPrepared {
   bool b_var = false, c_var = false;
@@ -541,7 +533,7 @@ std::vector<at::Tensor> complex_fwd(const at::Tensor& u, const at::Tensor& delta
     a.out = out.data_ptr<scalar_t>();
     a.last = last.data_ptr<scalar_t>();
     a.cst = cst.data_ptr<scalar_t>();
-    RangeFn<scalar_t> fn = pick<scalar_t>(false);
+    const auto fn = pick_isa<Fwd, Args<scalar_t>>();
     const int64_t n = p.batch * p.dim;
     at::parallel_for(0, n, grain_of(n), [&](int64_t b, int64_t e) { fn(a, b, e); });
   });
@@ -561,40 +553,27 @@ std::vector<at::Tensor> complex_bwd(const at::Tensor& u, const at::Tensor& delta
                   chunk_states.size(1) == p.dim && chunk_states.size(2) == p.nchunks && chunk_states.size(3) == 2 &&
                   chunk_states.size(4) == p.Np,
               "chunk_states does not match the inputs / chunk (pass complex_fwd's third output and the same chunk)");
-  TORCH_CHECK(dout.scalar_type() == st && dout.sizes() == u.sizes(), "dout must match u");
-  at::Tensor cst = chunk_states.contiguous();
-  at::Tensor go = dout.contiguous();
+  const ScanGrads g(p, chunk_states, dout);
   at::Tensor gl = state_in(dlast_state, p, st, "dlast_state");
   auto opts = u.options().dtype(st);
   auto dopts = u.options().dtype(at::kDouble);
-  at::Tensor du = at::empty({p.batch, p.dim, p.L}, opts);
-  at::Tensor ddelta = at::empty({p.batch, p.dim, p.L}, opts);
-  at::Tensor dz = p.z.defined() ? at::empty({p.batch, p.dim, p.L}, opts) : at::Tensor();
   at::Tensor dh0 = at::empty({p.batch, p.dim, 2, p.Np}, opts);
   at::Tensor dBv = p.b_var ? at::zeros_like(p.B) : at::Tensor();
   at::Tensor dCv = p.c_var ? at::zeros_like(p.C) : at::Tensor();
   at::Tensor dA_c = at::zeros({p.batch, p.dim, 2, p.Np}, dopts);
   at::Tensor dB_c = p.b_var ? at::Tensor() : at::zeros({p.batch, p.dim, 2, p.Np}, dopts);
   at::Tensor dC_c = p.c_var ? at::Tensor() : at::zeros({p.batch, p.dim, 2, p.Np}, dopts);
-  at::Tensor dD_c = at::zeros({p.batch, p.dim}, dopts);
-  at::Tensor dbias_c = at::zeros({p.batch, p.dim}, dopts);
   AT_DISPATCH_FLOATING_TYPES(st, "hiss_complex_scan_bwd", [&] {
     Args<scalar_t> a = make_args<scalar_t>(p, delta_softplus);
-    a.cst = cst.data_ptr<scalar_t>();
-    a.dout = go.data_ptr<scalar_t>();
+    g.bind<scalar_t>(a);
     a.dlast = gl.defined() ? gl.data_ptr<scalar_t>() : nullptr;
-    a.du = du.data_ptr<scalar_t>();
-    a.ddelta = ddelta.data_ptr<scalar_t>();
-    a.dz = dz.defined() ? dz.data_ptr<scalar_t>() : nullptr;
     a.dh0 = dh0.data_ptr<scalar_t>();
     a.dBv = dBv.defined() ? dBv.data_ptr<scalar_t>() : nullptr;
     a.dCv = dCv.defined() ? dCv.data_ptr<scalar_t>() : nullptr;
     a.dA_c = dA_c.data_ptr<double>();
     a.dB_c = dB_c.defined() ? dB_c.data_ptr<double>() : nullptr;
     a.dC_c = dC_c.defined() ? dC_c.data_ptr<double>() : nullptr;
-    a.dD_c = dD_c.data_ptr<double>();
-    a.dbias_c = dbias_c.data_ptr<double>();
-    RangeFn<scalar_t> fn = pick<scalar_t>(true);
+    const auto fn = pick_isa<Bwd, Args<scalar_t>>();
     // variable B/C: a task owns whole (batch, group) units, so their dB/dC rows have one writer
     const int64_t per = (p.b_var || p.c_var) ? p.dim / p.G : 1;
     const int64_t units = p.batch * p.dim / per;
@@ -608,9 +587,7 @@ std::vector<at::Tensor> complex_bwd(const at::Tensor& u, const at::Tensor& delta
   at::Tensor dA = inv(dA_c);
   at::Tensor dB = p.b_var ? var(dBv) : inv(dB_c);
   at::Tensor dC = p.c_var ? var(dCv) : inv(dC_c);
-  at::Tensor dD = p.D.defined() ? dD_c.sum(0).to(st) : at::Tensor();
-  at::Tensor dbias = p.bias.defined() ? dbias_c.sum(0).to(st) : at::Tensor();
-  return {du, ddelta, dA, dB, dC, dD, dz, dbias, state_out(dh0, p.N)};
+  return {g.du, g.ddelta, dA, dB, dC, g.dD(p), g.dz, g.dbias(p), state_out(dh0, p.N)};
 }
 
 // vector sin / cos (accuracy tests): x -> (sin x, cos x)

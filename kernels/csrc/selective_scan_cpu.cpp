@@ -419,14 +419,6 @@ void set_isa(const std::string& name) {
   g_isa_request = name;
 }
 
-template <typename T>
-using RangeFn = RangeFnOf<Args<T>>;
-
-template <typename T>
-RangeFn<T> pick(bool backward) {
-  return backward ? pick_isa<ScanBwd, Args<T>>() : pick_isa<ScanFwd, Args<T>>();
-}
-
 // ---- entry points ------------------------------------------------------------------------------
 struct Prepared : ScanPrepared {
   bool a_const = false;
@@ -505,7 +497,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
     a.out = out.data_ptr<scalar_t>();
     a.last = last.data_ptr<scalar_t>();
     a.cst = cst.data_ptr<scalar_t>();
-    RangeFn<scalar_t> fn = pick<scalar_t>(false);
+    const auto fn = pick_isa<ScanFwd, Args<scalar_t>>();
     at::parallel_for(0, p.batch * p.dim, grain_of(p.batch * p.dim), [&](int64_t b, int64_t e) { fn(a, b, e); });
   });
   return {out, last.narrow(2, 0, p.N).contiguous(), cst};
@@ -521,40 +513,27 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   TORCH_CHECK(chunk_states.scalar_type() == st && chunk_states.dim() == 4 && chunk_states.size(0) == p.batch &&
                   chunk_states.size(1) == p.dim && chunk_states.size(2) == p.nchunks && chunk_states.size(3) == p.Np,
               "chunk_states does not match the inputs / chunk (pass fwd's third output and the same chunk)");
-  TORCH_CHECK(dout.scalar_type() == st && dout.sizes() == u.sizes(), "dout must match u");
-  at::Tensor cst = chunk_states.contiguous();
-  at::Tensor go = dout.contiguous();
+  const ScanGrads g(p, chunk_states, dout);
   at::Tensor gl = pad_state(dlast_state, p, st, "dlast_state");
   auto opts = u.options().dtype(st);
   auto dopts = u.options().dtype(at::kDouble);
-  at::Tensor du = at::empty({p.batch, p.dim, p.L}, opts);
-  at::Tensor ddelta = at::empty({p.batch, p.dim, p.L}, opts);
-  at::Tensor dz = p.z.defined() ? at::empty({p.batch, p.dim, p.L}, opts) : at::Tensor();
   at::Tensor dinit = at::empty({p.batch, p.dim, p.Np}, opts);
   at::Tensor dB = at::zeros({p.batch, p.G, p.L, p.Np}, opts);
   at::Tensor dC = at::zeros({p.batch, p.G, p.L, p.Np}, opts);
   at::Tensor dA_c = at::zeros({p.batch, p.dim, p.Np}, dopts);
-  at::Tensor dD_c = at::zeros({p.batch, p.dim}, dopts);
-  at::Tensor dbias_c = at::zeros({p.batch, p.dim}, dopts);
   AT_DISPATCH_FLOATING_TYPES(st, "hiss_selective_scan_bwd", [&] {
     Args<scalar_t> a = make_args<scalar_t>(p, delta_softplus);
     std::vector<BwdPartial<scalar_t>> partials;
     std::mutex mu;
-    a.cst = cst.data_ptr<scalar_t>();
-    a.dout = go.data_ptr<scalar_t>();
+    g.bind<scalar_t>(a);
     a.dlast = gl.defined() ? gl.data_ptr<scalar_t>() : nullptr;
-    a.du = du.data_ptr<scalar_t>();
-    a.ddelta = ddelta.data_ptr<scalar_t>();
-    a.dz = dz.defined() ? dz.data_ptr<scalar_t>() : nullptr;
     a.dinit = dinit.data_ptr<scalar_t>();
     a.dB = dB.data_ptr<scalar_t>();
     a.dC = dC.data_ptr<scalar_t>();
     a.dA_c = dA_c.data_ptr<double>();
-    a.dD_c = dD_c.data_ptr<double>();
-    a.dbias_c = dbias_c.data_ptr<double>();
     a.partials = &partials;
     a.mu = &mu;
-    RangeFn<scalar_t> fn = pick<scalar_t>(true);
+    const auto fn = pick_isa<ScanBwd, Args<scalar_t>>();
     at::parallel_for(0, p.batch * p.dim, grain_of(p.batch * p.dim), [&](int64_t b, int64_t e) { fn(a, b, e); });
     // shared (batch, group) rows: add the private partials in task order (deterministic)
     std::sort(partials.begin(), partials.end(),
@@ -574,9 +553,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   at::Tensor dA = dA_c.sum(0).narrow(1, 0, p.N).to(st);
   at::Tensor dBo = dB.narrow(3, 0, p.N).transpose(2, 3).contiguous();
   at::Tensor dCo = dC.narrow(3, 0, p.N).transpose(2, 3).contiguous();
-  at::Tensor dD = p.D.defined() ? dD_c.sum(0).to(st) : at::Tensor();
-  at::Tensor dbias = p.bias.defined() ? dbias_c.sum(0).to(st) : at::Tensor();
-  return {du, ddelta, dA, dBo, dCo, dD, dz, dbias, dinit.narrow(2, 0, p.N).contiguous()};
+  return {g.du, g.ddelta, dA, dBo, dCo, g.dD(p), g.dz, g.dbias(p), dinit.narrow(2, 0, p.N).contiguous()};
 }
 
 // elementwise helpers exposed for accuracy tests: name in {exp, softplus, sigmoid, softplus_grad}

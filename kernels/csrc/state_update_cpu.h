@@ -186,7 +186,7 @@ inline at::Tensor state_update(at::Tensor state, const at::Tensor& x, const at::
     a.out = out.data_ptr<scalar_t>();
     // A decode step is microseconds of work: only fork threads when there are >= 64k state elements.
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(N, 1));
-    RangeFnOf<StepArgs<scalar_t>> fn = pick_isa<StepRows, StepArgs<scalar_t>>();
+    const auto fn = pick_isa<StepRows, StepArgs<scalar_t>>();
     at::parallel_for(0, batch * H * P, grain, [&](int64_t b, int64_t e) { fn(a, b, e); });
   });
   return out;
