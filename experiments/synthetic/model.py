@@ -57,6 +57,7 @@ class SyntheticModule(pl.LightningModule):
         self.config, self.task, self.K, self.stream = config, task, N_TARGETS[task], stream
         self.model = MambaLMHeadModel(config)
         self.curve: list[dict] = []  # {"step", "L", "loss", "val_acc", "time_s"}
+        self._best_final = -1.0  # best held-out accuracy at the final length (its weights go to best_L/)
         self._t0, self._loss = None, float("nan")
         self._set_stage(0)
         # held-out sets at lengths beyond L: extrapolation tracked during training (logged only: the code never
@@ -123,7 +124,7 @@ class SyntheticModule(pl.LightningModule):
               f"{self.curve[-1]['time_s']:.0f} s{extra}", flush=True)
         # next stage (or stop) once held-out accuracy has stayed at the target for `patience` checks in a row
         last = self.stage + 1 == len(self.hparams.lengths)
-        if last and self.hparams.snapshot_dir is not None and acc > getattr(self, "_best_final", -1.0):
+        if last and self.hparams.snapshot_dir is not None and acc > self._best_final:
             # the best held-out weights at the final length: a late lr spike must not cost a reached result
             self._best_final = acc
             self.model.save_pretrained(Path(self.hparams.snapshot_dir) / f"best_{self.stream.L}")
