@@ -31,14 +31,10 @@ The markdown table goes into the ``dna_compress`` block of docs/genomics.md (``b
 from __future__ import annotations
 
 import argparse
-import bz2
 import datetime
 import gzip
 import json
-import lzma
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._compressors import COMPRESSORS, compressed_sizes
 from benchmarks._doc import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +54,6 @@ DEFAULT_NOTE = ("dna_small was trained on the bundled sample's train split (the 
                 "W3110): the sample row and the first 6% of the W3110 genome are not held out for it; EC590 is a "
                 "strain it never saw")
 MAX_ORDER = 24  # 4^24 contexts x 4 symbols < 2^63: exact integer keys
-COMPRESSORS = ("gzip -9", "bzip2 -9", "xz -9e", "zstd --ultra -22")
 _CODE = np.full(256, 255, dtype=np.uint8)  # byte -> 0..3 for A, C, G, T (either case); 255 = removed
 for _i, _c in enumerate(b"ACGT"):
     _CODE[_c] = _CODE[_c + 32] = _i
@@ -121,25 +117,6 @@ def read_genome(path: str | os.PathLike, name: str | None = None) -> Genome:
     for suffix in (".gz", ".fa", ".fasta", ".fna"):
         stem = stem.removesuffix(suffix)
     return Genome(name or stem, records, removed, runs)
-
-
-# --- classical compressors ------------------------------------------------------------------------------------
-def _zstd(data: bytes) -> int | None:
-    exe = shutil.which("zstd")
-    if exe is None:
-        return None
-    out = subprocess.run([exe, "--ultra", "-22", "-c", "-q"], input=data, capture_output=True, check=True)
-    return len(out.stdout)
-
-
-def compressed_sizes(data: bytes) -> dict[str, int | None]:
-    """Bytes each compressor writes for ``data`` (None: not installed here)."""
-    return {
-        "gzip -9": len(gzip.compress(data, compresslevel=9, mtime=0)),
-        "bzip2 -9": len(bz2.compress(data, compresslevel=9)),
-        "xz -9e": len(lzma.compress(data, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)),
-        "zstd --ultra -22": _zstd(data),
-    }
 
 
 # --- adaptive order-k Markov model -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@
     cli          cli_main: LightningCLI with ``fit`` implied and the app's default YAML
     errors       run_cli: one clear line for a user's mistake, the traceback behind --debug
     demo         Gradio glue: 127.0.0.1 only, analytics off, input caps, checkpoint lookup
-    paths        repository root, bundled samples, runs/<app>/pretrained
+    paths        repository root, bundled samples, runs/<app>/pretrained, resolve_checkpoint (yours, else shipped)
     baselines    transformer_like: a parameter-matched Transformer config
 
 SSM maths lives in ssm_core, not here; anything specific to one domain lives in that app.

@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "SAMPLES", "repo_path", "run_dir", "pretrained_dir", "default_checkpoints"]
+__all__ = ["REPO_ROOT", "SAMPLES", "repo_path", "run_dir", "pretrained_dir", "default_checkpoints",
+           "resolve_checkpoint"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = REPO_ROOT / "datasets" / "samples"
@@ -39,3 +40,21 @@ def default_checkpoints(app: str, shipped: str | os.PathLike | None = None) -> l
     if shipped is not None:
         found.append(Path(shipped))
     return list(dict.fromkeys(found))
+
+
+def resolve_checkpoint(app: str, ckpt: str | os.PathLike | None = None, shipped: str | os.PathLike | None = None,
+                       how_to_make: str = "") -> Path:
+    """The checkpoint a command uses: ``ckpt`` when the user named one (it must exist: a mistyped path is an
+    error, never a silent substitute), else the first of ``default_checkpoints(app, shipped)`` holding a
+    save_pretrained checkpoint (config.json), else an error listing where it looked."""
+    if ckpt:
+        if not Path(ckpt).exists():
+            raise FileNotFoundError(f"{ckpt}: no such checkpoint folder or file. {how_to_make}".strip())
+        return Path(ckpt)
+    candidates = default_checkpoints(app, shipped)
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(f"no checkpoint found (looked in: {tried}). {how_to_make}".strip())
+

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from apps.common.callbacks import HeldOutEvaluation
-from apps.common.paths import REPO_ROOT, default_checkpoints, repo_path
+from apps.common.paths import REPO_ROOT, repo_path
+from apps.common.paths import resolve_checkpoint as common_resolve_checkpoint
 from apps.vision.data import ImageFolderDataModule
 from apps.vision.model import CheckpointError, load_vision_model
 
@@ -38,15 +39,7 @@ HOW_TO_TRAIN = "Train one with `python -m apps.vision.train` (or pass --ckpt DIR
 
 def resolve_checkpoint(ckpt: str | None) -> Path:
     """The named checkpoint (must exist), else runs/vision/pretrained, else the shipped model."""
-    if ckpt:
-        p = Path(ckpt)
-        if not p.exists():
-            raise FileNotFoundError(f"{ckpt}: no such checkpoint folder or file. {HOW_TO_TRAIN}")
-        return p
-    for c in default_checkpoints("vision", SHIPPED):
-        if (Path(c) / "config.json").is_file():
-            return Path(c)
-    raise FileNotFoundError(f"no checkpoint found (looked in runs/vision/pretrained and {SHIPPED}). {HOW_TO_TRAIN}")
+    return common_resolve_checkpoint("vision", ckpt, SHIPPED, HOW_TO_TRAIN)
 
 
 def imagenet_wnids() -> list[str]:

