@@ -27,7 +27,7 @@ __all__ = ["main", "time_costs", "predicted_speedup"]
 
 
 def prompts_from_sample(n: int, length: int = 256) -> list[bytes]:
-    _, _, test = split_files(list_files([SAMPLE_DIR], "*.rst.txt"))
+    _, _, test = split_files(list_files([SAMPLE_DIR], "*.rst.txt"), roots=[SAMPLE_DIR])
     data = b"".join(f.read_bytes() for f in test)
     step = max(1, (len(data) - length) // n)
     return [data[i * step : i * step + length] for i in range(n)]

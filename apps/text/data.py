@@ -80,18 +80,24 @@ def list_files(paths: list[str | Path], pattern: str = "*") -> list[Path]:
     return out
 
 
-def _file_key(f: Path) -> int:
-    # by name, not by position in the listing: adding a file never moves the others between splits
-    return zlib.crc32(f.as_posix().encode())
+def _file_key(f: Path, roots: list[Path]) -> int:
+    # by name, not by position in the listing: adding a file never moves the others between splits; and by the
+    # name under the folder it was listed from ("pydocs/faq/x.rst.txt"), so a clone elsewhere splits the same
+    for r in roots:
+        if r.is_dir() and f.is_relative_to(r):
+            return zlib.crc32((Path(r.resolve().name) / f.relative_to(r)).as_posix().encode())
+    return zlib.crc32(f.name.encode())
 
 
-def split_files(files: list[Path], valid_fraction: float = 0.1, test_fraction: float = 0.1
-                ) -> tuple[list[Path], list[Path], list[Path]]:
-    """Deterministic split by file: files ordered by a hash of their path; the first ones are test, the next
-    val, the rest train (each held-out split gets at least one file). Needs at least 3 files."""
+def split_files(files: list[Path], valid_fraction: float = 0.1, test_fraction: float = 0.1,
+                roots: list[str | Path] = ()) -> tuple[list[Path], list[Path], list[Path]]:
+    """Deterministic split by file: files ordered by a hash of their name under the folder of ``roots`` they
+    were listed from (their file name otherwise); the first ones are test, the next val, the rest train (each
+    held-out split gets at least one file). Needs at least 3 files."""
     if len(files) < 3:
         raise ValueError(f"split by file needs at least 3 files, got {len(files)}: {[str(f) for f in files]}")
-    order = sorted(files, key=_file_key)
+    roots = [Path(r) for r in roots]
+    order = sorted(files, key=lambda f: _file_key(f, roots))
     n_test = max(1, round(test_fraction * len(files)))
     n_valid = max(1, round(valid_fraction * len(files)))
     if n_test + n_valid >= len(files):
@@ -252,7 +258,7 @@ class ByteDataModule(pl.LightningDataModule):
         if not self.splits:
             if hp.layout == "files":
                 train, valid, test = split_files(list_files(self.paths, hp.pattern), hp.valid_fraction,
-                                                 hp.test_fraction)
+                                                 hp.test_fraction, roots=self.paths)
                 self.splits = {"train": [Doc(f) for f in train], "val": [Doc(f) for f in valid],
                                "test": [Doc(f) for f in test]}
             elif hp.layout == "pg19":
