@@ -6,7 +6,12 @@ File format (what ``datasets/recipes/splice.py`` and ``genus.py`` write; plain o
     train   EI      row1    ACGT...
 
 ``split`` is train / val / test. Sequences of different lengths are right-padded with [PAD] and carry
-``lengths``; ``crop`` cuts long windows (random offset in training, centred otherwise) so CPU runs stay short.
+``lengths``; ``crop`` cuts long windows (random offset in training, centred otherwise) so CPU runs stay short;
+``eval_crop`` sets the evaluation window separately (0: the whole sequence).
+
+``FinetuneClassifier`` is the module ``python -m apps.genomics.finetune`` trains: ``model.DNAClassifier`` plus
+label smoothing and optional strand averaging at evaluation (the mean of the log-probabilities of a sequence and
+of its reverse complement; only for labels that do not depend on the strand, e.g. genus, never splice junctions).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from apps.common.paths import SAMPLES, repo_path
 from apps.genomics.data import PAD_ID, encode, reverse_complement_ids
+from apps.genomics.model import DNAClassifier, rc_ids
+from ssm_core import MambaConfig
 
-__all__ = ["LabelledSet", "read_labelled_tsv", "LabelledDNADataModule", "SPLICE_SAMPLE", "GENUS_SAMPLE", "collate"]
+__all__ = ["LabelledSet", "read_labelled_tsv", "LabelledDNADataModule", "FinetuneClassifier", "SPLICE_SAMPLE",
+           "GENUS_SAMPLE", "collate"]
 
 SPLICE_SAMPLE = SAMPLES / "splice_uci.tsv.gz"
 GENUS_SAMPLE = SAMPLES / "genus_windows.tsv.gz"
@@ -104,13 +112,15 @@ class LabelledDNADataModule(pl.LightningDataModule):
 
     labels: class names in id order (default: sorted names found in the file). crop: cut sequences longer than
     this (random window in training, centre window in evaluation). rc_augment: reverse-complement half of the
-    training sequences (a strand symmetry the rcps backbone has built in). ``limit_train``: use only the first
-    n training rows (quick runs, tests).
+    training sequences (a strand symmetry the rcps backbone has built in). ``eval_crop``: the window that
+    validation and test read (None: ``crop``; 0: the whole sequence). ``limit_train``: use only the first n
+    training rows (quick runs, tests).
     """
 
     def __init__(self, path: str = str(SPLICE_SAMPLE), labels: list[str] | None = None, batch_size: int = 32,
                  eval_batch_size: int = 64, crop: int | None = None, rc_augment: bool = False,
-                 limit_train: int | None = None, num_workers: int = 0, seed: int = 0):
+                 limit_train: int | None = None, num_workers: int = 0, seed: int = 0,
+                 eval_crop: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.path = repo_path(path)
@@ -146,7 +156,8 @@ class LabelledDNADataModule(pl.LightningDataModule):
         if not data.ids:
             raise ValueError(f"{self.path}: no rows with split {split!r}")
         hp = self.hparams
-        ds = _Split(data, {lab: i for i, lab in enumerate(self._labels)}, hp.crop, train, hp.rc_augment, hp.seed)
+        crop = hp.crop if train or hp.eval_crop is None else (hp.eval_crop or None)
+        ds = _Split(data, {lab: i for i, lab in enumerate(self._labels)}, crop, train, hp.rc_augment, hp.seed)
         return DataLoader(ds, batch_size=hp.batch_size if train else hp.eval_batch_size, shuffle=train,
                           collate_fn=collate, num_workers=hp.num_workers,
                           generator=torch.Generator().manual_seed(hp.seed) if train else None)
@@ -159,3 +170,47 @@ class LabelledDNADataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
+
+
+class FinetuneClassifier(DNAClassifier):
+    """``DNAClassifier`` with the fine-tuning recipe's two extra knobs (the finetune YAML's ``model:`` section).
+
+    label_smoothing: cross-entropy label smoothing on the training labels (validation and test report accuracy,
+    which it does not change). strand_average: in evaluation (``not self.training``: validation, test, predict)
+    the output is the mean of the log-probabilities of each sequence and of its reverse complement, so the
+    prediction cannot depend on which strand a window was read from. Only for strand-free labels (genus of
+    origin); splice-junction labels (EI / IE) name a strand, and the reverse complement of a donor is not a donor.
+    Training is unchanged (use ``data.rc_augment`` there). The exported network (``model``) is the plain
+    DNAModel; ``strand_average_logits`` applies the same averaging to any DNAModel.
+    """
+
+    def __init__(self, config: MambaConfig, num_labels: int, backbone: str = "bimamba", task: str = "sequence",
+                 pooling: str = "mean", labels: list[str] | None = None, dropout: float = 0.1, lr: float = 2e-3,
+                 weight_decay: float = 0.1, warmup_steps: int = 50, min_lr_ratio: float = 0.1,
+                 init_from: str | None = None, label_smoothing: float = 0.0, strand_average: bool = False):
+        if init_from:  # the configs name the shipped assets/dna_small repo-relative: found from any folder
+            init_from = str(repo_path(init_from))
+        super().__init__(config, num_labels, backbone=backbone, task=task, pooling=pooling, labels=labels,
+                         dropout=dropout, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio, init_from=init_from)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if strand_average and task != "sequence":
+            raise ValueError("strand_average is for sequence labels (task: sequence); per-base outputs would "
+                             "need flipping back")
+        self.label_smoothing = label_smoothing
+        self.strand_average = strand_average
+        self.save_hyperparameters()
+
+    def forward(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
+        if self.strand_average and not self.training:
+            return strand_average_logits(self.model, inputs, lengths)
+        return super().forward(inputs, lengths)
+
+
+def strand_average_logits(model: torch.nn.Module, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """(log_softmax(model(x)) + log_softmax(model(rc x))) / 2 for a sequence classifier; padded rows are
+    reverse-complemented inside their own length."""
+    fwd = model(input_ids, lengths).float().log_softmax(-1)
+    rev = model(rc_ids(input_ids, lengths), lengths).float().log_softmax(-1)
+    return (fwd + rev) / 2

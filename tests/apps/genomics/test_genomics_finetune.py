@@ -13,8 +13,15 @@ from torch.utils.data import DataLoader
 from apps.common import CPUTimeBudget
 from apps.genomics.data import A_ID, PAD_ID, VOCAB_SIZE, decode, encode
 from apps.genomics.finetune import main, report
-from apps.genomics.model import DNAClassifier, DNAModel, MaskedLMModule
-from apps.genomics.tasks import GENUS_SAMPLE, SPLICE_SAMPLE, LabelledDNADataModule, collate, read_labelled_tsv
+from apps.genomics.model import DNAClassifier, DNAModel, MaskedLMModule, rc_ids
+from apps.genomics.tasks import (
+    GENUS_SAMPLE,
+    SPLICE_SAMPLE,
+    FinetuneClassifier,
+    LabelledDNADataModule,
+    collate,
+    read_labelled_tsv,
+)
 from ssm_core import MambaConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread", "ref_backend")
@@ -87,6 +94,36 @@ def test_datamodule_padding_crop_and_labels(tmp_path):
     assert b["input_ids"][1].tolist() == [A_ID, PAD_ID, PAD_ID]
     with pytest.raises(ValueError, match="not among"):
         LabelledDNADataModule(str(p), labels=["a"]).setup()
+    whole = LabelledDNADataModule(str(p), batch_size=2, crop=6, eval_crop=0)  # evaluation reads whole windows
+    assert decode(next(iter(whole.val_dataloader()))["input_ids"][0]) == "AACCGGTTAA"
+    assert decode(next(iter(LabelledDNADataModule(str(p), crop=6, eval_crop=4).val_dataloader()))["input_ids"][0]) \
+        == "CGGT"
+    assert all(len(x) == 6 for x, _ in whole.train_dataloader().dataset if len(x) > 3)
+
+
+def test_strand_average_is_strand_invariant_in_evaluation_only():
+    torch.manual_seed(0)
+    clf = FinetuneClassifier(TINY, num_labels=3, strand_average=True, label_smoothing=0.1)
+    assert clf.label_smoothing == 0.1 and clf.hparams.strand_average
+    ids = torch.randint(A_ID, A_ID + 4, (3, 20))
+    lengths = torch.tensor([20, 13, 7])
+    ids[1, 13:] = PAD_ID
+    ids[2, 7:] = PAD_ID
+    clf.eval()
+    with torch.no_grad():
+        out, out_rc = clf(ids, lengths), clf(rc_ids(ids, lengths), lengths)
+        alone = clf(ids[1:2, :13], lengths[1:2])
+    torch.testing.assert_close(out, out_rc, atol=1e-5, rtol=0)  # the bimamba net itself is not RC-invariant
+    torch.testing.assert_close(out[1:2], alone, atol=1e-5, rtol=0)  # padding changes nothing
+    assert bool((out <= 0).all())  # a mean of log-probabilities
+    clf.train()
+    clf.model.dropout.p = 0.0
+    with torch.no_grad():
+        assert not torch.allclose(clf(ids, lengths), clf(rc_ids(ids, lengths), lengths), atol=1e-4)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        FinetuneClassifier(TINY, num_labels=2, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="strand_average"):
+        FinetuneClassifier(TINY, num_labels=2, task="token", strand_average=True)
 
 
 def test_finetune_cli_learns_and_exports(tmp_path):
@@ -94,7 +131,8 @@ def test_finetune_cli_learns_and_exports(tmp_path):
     cls_dir = tmp_path / "classifier"
     cli = main(["--data.path", str(data), "--data.batch_size", "16", "--model.num_labels", "2",
                 "--model.config.d_model", "16", "--model.config.n_layer", "1", "--model.config.ssm_cfg",
-                "{d_state: 4}", "--model.backbone", "rcps", "--model.lr", "0.01", "--model.warmup_steps", "5",
+                "{d_state: 4}", "--model.backbone", "rcps", "--model.init_from", "null", "--model.lr", "0.01",
+                "--model.warmup_steps", "5",
                 "--trainer.max_steps", "40", "--trainer.default_root_dir", str(tmp_path),
                 "--trainer.callbacks.dirpath", str(cls_dir), "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false"])
