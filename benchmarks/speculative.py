@@ -1,5 +1,6 @@
 """Plain vs speculative byte generation, side by side in one process:
 
+    python -m benchmarks.speculative                    # the shipped pair: apps/text/assets/byte_mamba{,_draft}
     python -m benchmarks.speculative --target runs/text/pretrained --draft runs/text_draft/pretrained
         --k 2 4 6 --bytes 256 --repeats 5
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from apps.text.data import SAMPLE_DIR, list_files, split_files
-from apps.text.generate import load_model, stream_bytes
+from apps.text.generate import SHIPPED, SHIPPED_DRAFT, load_model, stream_bytes
 from ssm_core import MambaConfig, MambaLMHeadModel, SpecStats
 
 __all__ = ["main", "time_costs", "predicted_speedup"]
@@ -63,8 +64,8 @@ def predicted_speedup(alpha: float, k: int, t_step: float, t_draft: float, t_ver
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True)
-    p.add_argument("--draft", required=True)
+    p.add_argument("--target", default=str(SHIPPED))
+    p.add_argument("--draft", default=str(SHIPPED_DRAFT))
     p.add_argument("--k", type=int, nargs="+", default=[2, 4, 6])
     p.add_argument("--bytes", type=int, default=256)
     p.add_argument("--prompts", type=int, default=3)

@@ -18,14 +18,22 @@ from apps.common.demo import cap_text, checked_seed, demo_main, find_checkpoint,
 from apps.common.errors import run_cli
 from apps.common.paths import default_checkpoints
 from apps.text.data import BOS
-from apps.text.generate import Utf8Stream, byte_surprisal, load_cartridge, load_model, save_cartridge, stream_bytes
+from apps.text.generate import (
+    HOW_TO_TRAIN,
+    SHIPPED,
+    Utf8Stream,
+    byte_surprisal,
+    load_cartridge,
+    load_model,
+    save_cartridge,
+    stream_bytes,
+)
 from ssm_core import ModelState
 
 __all__ = ["TextDemo", "build_demo", "main"]
 
 MAX_PROMPT_CHARS = 20_000  # prefill cost grows linearly; keeps a CPU request to a few seconds
 MAX_NEW_BYTES = 2_000
-HOW_TO_TRAIN = "Train one with `python -m apps.text.train` (about 4 minutes on CPU) or pass `--ckpt DIR`."
 # surprisal buckets (bits per byte) -> colours from calm to alarming
 BUCKETS = [(1.0, "< 1 bit"), (2.5, "1-2.5 bits"), (4.0, "2.5-4 bits"), (6.0, "4-6 bits"), (math.inf, "> 6 bits")]
 COLORS = {"< 1 bit": "#d9f2d9", "1-2.5 bits": "#fff3b0", "2.5-4 bits": "#ffd59e", "4-6 bits": "#ffab91",
@@ -122,7 +130,7 @@ class TextDemo:
 def build_demo(ckpt: str | Path | None = None) -> gr.Blocks:
     """The text demo; with no usable checkpoint, a page that says how to make one."""
     try:
-        path = find_checkpoint(default_checkpoints("text"), HOW_TO_TRAIN, ckpt)
+        path = find_checkpoint(default_checkpoints("text", SHIPPED), HOW_TO_TRAIN, ckpt)
         app = TextDemo(path)
     except (FileNotFoundError, ValueError) as e:
         return message_demo("Byte-level text (MambaByte)", f"**No text model available.** {e}")

@@ -1,6 +1,7 @@
 """Exact bits/byte of a byte-level checkpoint on files:
 
-    python -m apps.text.evaluate --ckpt runs/text/pretrained --files a.txt docs/ ...
+    python -m apps.text.evaluate --files a.txt docs/ ...             # runs/text/pretrained, else the shipped model
+    python -m apps.text.evaluate --ckpt DIR --files a.txt docs/ ...
 
 Each file is one document read whole, in ``--chunk-len`` pieces with the state carried across
 (apps.common.sequence_nll): exact for any length, memory of one piece. Folders are read recursively.
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from apps.common import HeldOutEvaluation, sequence_nll
 from apps.common.errors import run_cli
 from apps.text.data import BOS, ByteCorpus, Consecutive, Doc, list_files
-from apps.text.generate import load_model
+from apps.text.generate import default_model, load_model
 
 __all__ = ["evaluate_files", "corpus_bits_per_byte", "window_bits_per_byte", "HeldOutBitsPerByte", "main"]
 
@@ -95,14 +96,14 @@ class HeldOutBitsPerByte(HeldOutEvaluation):
 
 
 
-def evaluate_files(ckpt: str | Path, files: list[str | Path], pattern: str = "*", chunk_len: int = 8192,
+def evaluate_files(ckpt: str | Path | None, files: list[str | Path], pattern: str = "*", chunk_len: int = 8192,
                    max_bytes: int | None = None) -> dict:
     """{"files": {path: bits/byte}, "total": bits/byte over all scored bytes, "bytes": scored count}."""
     if chunk_len < 1:
         raise ValueError(f"--chunk-len must be at least 1, got {chunk_len}")
     if max_bytes is not None and max_bytes < 1:
         raise ValueError(f"--max-bytes must be at least 1 (or left out: whole files), got {max_bytes}")
-    model = load_model(ckpt)
+    model = load_model(default_model(ckpt))
     specials = model.config.vocab_size > BOS  # a vocabulary with BOS/EOS: documents are framed by them
     paths = list_files(files, pattern)
     per_file, total_bits, total_n = {}, 0.0, 0
@@ -119,7 +120,8 @@ def evaluate_files(ckpt: str | Path, files: list[str | Path], pattern: str = "*"
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (hiss save_pretrained, mamba_ssm, HF)")
+    p.add_argument("--ckpt", help="checkpoint (hiss save_pretrained, mamba_ssm, HF); default: runs/text/pretrained, "
+                   "else the shipped apps/text/assets/byte_mamba")
     p.add_argument("--files", nargs="+", required=True, help="files and/or folders")
     p.add_argument("--pattern", default="*", help="file-name filter inside folders, e.g. '*.txt'")
     p.add_argument("--chunk-len", type=int, default=8192)

@@ -1,10 +1,13 @@
 """Streaming byte generation, UTF-8 safe, with state cartridges and optional speculative decoding.
 
-    python -m apps.text.generate --ckpt runs/text/pretrained --prompt "The tutorial" \
-        --max-bytes 300 --temperature 0.8 --top-p 0.95
+    python -m apps.text.generate --prompt "The tutorial" --max-bytes 300 --temperature 0.8 --top-p 0.95
+    python -m apps.text.generate --ckpt runs/text/pretrained --prompt "..."               # your own model
     python -m apps.text.generate --ckpt DIR --prompt-file book.txt --save-state book.state   # prefill once
     python -m apps.text.generate --ckpt DIR --state book.state --prompt "\n\nChapter 2"     # continue later
-    python -m apps.text.generate --ckpt DIR --draft DRAFT_DIR --k 4 --prompt "..."          # speculative
+    python -m apps.text.generate --draft apps/text/assets/byte_mamba_draft --prompt "..."     # speculative
+
+With no ``--ckpt``: ``runs/text/pretrained`` (your ``python -m apps.text.train``) if it exists, else the shipped
+``apps/text/assets/byte_mamba`` (docs/text.md: what it was trained on and how well it does).
 
 A model emits bytes; a character may span up to 4 of them. Text is decoded incrementally: a partial
 character is held back until its last byte arrives, and invalid sequences become U+FFFD.
@@ -25,12 +28,14 @@ import torch
 from apps.common import load_model as common_load_model
 from apps.common import prefill, sequence_nll
 from apps.common.errors import run_cli
+from apps.common.paths import resolve_checkpoint
 from apps.text.data import BOS, EOS, encode
 from apps.text.model import TextLMModule
 from ssm_core import MambaLMHeadModel, ModelState, load_state, save_state
 from ssm_core.models.speculative import SpecStats
 
-__all__ = ["Utf8Stream", "load_model", "save_cartridge", "load_cartridge", "stream_bytes", "stream_text",
+__all__ = ["Utf8Stream", "SHIPPED", "SHIPPED_DRAFT", "default_model", "load_model",
+           "save_cartridge", "load_cartridge", "stream_bytes", "stream_text",
            "byte_surprisal"]
 
 
@@ -47,6 +52,17 @@ class Utf8Stream:
     def flush(self) -> str:
         """End of stream: a dangling partial character becomes U+FFFD."""
         return self._dec.decode(b"", final=True)
+
+
+SHIPPED = Path(__file__).resolve().parent / "assets" / "byte_mamba"
+SHIPPED_DRAFT = Path(__file__).resolve().parent / "assets" / "byte_mamba_draft"
+HOW_TO_TRAIN = "Train one with `python -m apps.text.train` (about 4 minutes on CPU) or pass --ckpt DIR."
+
+
+def default_model(ckpt: str | Path | None = None) -> Path:
+    """The named checkpoint (load_model says what is wrong with it), else runs/text/pretrained, else the shipped
+    byte model."""
+    return Path(ckpt) if ckpt else resolve_checkpoint("text", None, SHIPPED, HOW_TO_TRAIN)
 
 
 def load_model(ckpt: str | Path) -> MambaLMHeadModel:
@@ -117,7 +133,8 @@ def byte_surprisal(model, data: bytes, state: ModelState | None = None, bos: boo
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint directory (hiss, mamba_ssm/MambaByte or HF)")
+    p.add_argument("--ckpt", help="checkpoint directory (hiss, mamba_ssm/MambaByte or HF); default: "
+                   "runs/text/pretrained, else the shipped apps/text/assets/byte_mamba")
     p.add_argument("--prompt", default="", help="prompt text (escapes like \\n are decoded)")
     p.add_argument("--prompt-file", type=Path, help="read the prompt from a file (bytes)")
     p.add_argument("--max-bytes", type=int, default=300)
@@ -134,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.max_bytes < 0:
         raise ValueError(f"--max-bytes must be >= 0, got {a.max_bytes}")
     torch.set_num_threads(a.threads)
-    model = load_model(a.ckpt)
+    model = load_model(default_model(a.ckpt))
     bos = model.config.vocab_size > BOS
     # surrogateescape: a --prompt with invalid UTF-8 bytes (decoded by Python with surrogateescape) is those bytes
     prompt = a.prompt_file.read_bytes() if a.prompt_file else a.prompt.replace("\\n", "\n").replace(

@@ -85,6 +85,16 @@ def test_files_folders_split_and_errors(tmp_path):
         split_files(files[:2])
 
 
+def test_split_is_the_same_wherever_the_corpus_lives(tmp_path):
+    import shutil
+    a = write_corpus(tmp_path / "one" / "corpus", 12)
+    shutil.copytree(tmp_path / "one", tmp_path / "elsewhere" / "deeper")
+    b = list_files([tmp_path / "elsewhere" / "deeper" / "corpus"])
+    names = lambda split: [[f.name for f in part] for part in split]  # noqa: E731
+    assert names(split_files(a, 0.2, 0.2, roots=[tmp_path / "one" / "corpus"])) == \
+        names(split_files(b, 0.2, 0.2, roots=[tmp_path / "elsewhere" / "deeper" / "corpus"]))
+
+
 def test_corpus_reads_bytes_and_frames_documents(tmp_path):
     files = write_corpus(tmp_path / "c", 3)
     raw = [f.read_bytes() for f in files]
@@ -265,3 +275,28 @@ def test_speculative_with_mamba_models_and_eos():
     with torch.no_grad():  # make EOS overwhelmingly likely: generation stops at once, EOS not emitted
         target.lm_head.weight[EOS] += 50 * target.backbone.embedding.weight.std()
     assert list(stream_bytes(target, "abc", 50, temperature=0.0, draft=draft, k=3)) == []
+
+
+def test_shipped_model_is_the_default_of_generate_and_evaluate(tmp_path, monkeypatch, capsys):
+    import apps.common.paths as paths
+    from apps.text import generate as gen
+
+    assert (gen.SHIPPED / "model.safetensors").stat().st_size <= 20_000_000  # the size cap
+    monkeypatch.chdir(tmp_path)  # no runs/text/pretrained here or under the (patched) repository root
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)
+    assert gen.default_model() == gen.SHIPPED
+    (tmp_path / "runs" / "text" / "pretrained").mkdir(parents=True)
+    gen.load_model(gen.SHIPPED).save_pretrained(tmp_path / "runs" / "text" / "pretrained")
+    assert gen.default_model().resolve() == (tmp_path / "runs" / "text" / "pretrained").resolve()  # yours first
+    with pytest.raises(FileNotFoundError, match="nope: no such byte-level model"):
+        gen.load_model(gen.default_model(tmp_path / "nope"))
+    draft = gen.load_model(gen.SHIPPED_DRAFT)
+    target = gen.load_model(gen.SHIPPED)
+    assert sum(p.numel() for p in draft.parameters()) * 4 < sum(p.numel() for p in target.parameters())
+    gen.main(["--prompt", "The tutorial", "--max-bytes", "24", "--seed", "0", "--draft", str(gen.SHIPPED_DRAFT)])
+    err = capsys.readouterr().err
+    assert "[24 bytes in" in err and "acceptance" in err  # the shipped pair decodes speculatively
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The Python tutorial explains how to define functions. " * 8)
+    r = evaluate_files(None, [doc])
+    assert r["total"] < 4.0  # a trained model: far below the 8 bits of a uniform byte distribution
