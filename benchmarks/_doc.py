@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -19,3 +21,16 @@ def write_section(doc: Path, key: str, block: str) -> None:
     tmp = doc.with_suffix(doc.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(doc)
+
+
+def publish(block: str, key: str, doc: str | Path, rows: list = (), json_path: str | None = None,
+            write_doc: bool = True) -> None:
+    """Print a benchmark's markdown block, save its rows (dataclasses) as JSON when asked, and replace the
+    ``key`` block of ``doc`` unless told not to."""
+    print(block)
+    if json_path:
+        Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    if write_doc:
+        write_section(Path(doc), key, block)
+        print(f"wrote the {key} block of {doc}")
+

@@ -38,13 +38,13 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks._compressors import COMPRESSORS, compressed_sizes
-from benchmarks._doc import write_section
+from benchmarks._doc import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "genomics.md"
@@ -309,12 +309,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
               f"Markov k={r.best_k} {r.markov[r.best_k]:.4f}{model}  "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in r.seconds.items())})", flush=True)
     block = render(rows, ckpt, note, args.alpha, args.max_order, torch.get_num_threads())
-    print(block)
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    if not args.no_docs:
-        write_section(Path(args.doc), "dna_compress", block)
-        print(f"wrote the dna_compress block of {args.doc}")
+    publish(block, "dna_compress", args.doc, rows, args.json, not args.no_docs)
     return rows
 
 

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from benchmarks._compressors import COMPRESSORS, compressed_sizes
-from benchmarks._doc import write_section
+from benchmarks._doc import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "text.md"
@@ -160,12 +159,7 @@ def main(argv: list[str] | None = None) -> list[Group]:
               + "  ".join(f"{c} {g.per_file[c]:.3f}/{g.joined[c]:.3f}" for c in COMPRESSORS)
               + "  " + "  ".join(f"{m} {v:.3f}" for m, v in g.model.items()), flush=True)
     block = render(groups, models, torch.get_num_threads())
-    print(block)
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(g) for g in groups], indent=1))
-    if not args.no_docs:
-        write_section(Path(args.doc), "text_compress", block)
-        print(f"wrote the text_compress block of {args.doc}")
+    publish(block, "text_compress", args.doc, groups, args.json, not args.no_docs)
     return groups
 
 
