@@ -1,10 +1,11 @@
 """Compiled CPU kernels: selective scan (Mamba-1) fwd + bwd, complex-A scan fwd + bwd, causal conv1d fwd +
-bwd + decode step, and the decode-step selective state update (Mamba-1 and Mamba-2 layouts).
+bwd + decode step (channel-major; fwd + bwd time-major too), (gated) RMSNorm fwd + bwd, and the decode-step
+selective state update (Mamba-1 and Mamba-2 layouts).
 
 One extension module, so the ~60 s parse of ``torch/extension.h`` is paid once: the C++ translation
-unit ``csrc/selective_scan_cpu.cpp`` includes ``csrc/causal_conv1d_cpu.h``, ``csrc/state_update_cpu.h``
-and ``csrc/complex_scan_cpu.h`` (SIMD helpers in ``csrc/simd.h``; loads,
-checks and ISA dispatch shared by the kernels in ``csrc/common.h``). It is compiled with
+unit ``csrc/selective_scan_cpu.cpp`` includes ``csrc/causal_conv1d_cpu.h``, ``csrc/conv_time_major_cpu.h``,
+``csrc/rms_norm_cpu.h``, ``csrc/state_update_cpu.h`` and ``csrc/complex_scan_cpu.h`` (SIMD helpers in
+``csrc/simd.h``; loads, checks and ISA dispatch shared by the kernels in ``csrc/common.h``). It is compiled with
 ``torch.utils.cpp_extension.load`` the first time it is needed and cached under ``$HISS_KERNEL_CACHE`` (default
 ``~/.cache/hiss/kernels``) in a folder named by a hash of the source, the flags, torch's and
 Python's versions, so a later process just loads the built module. Importing this module never
@@ -52,6 +53,8 @@ __all__ = [
     "selective_scan_cpu",
     "complex_scan_cpu",
     "causal_conv1d_cpu",
+    "causal_conv1d_time_major_cpu",
+    "rms_norm_gated_cpu",
     "causal_conv1d_update_cpu",
     "selective_state_update_cpu",
     "mamba_chunk_scan_combined_cpu",
@@ -383,6 +386,115 @@ def causal_conv1d_cpu(
     _check_cpu(name, x, weight, bias, seq_idx, initial_states)
     out, final = _CausalConv1dCPU.apply(x, weight, bias, seq_idx, initial_states, activation is not None)
     return (out, final) if return_final_states else out
+
+
+class _CausalConv1dTimeMajorCPU(torch.autograd.Function):
+    """Saves only the padded input xp (batch, L + W - 1, dim): backward recomputes the pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, init, silu):
+        comp = _comp_dtype(x)
+        b, L, d = x.shape
+        W = weight.shape[1]
+        xp = x.new_empty(b, L + W - 1, d, dtype=comp)  # the state's W - 1 inputs, then x
+        if init is None:
+            xp[:, : W - 1].zero_()
+        else:
+            xp[:, : W - 1].copy_(init.detach().transpose(1, 2))
+        xp[:, W - 1:].copy_(x.detach())
+        wt, bc = _cvt(weight.t(), comp), _cvt(bias, comp)  # wt (W, dim): one tap's weights per row
+        out = load().conv_tm_fwd(xp, wt, bc, silu)
+        final = x.new_empty(b, d, W - 1).copy_(xp[:, L:].transpose(1, 2))  # own storage: xp is not pinned
+        ctx.save_for_backward(xp, wt, bc)
+        ctx.silu = silu
+        ctx.meta = tuple(None if t is None else t.dtype for t in (x, weight, bias, init))
+        ctx.set_materialize_grads(False)
+        return out.to(x.dtype), final
+
+    @staticmethod
+    def backward(ctx, gout, gfinal):
+        xp, wt, bc = ctx.saved_tensors
+        W, d = wt.shape
+        L = xp.shape[1] - (W - 1)
+        if gout is None:
+            dxp, sums = torch.zeros_like(xp), xp.new_zeros(W + 1, d)
+        else:
+            dxp, part = load().conv_tm_bwd(xp, wt, bc, ctx.silu, gout.to(xp.dtype).contiguous())
+            sums = part.sum(0, dtype=torch.float64)  # the blocks' (dwt; dbias) partials, in a fixed order
+        if gfinal is not None:
+            dxp[:, L:] += gfinal.transpose(1, 2).to(xp.dtype)
+        tx, tw, tb, ti = ctx.meta
+        need = ctx.needs_input_grad
+        return (dxp[:, W - 1:].to(tx) if need[0] else None,
+                sums[:W].t().to(tw) if need[1] else None,
+                sums[W].to(tb) if tb is not None and need[2] else None,
+                dxp[:, : W - 1].transpose(1, 2).to(ti) if ti is not None and need[3] else None,
+                None)
+
+
+def causal_conv1d_time_major_cpu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    activation: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Compiled CPU twin of ``ssm_core.ops.conv.causal_conv1d_time_major``: x (batch, L, dim) with any strides
+    -> (out (batch, L, dim), final state (batch, dim, W - 1)). Computes in fp32 (fp64 for fp64 x); differentiable
+    in x, weight, bias and initial_states, and through the final state; keeps only the padded input for
+    backward (the PyTorch path also keeps the output and its sigmoid)."""
+    name = "causal_conv1d_time_major_cpu"
+    if x.dim() != 3:
+        raise ValueError(f"{name}: x must be (batch, L, dim), got shape {tuple(x.shape)}")
+    check_conv(name, x.transpose(1, 2), weight, bias, None, initial_states, activation)
+    _check_cpu(name, x, weight, bias, initial_states)
+    return _CausalConv1dTimeMajorCPU.apply(x, weight, bias, initial_states, activation is not None)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """Saves x, z (views when they can be: rows of any stride) and 1 / rms per row and group."""
+
+    @staticmethod
+    def forward(ctx, x, z, weight, eps, size):
+        comp, C = _comp_dtype(x), x.shape[-1]
+        xs = x.detach().to(comp).reshape(-1, C)
+        zs = None if z is None else z.detach().to(comp).reshape(-1, C)
+        w = _cvt(weight, comp)
+        out, r = load().norm_fwd(xs, zs, w, eps, size)
+        ctx.save_for_backward(xs, zs, w, r)
+        ctx.cfg = (eps, size, x.shape, tuple(None if t is None else t.dtype for t in (x, z, weight)))
+        return out.view(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gout):
+        xs, zs, w, r = ctx.saved_tensors
+        eps, size, shape, (tx, tz, tw) = ctx.cfg
+        g = gout.to(xs.dtype).reshape(-1, xs.shape[1])
+        dx, dz, part = load().norm_bwd(xs, zs, w, eps, size, r, g)
+        need = ctx.needs_input_grad
+        return (dx.view(shape).to(tx) if need[0] else None,
+                dz.view(shape).to(tz) if zs is not None and need[1] else None,
+                part.sum(0, dtype=torch.float64).to(tw) if w is not None and need[2] else None,
+                None, None)
+
+
+def rms_norm_gated_cpu(x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float = 1e-5,
+                       group_size: int | None = None) -> Tensor:
+    """Compiled CPU twin of ``ssm_core.ops.norm.rms_norm_gated`` (gate before the norm: norm(x * silu(z)) * weight)
+    and, with ``z=None``, of ``rms_norm``; over groups of ``group_size`` channels (default all). Computes in fp32
+    (fp64 for fp64 x), returns x's dtype; differentiable in x, z and weight; keeps x, z and one 1 / rms per row
+    and group for backward."""
+    name = "rms_norm_gated_cpu"
+    C = x.shape[-1]
+    size = C if group_size is None else int(group_size)
+    if size < 1 or C % size:
+        raise ValueError(f"{name}: group_size {size} does not divide {C} channels")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"{name}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
+    if weight is not None and tuple(weight.shape) != (C,):
+        raise ValueError(f"{name}: weight must be ({C},), got {tuple(weight.shape)}")
+    _check_cpu(name, x, z, weight)
+    return _RMSNormCPU.apply(x, z, weight, float(eps), size)
 
 
 def causal_conv1d_update_cpu(

@@ -39,6 +39,8 @@
 #include "simd.h"
 #include "common.h"
 #include "causal_conv1d_cpu.h"
+#include "conv_time_major_cpu.h"
+#include "rms_norm_cpu.h"
 #include "state_update_cpu.h"
 #include "model_step_cpu.h"
 #include "complex_scan_cpu.h"
@@ -591,7 +593,7 @@ at::Tensor elementwise(const std::string& name, const at::Tensor& x_) {
 }  // namespace hiss
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "hiss CPU kernels: selective scan fwd + bwd, complex scan fwd + bwd, causal conv1d fwd + bwd + update, state update";
+  m.doc() = "hiss CPU kernels: selective scan fwd + bwd, complex scan fwd + bwd, causal conv1d fwd + bwd + update (channel- and time-major), (gated) RMSNorm fwd + bwd, state update";
   m.def("fwd", &hiss::fwd, "selective scan forward -> (out, last_state, chunk_states)", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
         py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
@@ -627,6 +629,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bwd", &hiss::conv_bwd, "causal conv1d backward -> (dx, dweight, dbias, dinitial_states)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("seq_idx"), py::arg("initial_states"),
         py::arg("silu"), py::arg("dout"), py::arg("dfinal_states") = py::none());
+  m.def("conv_tm_fwd", &hiss::conv_tm_fwd, "time-major causal conv1d forward on the padded input -> out",
+        py::arg("xp"), py::arg("wt"), py::arg("bias") = py::none(), py::arg("silu") = false);
+  m.def("conv_tm_bwd", &hiss::conv_tm_bwd, "time-major causal conv1d backward -> (dxp, (dwt; dbias) partials)",
+        py::arg("xp"), py::arg("wt"), py::arg("bias"), py::arg("silu"), py::arg("dout"));
+  m.def("norm_fwd", &hiss::norm_fwd, "(gated) RMSNorm forward -> (out, 1/rms per row and group)", py::arg("x"),
+        py::arg("z") = py::none(), py::arg("weight") = py::none(), py::arg("eps") = 1e-5, py::arg("size") = 0);
+  m.def("norm_bwd", &hiss::norm_bwd, "(gated) RMSNorm backward -> (dx, dz, dweight partials)", py::arg("x"),
+        py::arg("z"), py::arg("weight"), py::arg("eps"), py::arg("size"), py::arg("r"), py::arg("dout"));
   m.def("conv_update", &hiss::conv_update, "causal conv1d decode step, state shifted in place -> out",
         py::arg("x"), py::arg("state"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("silu") = false);
   py::class_<hiss::DecodeModel>(m, "DecodeModel", "whole-model decode step (kernels/csrc/model_step_cpu.h)")

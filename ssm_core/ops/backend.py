@@ -51,6 +51,14 @@ KERNELS: dict[str, dict[str, str]] = {
         "cpu": "kernels.cpu:causal_conv1d_cpu",
         "triton": "kernels.triton:causal_conv1d_triton",
     },
+    # time-major (batch, L, dim), Mamba-2's layout; no Triton kernel: CUDA takes the PyTorch ops of ops/conv.py
+    "causal_conv1d_time_major": {
+        "cpu": "kernels.cpu:causal_conv1d_time_major_cpu",
+    },
+    # (gated) RMSNorm; no Triton kernel: CUDA takes the PyTorch code of ops/norm.py
+    "rms_norm_gated": {
+        "cpu": "kernels.cpu:rms_norm_gated_cpu",
+    },
     "causal_conv1d_update": {
         "cpu": "kernels.cpu:causal_conv1d_update_cpu",
         "triton": "kernels.triton:causal_conv1d_update_triton",

@@ -126,16 +126,22 @@ def causal_conv1d_time_major(
     bias: Tensor | None = None,
     initial_states: Tensor | None = None,
     activation: str | None = None,
+    *,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``causal_conv1d`` on time-major x: (batch, L, dim) (any strides with a unit channel stride, e.g. a slice
     of in_proj's output) -> (out (batch, L, dim), final state (batch, dim, width - 1)); weight, bias,
-    initial_states as in ``causal_conv1d``; no seq_idx. PyTorch ops with a hand-written backward
-    (differentiable in every input and through the final state), on any device: it saves the two layout
-    copies that the channel-major kernel needs around a time-major model. Computes in fp32 (fp64 for fp64 x).
+    initial_states as in ``causal_conv1d``; no seq_idx. It saves the two layout copies that the channel-major
+    kernel needs around a time-major model. Differentiable in every input and through the final state;
+    computes in fp32 (fp64 for fp64 x). On CPU the compiled kernel (``kernels.cpu``); elsewhere, or with
+    ``backend="ref"``, PyTorch ops with a hand-written backward (``_CausalConv1dTimeMajor``).
     Twin: ``causal_conv1d_ref`` on the transposed input."""
     if x.dim() != 3:
         raise ValueError(f"causal_conv1d_time_major: x must be (batch, L, dim), got shape {tuple(x.shape)}")
     check_conv("causal_conv1d_time_major", x.transpose(1, 2), weight, bias, None, initial_states, activation)
+    kernel = fast_path(backend, x.device, "causal_conv1d_time_major")
+    if kernel is not None:
+        return kernel(x, weight, bias, initial_states, activation)
     return _CausalConv1dTimeMajor.apply(x, weight, bias, initial_states, activation is not None)
 
 

@@ -1,8 +1,9 @@
 """RMSNorm and gated RMSNorm (Mamba-2's output norm), computed in fp32.
 
-No fast path: ``rms_norm`` and ``rms_norm_gated`` are this PyTorch code on every backend (they are a few
-elementwise ops and one reduction; ``backend.KERNELS`` has no entry for them). Their twin ``rms_norm_ref``
-is the textbook definition, float64, one group at a time, that ``rms_norm`` is tested against.
+On CPU both take the compiled kernel (``kernels.cpu.rms_norm_gated_cpu``: one pass forward, one backward,
+deterministic at any thread count) through ``backend.fast_path``; elsewhere, and with ``HISS_BACKEND=ref``,
+they are the PyTorch code below (``_GatedRMSNorm``: a hand-written backward; ``rms_norm``: autograd). Their twin
+``rms_norm_ref`` is the textbook definition, float64, one group at a time, that both paths are tested against.
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backend import fast_path
+
 __all__ = ["rms_norm", "rms_norm_ref", "rms_norm_gated", "RMSNorm", "RMSNormGated"]
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-5, group_size: int | None = None) -> Tensor:
     """x / rms(x) * weight over the last axis, or over groups of ``group_size`` channels."""
+    kernel = fast_path(None, x.device, "rms_norm_gated")
+    if kernel is not None:
+        return kernel(x, None, weight, eps, group_size)
     dtype = x.dtype
     h = x.float() if x.dtype != torch.float64 else x
     if group_size is not None and group_size != h.shape[-1]:
@@ -54,6 +60,9 @@ def rms_norm_gated(
         size = x.shape[-1] if group_size is None else group_size
         if x.shape[-1] % size:
             raise ValueError(f"rms_norm: group_size {size} does not divide {x.shape[-1]} channels")
+        kernel = fast_path(None, x.device, "rms_norm_gated")
+        if kernel is not None and z.device == x.device:
+            return kernel(x, z, weight, eps, size)
         return _GatedRMSNorm.apply(x, z, weight, eps, size)
     gate = F.silu(z.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
     if norm_before_gate:

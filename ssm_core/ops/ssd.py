@@ -28,8 +28,8 @@ acs = cumsum of a within a chunk (acs_t: the log-decay from the chunk's start to
     y        = y_in + exp(acs) ∘ (C hin^T) (+ D x, * silu(z))                       (Q x N)(N x K P)
 Working layouts: time-major (b, c, Q, H, P) for x / y and the per-group matmuls (G = 1: plain views),
 per-head (b, c, H, Q, P) copies for the (Q x Q) matmuls, chunk states (b, c+1, H, P, N). Blocks of
-``block_len`` tokens (c = block_len / Q chunks) are processed at a time, so the working set, and the
-cost per token, do not grow with L.
+``block_len`` tokens (c = block_len / Q chunks; backward at most CPU_BWD_BLOCK) are processed at a time, so
+the working set, and the cost per token, do not grow with L.
 
 Backward (hand-written): forward saves its inputs, the states entering every chunk (b, L/Q + 1, H, P, N)
 -- the same memory as the compiled scan's checkpoints at Q = 64 -- and, without a gate, its output (the
@@ -65,9 +65,12 @@ from .selective_scan import acc_dtype, selective_state_update_ref
 
 __all__ = ["mamba_chunk_scan_combined", "ssd_matmul", "ssd_ref", "segsum", "CPU_CHUNK", "CPU_BLOCK"]
 
-# ssd_matmul's defaults, chosen by measurement (docs/kernels.md): chunk length Q and tokens per block
+# ssd_matmul's defaults, chosen by measurement (docs/kernels.md): chunk length Q and tokens per block; backward
+# works on shorter blocks (its dozen (block, heads, headdim)-sized temporaries then stay in L2: 15-20% faster at
+# d_state 128), forward is flat from 128 to 1024
 CPU_CHUNK = 64
 CPU_BLOCK = 1024
+CPU_BWD_BLOCK = 256
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -366,7 +369,7 @@ class _SSDMatmul(torch.autograd.Function):
         monotone = _monotone(delta, Af)
         Dm = None if D is None else (D.to(acc)[:, None] if D.dim() == 1 else D.to(acc))
         dh = x.new_zeros(b, H, P, N, dtype=acc) if gh is None else gh.to(acc)
-        blocks = _blocks(L, Q, block)
+        blocks = _blocks(L, Q, min(block, CPU_BWD_BLOCK))
         dx = torch.empty(b, L, H, P, dtype=acc, device=dev) if len(blocks) > 1 else None
         ddelta = torch.empty(b, L, H, dtype=acc, device=dev)
         dB = torch.empty(b, L, G, N, dtype=acc, device=dev)
@@ -449,9 +452,10 @@ def ssd_matmul(
     """SSD in the chunked matmul form with a hand-written backward (the CPU fast path for large d_state).
 
     ``mamba_chunk_scan_combined``'s arguments and results, no ``seq_idx``. ``chunk_size`` is the Q of the
-    module docstring (the result does not depend on it); ``block_len`` tokens are processed at a time,
-    which bounds the working set (cost per token flat in L). Saves its inputs and the state at every
-    chunk boundary, (batch, nheads, L / Q, headdim, dstate), for backward; recomputes the rest.
+    module docstring (the result does not depend on it); ``block_len`` tokens are processed at a time
+    (backward: at most ``CPU_BWD_BLOCK``), which bounds the working set (cost per token flat in L). Saves
+    its inputs and the state at every chunk boundary, (batch, nheads, L / Q, headdim, dstate), for backward;
+    recomputes the rest.
     """
     check_ssd("ssd_matmul", x, dt, A, B, C, D, z, dt_bias, initial_states, None, chunk_size)
     y, h = _SSDMatmul.apply(x, dt, A, B, C, D, z, dt_bias, initial_states, bool(dt_softplus),

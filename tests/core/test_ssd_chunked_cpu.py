@@ -53,6 +53,8 @@ CASES = [
     (2, 19, 6, 2, 3, 4, 16, 1024, None, False, False, False, (0.05, 0.9)),  # one short block, dt_limit
     (1, 33, 2, 4, 1, 8, 16, 16, "H", False, True, False, (0.0, math.inf)),  # padding in a block of its own
     (2, 1, 3, 2, 1, 4, 8, 8, "HP", True, False, True, (0.0, math.inf)),  # L = 1
+    # forward in one block, backward in CPU_BWD_BLOCK-long blocks (the last one padded)
+    (1, 300, 2, 3, 1, 4, 16, 1024, "H", False, True, True, (0.0, math.inf)),
 ]
 
 

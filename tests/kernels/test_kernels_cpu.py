@@ -23,11 +23,15 @@ except ImportError:  # running pytest without the repo root on sys.path
 
 from ssm_core.ops import (
     causal_conv1d,
+    causal_conv1d_time_major,
     causal_conv1d_update,
     mamba_chunk_scan_combined,
+    rms_norm,
+    rms_norm_gated,
     selective_state_update,
     ssd_ref,
 )
+from ssm_core.ops.norm import rms_norm_ref
 from ssm_core.ops.selective_scan import selective_scan_ref, selective_state_update_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -489,6 +493,132 @@ def test_conv_dispatch_and_dtypes(ext):
         kcpu.causal_conv1d_cpu(x["x"], x["weight"], activation="relu")
     with pytest.raises(ValueError, match="initial_states"):
         kcpu.causal_conv1d_cpu(x["x"], x["weight"], initial_states=x["initial_states"][..., :2])
+
+
+def _tm_run(fn, x, act):
+    """A time-major conv (batch, L, dim) on the channel-major inputs of ``_conv_inputs``; x is handed over as a
+    strided slice of a wider tensor (in_proj's layout). Returns out (channel-major), final, grads."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items() if v is not None and k != "seq_idx"}
+    b, d, L = x["x"].shape
+    wide = torch.cat([leaves["x"].transpose(1, 2), torch.zeros(b, L, 3, dtype=x["x"].dtype)], -1)
+    out, final = fn(wide[..., :d], leaves["weight"], leaves.get("bias"), leaves.get("initial_states"), act)
+    out = out.transpose(1, 2)
+    g = torch.Generator().manual_seed(7)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    gf = torch.randn(final.shape, generator=g, dtype=torch.float64).to(final.dtype)
+    loss = (out * go).sum() + (final * gf).sum()
+    names = list(leaves)
+    return out, final, dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+
+
+def _tm_torch(*args):
+    return causal_conv1d_time_major(*args, backend="ref")
+
+
+# (batch, dim, L, width, bias, initial state, activation): dims off the vector width, L across the 64-step
+# backward blocks, a width past L
+TM_CASES = [(1, 1, 1, 4, True, True, "silu"), (2, 11, 70, 4, True, True, "silu"), (2, 16, 129, 4, False, False, None),
+            (1, 9, 64, 3, True, True, "silu"), (3, 5, 2, 6, True, True, None), (1, 7, 5, 1, True, False, "silu")]
+
+
+@pytest.mark.parametrize("case", TM_CASES, ids=lambda c: "b{}d{}L{}W{}".format(*c[:4]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_conv_time_major_matches_channel_major_reference(ext, case, dtype):
+    b, d, L, W, bias, init, act = case
+    x = _conv_inputs(b, d, L, W, dtype, bias=bias, init=init and W > 1)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    o2, f2, g2 = _conv_run(_conv_ref, x, act)
+    for isa in _isas(ext):
+        ext.set_isa(isa)
+        for fn in (kcpu.causal_conv1d_time_major_cpu, _tm_torch):  # the kernel and the PyTorch path
+            o1, f1, g1 = _tm_run(fn, x, act)
+            assert o1.dtype == dtype and f1.shape == f2.shape
+            assert_close(o1, o2, rtol, "out")
+            assert torch.equal(f1, f2)
+            assert set(g1) == set(g2)
+            for k in g2:
+                assert g1[k].dtype == dtype and g1[k].shape == x[k].shape
+                assert_close(g1[k], g2[k], rtol, f"grad {k}")
+    ext.set_isa("auto")
+
+
+def test_conv_time_major_gradcheck_fp64_and_thread_count_invariant(ext):
+    x = _conv_inputs(2, 3, 6, 3, torch.float64)
+    ts = tuple(x[k].clone().requires_grad_() for k in ("x", "weight", "bias", "initial_states"))
+    assert torch.autograd.gradcheck(
+        lambda xx, w, bb, h: kcpu.causal_conv1d_time_major_cpu(xx.transpose(1, 2), w, bb, h, "silu"), ts,
+        eps=1e-6, atol=1e-7, rtol=1e-5)
+    # the weight / bias gradients sum fixed blocks in a fixed order: bit-identical at any thread count
+    x = _conv_inputs(2, 24, 300, 4, torch.float32)
+    runs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        runs.append(_tm_run(kcpu.causal_conv1d_time_major_cpu, x, "silu"))
+    torch.set_num_threads(1)
+    (o1, f1, g1), (o2, f2, g2) = runs
+    assert torch.equal(o1, o2) and all(torch.equal(g1[k], g2[k]) for k in g1)
+
+
+# ---- (gated) RMSNorm ----------------------------------------------------------------------------
+
+def _norm_ref64(x, z, w, eps, size):
+    """The textbook definition in fp64 (rms_norm_ref), through autograd: the twin of both norm paths."""
+    h = x.double() if z is None else x.double() * torch.nn.functional.silu(z.double())
+    return rms_norm_ref(h, None if w is None else w.double(), eps, size)
+
+
+# (rows, channels, group size or None, gate, weight): channels off the vector width, rows across the 64-row blocks
+NORM_CASES = [(1, 8, None, True, True), (70, 13, None, True, True), (130, 24, 8, True, False),
+              (5, 12, 4, False, True), (3, 7, 7, False, False)]
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=lambda c: "n{}C{}g{}z{}w{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_rms_norm_kernel_matches_fp64_definition_with_gradients(ext, case, dtype, monkeypatch):
+    n, C, size, gate, weight = case
+    g = torch.Generator().manual_seed(n + C)
+    wide = (torch.randn(n, 2 * C + 3, generator=g, dtype=torch.float64) * 2).to(dtype)
+    ins = dict(x=torch.randn(n, C, generator=g, dtype=torch.float64).to(dtype),
+               z=wide[:, 3: 3 + C] if gate else None,  # a strided slice, like in_proj's z
+               w=(1 + torch.randn(C, generator=g, dtype=torch.float64) * 0.3).to(dtype) if weight else None)
+    go = torch.randn(n, C, generator=g, dtype=torch.float64)
+    eps, rtol = 1e-5, (1e-5 if dtype == torch.float32 else 1e-12)
+
+    def run(fn):
+        leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in ins.items()}
+        out = fn(leaves["x"], leaves["z"], leaves["w"])
+        names = [k for k, v in leaves.items() if v is not None]
+        return out, dict(zip(names, torch.autograd.grad((out.double() * go).sum(), [leaves[k] for k in names])))
+
+    o_ref, g_ref = run(lambda x, z, w: _norm_ref64(x, z, w, eps, size))
+    runs = [run(lambda x, z, w: kcpu.rms_norm_gated_cpu(x, z, w, eps, size)),
+            run(lambda x, z, w: rms_norm_gated(x, z, w, eps, size) if z is not None else rms_norm(x, w, eps, size))]
+    monkeypatch.setenv("HISS_BACKEND", "ref")  # the PyTorch path of ssm_core.ops.norm
+    runs.append(run(lambda x, z, w: rms_norm_gated(x, z, w, eps, size) if z is not None else rms_norm(x, w, eps, size)))
+    for out, grads in runs:
+        assert out.dtype == dtype
+        assert_close(out, o_ref, rtol, "out")
+        assert set(grads) == set(g_ref)
+        for k in g_ref:
+            assert grads[k].dtype == dtype
+            assert_close(grads[k], g_ref[k], rtol * 10, f"grad {k}")
+
+
+def test_rms_norm_kernel_gradcheck_and_thread_count_invariant(ext):
+    g = torch.Generator().manual_seed(0)
+    ts = tuple(torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in ((3, 6), (3, 6), (6,)))
+    assert torch.autograd.gradcheck(lambda x, z, w: kcpu.rms_norm_gated_cpu(x, z, w, 1e-5, 3), ts, eps=1e-6,
+                                    atol=1e-7, rtol=1e-5)
+    x, z = torch.randn(300, 40, generator=g), torch.randn(300, 40, generator=g)
+    w = torch.randn(40, generator=g)
+    runs = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        leaves = [t.clone().requires_grad_() for t in (x, z, w)]
+        out = kcpu.rms_norm_gated_cpu(*leaves, 1e-5, 8)
+        runs.append([out, *torch.autograd.grad(out.square().sum(), leaves)])
+    torch.set_num_threads(1)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 @pytest.mark.parametrize("W,S", [(4, 3), (4, 5), (2, 1), (3, 2)])
