@@ -3,6 +3,8 @@
     python -m benchmarks.dna_compress                                   # bundled 300 kb E. coli sample
     python -m benchmarks.dna_compress --fasta datasets/genomes/ecoli_ec590.fa.gz datasets/genomes/ecoli_k12_w3110.fa.gz
     python -m benchmarks.dna_compress --ckpt runs/genomics/pretrained --max-order 20 --no-docs
+    python -m benchmarks.dna_compress --fasta datasets/genomes/bacteria.fa.gz --bed datasets/genomes/bacteria.bed \
+        --split test --max-bases 1000000 --contexts 1024 16384 262144     # held-out strains, context sweep
 
 For each genome (FASTA, plain or gzip; every record, upper-cased), the bases that are not A/C/G/T (N runs,
 IUPAC codes) are removed and counted, and every coder is charged for every remaining base:
@@ -34,6 +36,7 @@ import argparse
 import datetime
 import gzip
 import json
+import math
 import os
 import sys
 import tempfile
@@ -80,6 +83,34 @@ class Genome:
         return np.frombuffer(b"ACGT", dtype=np.uint8)[self.codes].tobytes()
 
 
+def _clean(seq: bytes) -> tuple[np.ndarray, int, int]:
+    """(2-bit codes of the A/C/G/T bases, non-ACGT characters removed, maximal runs of them)."""
+    codes = _CODE[np.frombuffer(seq, dtype=np.uint8)]
+    bad = codes == 255
+    runs = int(bad[0]) + int((bad[1:] & ~bad[:-1]).sum()) if bad.any() else 0
+    return codes[~bad], int(bad.sum()), runs
+
+
+def read_split(fasta: str | os.PathLike, bed: str | os.PathLike, split: str = "test",
+               max_bases: int | None = None) -> list[Genome]:
+    """One Genome per ``split`` interval of ``bed`` over ``fasta`` (a multi-genome set whose held-out strains are
+    whole records), named by the record's accession, each cut to its first ``max_bases`` bases when given."""
+    from apps.genomics.data import FastaReader, read_bed
+
+    reader = FastaReader(fasta)
+    out = []
+    for iv in read_bed(bed, reader):
+        if iv.split != split:
+            continue
+        end = iv.end if max_bases is None else min(iv.end, iv.start + max_bases)
+        codes, removed, runs = _clean(reader.fetch(iv.chrom, iv.start, end).encode())
+        accession = [f for f in iv.chrom.split("|") if f][-1]  # gi|123|ref|NC_1.1| -> NC_1.1
+        out.append(Genome(accession, [(f"{iv.chrom}:{iv.start}-{end}", codes)], removed, runs))
+    if not out:
+        raise ValueError(f"{bed}: no intervals in split {split!r}")
+    return out
+
+
 def read_genome(path: str | os.PathLike, name: str | None = None) -> Genome:
     """Every record of a FASTA (plain, gzip or bgzip) as 2-bit codes; non-ACGT characters removed and counted."""
     path = Path(path)
@@ -92,13 +123,9 @@ def read_genome(path: str | os.PathLike, name: str | None = None) -> Genome:
         nonlocal removed, runs
         if cur_name is None:
             return
-        raw = np.frombuffer(b"".join(parts), dtype=np.uint8)
-        codes = _CODE[raw]
-        bad = codes == 255
-        removed += int(bad.sum())
-        if bad.any():  # runs: positions where a removed stretch starts
-            runs += int(bad[0]) + int((bad[1:] & ~bad[:-1]).sum())
-        records.append((cur_name, codes[~bad]))
+        codes, r, k = _clean(b"".join(parts))
+        removed, runs = removed + r, runs + k
+        records.append((cur_name, codes))
 
     with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
         for line in f:
@@ -160,14 +187,21 @@ def markov_sweep(codes: np.ndarray, max_order: int, alpha: float = 0.5) -> dict[
 
 
 # --- the hiss model ----------------------------------------------------------------------------------------------
-def model_bits(ckpt: str | os.PathLike, genome: Genome, chunk_len: int = 65536, progress: bool = True
-               ) -> tuple[float, int]:
-    """(total bits, bases) of the cleaned records under the model: its exact log-likelihood of each record from
-    the second base on, plus 2 bits for each record's first base (and for records of one base)."""
-    from apps.genomics.data import FastaReader, Interval
-    from apps.genomics.evaluate import bits_per_base, load_model
+def _model(ckpt_or_model):
+    from apps.genomics.evaluate import load_model
 
-    model = load_model(ckpt)
+    return load_model(ckpt_or_model) if isinstance(ckpt_or_model, (str, os.PathLike)) else ckpt_or_model
+
+
+def model_bits(ckpt: str | os.PathLike | object, genome: Genome, chunk_len: int = 65536, progress: bool = True
+               ) -> tuple[float, int]:
+    """(total bits, bases) of the cleaned records under the model (a checkpoint path or a loaded model): its exact
+    log-likelihood of each record from the second base on, plus 2 bits for each record's first base (and for
+    records of one base)."""
+    from apps.genomics.data import FastaReader, Interval
+    from apps.genomics.evaluate import bits_per_base
+
+    model = _model(ckpt)
     scorable = [(name, c) for name, c in genome.records if len(c) >= 2]
     bits = 2.0 * sum(len(c) for _, c in genome.records if len(c) < 2)  # 0 or 1 base: nothing to predict from
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,6 +220,36 @@ def model_bits(ckpt: str | os.PathLike, genome: Genome, chunk_len: int = 65536, 
     return bits, genome.n
 
 
+def context_bits(model, genome: Genome, context: int, batch_bases: int = 1 << 16, progress: bool = True) -> float:
+    """Total bits of the cleaned records when the model sees at most ``context`` bases: each record cut into
+    windows of ``context`` bases, every window scored from an empty state (its first base at 2 bits, so short
+    windows pay 2 / context bits per base for it), windows batched ``batch_bases`` bases at a time."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from apps.common.evaluate import sequence_nll
+    from apps.genomics.data import A_ID, VOCAB_SIZE
+
+    if context < 2:
+        raise ValueError(f"context must be at least 2 bases, got {context}")
+    bits = 0.0
+    with tqdm(total=genome.n, unit="base", unit_scale=True, desc=f"context {context:,}", disable=not progress) as bar:
+        for _, codes in genome.records:
+            ids = torch.from_numpy(codes.astype(np.int64)) + A_ID
+            full = len(ids) // context
+            pieces = [ids[: full * context].view(full, context)[s: s + max(1, batch_bases // context)]
+                      for s in range(0, full, max(1, batch_bases // context))]
+            if len(ids) > full * context:
+                pieces.append(ids[full * context:][None])
+            for w in pieces:
+                bits += 2.0 * w.shape[0]
+                if w.shape[1] >= 2:
+                    nll = sequence_nll(model, w, chunk_len=min(context, 65536), vocab_size=VOCAB_SIZE)
+                    bits += float(nll.double().sum()) / math.log(2)
+                bar.update(w.numel())
+    return bits
+
+
 # --- the benchmark -----------------------------------------------------------------------------------------------
 @dataclass
 class Row:
@@ -199,18 +263,24 @@ class Row:
     markov: dict[int, float] = field(default_factory=dict)  # k -> bits/base
     model: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    contexts: dict[int, float] = field(default_factory=dict)  # evaluation context (bases) -> hiss bits/base
 
     @property
     def best_k(self) -> int:
         return min(self.markov, key=self.markov.get)
 
 
-def run_genome(path: str | os.PathLike, ckpt: str | None, max_order: int, alpha: float, chunk_len: int,
-               progress: bool = True) -> Row:
-    g = read_genome(path)
+def run_genome(path: str | os.PathLike, ckpt, max_order: int, alpha: float, chunk_len: int,
+               progress: bool = True, contexts: tuple[int, ...] = ()) -> Row:
+    """One genome file: compressors, the Markov sweep and (``ckpt``: a path or a loaded model) the model."""
+    return score_genome(read_genome(path), str(path), ckpt, max_order, alpha, chunk_len, progress, contexts)
+
+
+def score_genome(g: Genome, path: str, ckpt, max_order: int, alpha: float, chunk_len: int, progress: bool = True,
+                 contexts: tuple[int, ...] = ()) -> Row:
     if g.n == 0:
         raise ValueError(f"{path}: no A/C/G/T bases")
-    row = Row(g.name, str(path), g.n, g.removed, g.removed_runs, len(g.records))
+    row = Row(g.name, path, g.n, g.removed, g.removed_runs, len(g.records))
     t = time.perf_counter()
     for name, size in compressed_sizes(g.text()).items():
         row.compressors[name] = None if size is None else 8.0 * size / g.n
@@ -218,11 +288,13 @@ def run_genome(path: str | os.PathLike, ckpt: str | None, max_order: int, alpha:
     t = time.perf_counter()
     row.markov = markov_sweep(g.codes, max_order, alpha)
     row.seconds["markov"] = time.perf_counter() - t
-    if ckpt:
+    if ckpt is not None:
         t = time.perf_counter()
         bits, n = model_bits(ckpt, g, chunk_len, progress)
         row.model = bits / n
         row.seconds["model"] = time.perf_counter() - t
+        for c in contexts:
+            row.contexts[c] = context_bits(_model(ckpt), g, c, progress=progress) / n
     return row
 
 
@@ -233,15 +305,15 @@ def _fmt(x: float | None, best: float) -> str:
     return f"**{s}**" if abs(x - best) < 5e-5 else s
 
 
-def render(rows: list[Row], ckpt: str | None, note: str, alpha: float, max_order: int, threads: int) -> str:
+def render(rows: list[Row], ckpt: str | None, note: str, alpha: float, max_order: int, threads: int,
+           scope: str = "of the whole genome (all records; non-ACGT characters removed first and counted)") -> str:
     shown = ckpt and (os.path.relpath(ckpt, ROOT) if Path(ckpt).is_absolute() else ckpt)
     ckpt_txt = f"`{shown}`" if ckpt else "none (--no-model)"
     est = "Krichevsky-Trofimov (a = 1/2)" if alpha == 0.5 else ("Laplace (a = 1)" if alpha == 1 else f"a = {alpha:g}")
     out = [f"**Bits per base beside classical compressors**, measured {datetime.date.today()} "
            f"(`python -m benchmarks.dna_compress`, {threads} torch thread(s)). "
-           "Every coder is charged for every A/C/G/T base of the whole genome (all records; non-ACGT characters "
-           "removed first and counted); bits/base = total code length / bases. Compressors: 8 x output bytes "
-           "of the one-byte-per-base text. Order-k Markov: adaptive code length with "
+           f"Every coder is charged for every A/C/G/T base {scope}; bits/base = total code length / bases. "
+           "Compressors: 8 x output bytes of the one-byte-per-base text. Order-k Markov: adaptive code length with "
            f"{est} counts, best k of 1..{max_order}. hiss: {ckpt_txt}, exact log-likelihood of each whole record "
            "(state carried), first base of a record at 2 bits; parameters not counted (as in the ML literature; "
            f"see the module docstring). {note}.", "",
@@ -269,12 +341,28 @@ def render(rows: list[Row], ckpt: str | None, note: str, alpha: float, max_order
             verdicts.append(f"{r.genome}: {'yes' if r.model < classical else 'no'} (hiss {r.model:.4f}, best "
                             f"classical {classical:.4f}, {r.model - classical:+.4f})")
     out += ["", "hiss below every classical coder? " + "; ".join(verdicts) + "."]
+    swept = sorted({c for r in rows for c in r.contexts})
+    if swept:
+        out += ["", "**Evaluation context** (`--contexts`): hiss bits/base when the model sees at most C bases (each "
+                "record cut into windows of C bases, every window from an empty state, its first base at 2 bits); "
+                "the last column is the whole record with the state carried (the table above).", "",
+                "| genome | " + " | ".join(f"C = {c:,}" for c in swept) + " | whole record |",
+                "| --- | " + " | ".join("---:" for _ in swept) + " | ---: |"]
+        for r in rows:
+            if r.contexts:
+                cells = " | ".join("" if c not in r.contexts else f"{r.contexts[c]:.4f}" for c in swept)
+                out.append(f"| {r.genome} | {cells} | {'' if r.model is None else f'{r.model:.4f}'} |")
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fasta", nargs="+", default=[str(SAMPLE)], help="genomes (FASTA, plain or gzip)")
+    p.add_argument("--bed", help="with one --fasta: score its --split intervals (held-out strains), one row each")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the --bed split to score")
+    p.add_argument("--max-bases", type=int, default=None, help="with --bed: the first N bases of each interval")
+    p.add_argument("--contexts", type=int, nargs="*", default=[],
+                   help="also score hiss with at most this many bases of context (a sweep, e.g. 1024 16384 262144)")
     p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="hiss DNA LM (save_pretrained dir or .ckpt)")
     p.add_argument("--ckpt-note", default=None, help="what the checkpoint was trained on (printed in the doc)")
     p.add_argument("--no-model", action="store_true", help="compressors and Markov model only")
@@ -293,22 +381,41 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.bed and len(args.fasta) != 1:
+        p.error("--bed reads the intervals of one --fasta")
+    if args.max_bases is not None and not args.bed:
+        p.error("--max-bases applies to --bed intervals")
     ckpt = None if args.no_model else args.ckpt
     note = args.ckpt_note or (DEFAULT_NOTE if ckpt and Path(ckpt).resolve() == DEFAULT_CKPT.resolve() else
                               "The checkpoint's training data: not stated (--ckpt-note)")
     rows = []
     if args.from_json:
-        rows = [Row(**{**d, "markov": {int(k): v for k, v in d["markov"].items()}})
+        rows = [Row(**{**d, "markov": {int(k): v for k, v in d["markov"].items()},
+                       "contexts": {int(k): v for k, v in d.get("contexts", {}).items()}})
                 for d in json.loads(Path(args.from_json).read_text())]
-    for path in [] if args.from_json else args.fasta:
-        r = run_genome(path, ckpt, args.max_order, args.alpha, args.chunk_len)
+    model = None if ckpt is None or args.from_json else _model(ckpt)  # loaded once for every genome
+    if args.from_json:
+        genomes = []
+    elif args.bed:
+        genomes = [(g, f"{args.fasta[0]}:{g.records[0][0]}")
+                   for g in read_split(args.fasta[0], args.bed, args.split, args.max_bases)]
+    else:
+        genomes = [(read_genome(path), str(path)) for path in args.fasta]
+    for g, where in genomes:
+        r = score_genome(g, where, model, args.max_order, args.alpha, args.chunk_len, contexts=tuple(args.contexts))
         rows.append(r)
         comp = "  ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in r.compressors.items())
-        model = "" if r.model is None else f"  hiss {r.model:.4f}"
+        hiss = "" if r.model is None else f"  hiss {r.model:.4f}"
         print(f"{r.genome}: {r.bases:,} bases ({r.removed:,} removed)  {comp}  "
-              f"Markov k={r.best_k} {r.markov[r.best_k]:.4f}{model}  "
+              f"Markov k={r.best_k} {r.markov[r.best_k]:.4f}{hiss}  "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in r.seconds.items())})", flush=True)
-    block = render(rows, ckpt, note, args.alpha, args.max_order, torch.get_num_threads())
+    scope = None
+    if args.bed:
+        cut = f"the first {args.max_bases:,} bases" if args.max_bases else "every base"
+        scope = (f"of {cut} of each `{args.split}` interval of `{args.bed}` (held-out records; non-ACGT characters "
+                 "removed first and counted)")
+    block = render(rows, ckpt, note, args.alpha, args.max_order, torch.get_num_threads(),
+                   **({"scope": scope} if scope else {}))
     publish(block, "dna_compress", args.doc, rows, args.json, not args.no_docs)
     return rows
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import dna_compress as dc
 
@@ -101,3 +102,34 @@ def test_model_code_length_is_the_evaluator_s_bits_per_base(tmp_path):
                                 progress=False)
     assert n == 500 and scored == 499
     assert bits == pytest.approx(ref * 499 + 2.0, rel=1e-9)
+
+
+def test_held_out_split_rows_and_context_sweep(tmp_path):
+    """--bed scores each test interval of a multi-genome FASTA as its own row (cut by --max-bases); a context of
+    at least the record's length is the whole-record number, a short one scores each window from scratch."""
+    from apps.common.evaluate import sequence_nll
+    from apps.genomics.data import A_ID, VOCAB_SIZE
+    from apps.genomics.evaluate import load_model
+
+    rng = np.random.default_rng(3)
+    recs = {name: "".join(rng.choice(list("ACGT"), n)) for name, n in (("gi|1|ref|NC_1.1|", 300), ("chrB", 260),
+                                                                        ("chrC", 200))}
+    fa = tmp_path / "set.fa"
+    fa.write_text("".join(f">{k}\n{v}\n" for k, v in recs.items()))
+    bed = tmp_path / "set.bed"
+    bed.write_text("gi|1|ref|NC_1.1|\t0\t300\ttest\nchrB\t0\t200\ttrain\nchrB\t200\t260\tval\nchrC\t0\t200\ttest\n")
+    doc = tmp_path / "g.md"
+    doc.write_text("<!-- dna_compress:begin -->\n<!-- dna_compress:end -->\n")
+    rows = dc.main(["--fasta", str(fa), "--bed", str(bed), "--max-bases", "250", "--max-order", "4",
+                    "--contexts", "64", "1000", "--doc", str(doc), "--chunk-len", "128"])
+    assert [(r.genome, r.bases) for r in rows] == [("NC_1.1", 250), ("chrC", 200)]
+    for r in rows:
+        assert r.contexts[1000] == pytest.approx(r.model, rel=1e-9)  # one window = the whole record
+    model, g = load_model(dc.DEFAULT_CKPT), dc.read_split(fa, bed, "test", 250)[1]
+    ids = torch.tensor([A_ID + "ACGT".index(c) for c in recs["chrC"]])
+    want = sum(2.0 + float(sequence_nll(model, ids[s: s + 64], vocab_size=VOCAB_SIZE).double().sum()) / math.log(2)
+               for s in range(0, 200, 64))
+    assert dc.context_bits(model, g, 64, progress=False) == pytest.approx(want, rel=1e-6)
+    assert "C = 64" in doc.read_text() and "first 250 bases" in doc.read_text()
+    with pytest.raises(SystemExit):
+        dc.main(["--fasta", str(fa), "--max-bases", "10", "--no-docs"])  # --max-bases needs --bed
