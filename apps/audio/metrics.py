@@ -7,7 +7,10 @@ The classifier trained on the espeak-ng digits ships in apps/audio/assets/digit_
 ``score``; 100% accuracy on the unseen valid and test voices, 10 classes).
 
 ``score`` prints the SC09 table: "real train" and "real test" reference rows (the data itself) and one row per
-``--samples`` folder (e.g. the WAVs of ``python -m apps.audio.generate --n 256 --seconds 1``).
+``--samples`` folder (e.g. the WAVs of ``python -m apps.audio.generate --n 256 --seconds 1``). Clips of a
+conditional model generated into sub-folders named by digit (``DIR/seven/*.wav``: ``generate --digit 7 --out
+DIR/seven``) are labelled by that name, and the row also gives the classifier's accuracy: how often the model
+said the digit it was asked for.
 
 The formulas are those of the SC09 metric code used by SaShiMi and the Mamba paper (state-spaces/s4,
 models/sashimi/sc09_classifier/test_speech_commands.py):
@@ -41,6 +44,7 @@ from scipy import linalg
 from torch import Tensor, nn
 
 from apps.audio.data import (
+    DIGITS,
     SAMPLE_RATE,
     Clip,
     default_data_root,
@@ -237,6 +241,11 @@ def score_clips(model: DigitClassifier, wav: Tensor, ref: tuple[np.ndarray, np.n
     return out
 
 
+def requested_digits(paths) -> Tensor:
+    """The digit each generated clip was asked for, from its folder's name (``.../seven/x.wav`` -> 7), else -1."""
+    return torch.tensor([DIGITS.index(Path(f).parent.name) if Path(f).parent.name in DIGITS else -1 for f in paths])
+
+
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None):
     for folder in a.samples:
         items = load_tokens([Clip(f) for f in list_audio(folder)], what=f"clips in {folder}", skip_silent=False)
         wav = torch.stack([DigitClassifier.fix_length(mu_law_decode(tk.long())) for _, tk in items])
-        rows[folder] = score_clips(model, wav, ref)
+        rows[folder] = score_clips(model, wav, ref, requested_digits([clip.path for clip, _ in items]))
     print(f"{'':28s} {'n':>5s} {'FID':>8s} {'IS':>6s} {'mIS':>7s} {'AM':>6s} {'acc':>6s}")
     for name, r in rows.items():
         acc = f"{r['acc']:.1%}" if "acc" in r else "-"

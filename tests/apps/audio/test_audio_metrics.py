@@ -68,3 +68,11 @@ def test_classifier_save_load_and_scoring(tmp_path):
 def test_train_classifier_on_the_bundled_sample():
     model, acc = train_classifier(SAMPLE, epochs=1, batch_size=10, progress=False)
     assert isinstance(model, DigitClassifier) and 0.0 <= acc["test_acc"] <= 1.0
+
+
+def test_samples_in_digit_folders_are_scored_against_the_digit_asked_for(tmp_path):
+    from apps.audio.metrics import requested_digits
+
+    paths = [tmp_path / "seven" / "a.wav", tmp_path / "zero" / "b.wav", tmp_path / "mix" / "c.wav"]
+    assert requested_digits(paths[:2]).tolist() == [7, 0]
+    assert requested_digits(paths).tolist() == [7, 0, -1]  # one unlabelled clip: no accuracy for the folder
