@@ -183,24 +183,8 @@ HISS_INLINE void conv_bwd_channels(const ConvArgs<T>& a, int64_t dbegin, int64_t
 
 // ISA variants: plain target and avx2+fma, chosen at run time like the scan's; W = 4 (every Mamba
 // block) gets its taps unrolled.
-struct ConvFwd {
-  template <typename T>
-  static HISS_INLINE void run(const ConvArgs<T>& a, int64_t b, int64_t e) {
-    if (a.W == 4)
-      conv_fwd_rows<T, 4>(a, b, e);
-    else
-      conv_fwd_rows<T, 0>(a, b, e);
-  }
-};
-struct ConvBwd {
-  template <typename T>
-  static HISS_INLINE void run(const ConvArgs<T>& a, int64_t b, int64_t e) {
-    if (a.W == 4)
-      conv_bwd_channels<T, 4>(a, b, e);
-    else
-      conv_bwd_channels<T, 0>(a, b, e);
-  }
-};
+HISS_WIDTH_KERNEL(ConvFwd, ConvArgs, conv_fwd_rows);
+HISS_WIDTH_KERNEL(ConvBwd, ConvArgs, conv_bwd_channels);
 
 struct ConvIn {
   at::Tensor x, w, bias, init, seq;

@@ -155,6 +155,19 @@ __attribute__((target("avx2,fma"))) void isa_avx2(const A& a, int64_t b, int64_t
 }
 #endif
 
+// A kernel struct NAME for pick_isa whose run calls FN<T, 4> when the conv width a.W is 4 (every Mamba block: its
+// taps unrolled at compile time) and FN<T, 0> (any width, read at run time) otherwise.
+#define HISS_WIDTH_KERNEL(NAME, ARGS, FN)                                      \
+  struct NAME {                                                                \
+    template <typename T>                                                      \
+    static HISS_INLINE void run(const ARGS<T>& a, int64_t b, int64_t e) {      \
+      if (a.W == 4)                                                            \
+        FN<T, 4>(a, b, e);                                                     \
+      else                                                                     \
+        FN<T, 0>(a, b, e);                                                     \
+    }                                                                          \
+  }
+
 template <typename K, typename A>
 RangeFnOf<A> pick_isa() {
 #if HISS_HAVE_AVX2

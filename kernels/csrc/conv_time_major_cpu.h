@@ -123,24 +123,8 @@ HISS_INLINE void conv_tm_bwd_blocks(const ConvTMArgs<T>& a, int64_t q0, int64_t 
 }
 
 // ISA variants as for the channel-major conv; W = 4 (every Mamba block) gets its taps unrolled.
-struct ConvTMFwd {
-  template <typename T>
-  static HISS_INLINE void run(const ConvTMArgs<T>& a, int64_t b, int64_t e) {
-    if (a.W == 4)
-      conv_tm_fwd_rows<T, 4>(a, b, e);
-    else
-      conv_tm_fwd_rows<T, 0>(a, b, e);
-  }
-};
-struct ConvTMBwd {
-  template <typename T>
-  static HISS_INLINE void run(const ConvTMArgs<T>& a, int64_t b, int64_t e) {
-    if (a.W == 4)
-      conv_tm_bwd_blocks<T, 4>(a, b, e);
-    else
-      conv_tm_bwd_blocks<T, 0>(a, b, e);
-  }
-};
+HISS_WIDTH_KERNEL(ConvTMFwd, ConvTMArgs, conv_tm_fwd_rows);
+HISS_WIDTH_KERNEL(ConvTMBwd, ConvTMArgs, conv_tm_bwd_blocks);
 
 template <typename T>
 static ConvTMArgs<T> conv_tm_args(const at::Tensor& xp, const at::Tensor& wt, const at::Tensor& bias, bool silu) {

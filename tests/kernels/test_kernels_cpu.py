@@ -453,16 +453,20 @@ def test_conv_matches_reference(ext, case, dtype):
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     for isa in _isas(ext):
         ext.set_isa(isa)
-        o1, f1, g1 = _conv_run(kcpu.causal_conv1d_cpu, x, act)
-        o2, f2, g2 = _conv_run(_conv_ref, x, act)
-        assert o1.dtype == dtype and f1.shape == f2.shape
-        assert_close(o1, o2, rtol, "out")
-        assert torch.equal(f1, f2)
-        assert set(g1) == set(g2)
-        for k in g2:
-            assert g1[k].dtype == dtype and g1[k].shape == x[k].shape
-            assert_close(g1[k], g2[k], rtol, f"grad {k}")
+        _same_conv(_conv_run(kcpu.causal_conv1d_cpu, x, act), _conv_run(_conv_ref, x, act), x, dtype, rtol)
     ext.set_isa("auto")
+
+
+def _same_conv(got, want, x, dtype, rtol):
+    """(out, final state, grads) of a conv path against its reference."""
+    (o1, f1, g1), (o2, f2, g2) = got, want
+    assert o1.dtype == dtype and f1.shape == f2.shape
+    assert_close(o1, o2, rtol, "out")
+    assert torch.equal(f1, f2)
+    assert set(g1) == set(g2)
+    for k in g2:
+        assert g1[k].dtype == dtype and g1[k].shape == x[k].shape
+        assert_close(g1[k], g2[k], rtol, f"grad {k}")
 
 
 def test_conv_gradcheck_fp64(ext):
@@ -495,20 +499,15 @@ def test_conv_dispatch_and_dtypes(ext):
         kcpu.causal_conv1d_cpu(x["x"], x["weight"], initial_states=x["initial_states"][..., :2])
 
 
-def _tm_run(fn, x, act):
-    """A time-major conv (batch, L, dim) on the channel-major inputs of ``_conv_inputs``; x is handed over as a
-    strided slice of a wider tensor (in_proj's layout). Returns out (channel-major), final, grads."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items() if v is not None and k != "seq_idx"}
-    b, d, L = x["x"].shape
-    wide = torch.cat([leaves["x"].transpose(1, 2), torch.zeros(b, L, 3, dtype=x["x"].dtype)], -1)
-    out, final = fn(wide[..., :d], leaves["weight"], leaves.get("bias"), leaves.get("initial_states"), act)
-    out = out.transpose(1, 2)
-    g = torch.Generator().manual_seed(7)
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-    gf = torch.randn(final.shape, generator=g, dtype=torch.float64).to(final.dtype)
-    loss = (out * go).sum() + (final * gf).sum()
-    names = list(leaves)
-    return out, final, dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))
+def _time_major(fn):
+    """A time-major conv (batch, L, dim) called like ``causal_conv1d`` (channel-major), for ``_conv_run``; x is handed
+    over as a strided slice of a wider tensor (in_proj's layout)."""
+    def call(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=True, activation=None):
+        b, d, L = x.shape
+        wide = torch.cat([x.transpose(1, 2), x.new_zeros(b, L, 3)], -1)
+        out, final = fn(wide[..., :d], weight, bias, initial_states, activation)
+        return out.transpose(1, 2), final
+    return call
 
 
 def _tm_torch(*args):
@@ -527,18 +526,11 @@ def test_conv_time_major_matches_channel_major_reference(ext, case, dtype):
     b, d, L, W, bias, init, act = case
     x = _conv_inputs(b, d, L, W, dtype, bias=bias, init=init and W > 1)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
-    o2, f2, g2 = _conv_run(_conv_ref, x, act)
+    want = _conv_run(_conv_ref, x, act)
     for isa in _isas(ext):
         ext.set_isa(isa)
         for fn in (kcpu.causal_conv1d_time_major_cpu, _tm_torch):  # the kernel and the PyTorch path
-            o1, f1, g1 = _tm_run(fn, x, act)
-            assert o1.dtype == dtype and f1.shape == f2.shape
-            assert_close(o1, o2, rtol, "out")
-            assert torch.equal(f1, f2)
-            assert set(g1) == set(g2)
-            for k in g2:
-                assert g1[k].dtype == dtype and g1[k].shape == x[k].shape
-                assert_close(g1[k], g2[k], rtol, f"grad {k}")
+            _same_conv(_conv_run(_time_major(fn), x, act), want, x, dtype, rtol)
     ext.set_isa("auto")
 
 
@@ -553,7 +545,7 @@ def test_conv_time_major_gradcheck_fp64_and_thread_count_invariant(ext):
     runs = []
     for n in (1, 2):
         torch.set_num_threads(n)
-        runs.append(_tm_run(kcpu.causal_conv1d_time_major_cpu, x, "silu"))
+        runs.append(_conv_run(_time_major(kcpu.causal_conv1d_time_major_cpu), x, "silu"))
     torch.set_num_threads(1)
     (o1, f1, g1), (o2, f2, g2) = runs
     assert torch.equal(o1, o2) and all(torch.equal(g1[k], g2[k]) for k in g1)
