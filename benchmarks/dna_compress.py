@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--max-bases", type=int, default=None, help="with --bed: the first N bases of each interval")
     p.add_argument("--contexts", type=int, nargs="*", default=[],
                    help="also score hiss with at most this many bases of context (a sweep, e.g. 1024 16384 262144)")
+    p.add_argument("--sweep-genomes", nargs="*", default=None, help="run the --contexts sweep on these rows only")
     p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="hiss DNA LM (save_pretrained dir or .ckpt)")
     p.add_argument("--ckpt-note", default=None, help="what the checkpoint was trained on (printed in the doc)")
     p.add_argument("--no-model", action="store_true", help="compressors and Markov model only")
@@ -402,7 +403,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     else:
         genomes = [(read_genome(path), str(path)) for path in args.fasta]
     for g, where in genomes:
-        r = score_genome(g, where, model, args.max_order, args.alpha, args.chunk_len, contexts=tuple(args.contexts))
+        sweep = args.sweep_genomes is None or g.name in args.sweep_genomes
+        r = score_genome(g, where, model, args.max_order, args.alpha, args.chunk_len,
+                         contexts=tuple(args.contexts) if sweep else ())
         rows.append(r)
         comp = "  ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in r.compressors.items())
         hiss = "" if r.model is None else f"  hiss {r.model:.4f}"
