@@ -31,14 +31,16 @@ from .optim import adamw_warmup_cosine, attached_trainer
 __all__ = ["POOLINGS", "TASKS", "HEAD_CONFIG", "WEIGHTS", "HeadConfig", "pool", "save_head_checkpoint",
            "read_head_config", "ClassifierModule"]
 
-POOLINGS = ("mean", "max", "first", "cls", "last")
+POOLINGS = ("mean", "max", "first", "cls", "last", "center")
 TASKS = ("mlm", "sequence", "token")
 HEAD_CONFIG = "head.json"
 WEIGHTS = "model.safetensors"
 
 
 def pool(features: Tensor, lengths: Tensor | None, how: str) -> Tensor:
-    """features (batch, L, d) -> (batch, d), ignoring positions >= lengths[b]."""
+    """features (batch, L, d) -> (batch, d), ignoring positions >= lengths[b]. "center": the position
+    (lengths[b] - 1) // 2, for inputs whose signal sits at a fixed centre (a splice junction) read by a bidirectional
+    backbone, whose centre position has seen both halves."""
     B, L, _ = features.shape
     if lengths is None:
         lengths = torch.full((B,), L, device=features.device)
@@ -46,6 +48,8 @@ def pool(features: Tensor, lengths: Tensor | None, how: str) -> Tensor:
         return features[:, 0]
     if how == "last":
         return features[torch.arange(B, device=features.device), lengths - 1]
+    if how == "center":
+        return features[torch.arange(B, device=features.device), (lengths - 1) // 2]
     valid = (torch.arange(L, device=features.device)[None, :] < lengths[:, None])[..., None]
     if how == "mean":
         return (features * valid).sum(1) / lengths[:, None].to(features.dtype)

@@ -64,6 +64,7 @@ def test_pool_matches_manual():
     assert torch.allclose(pool(f, lengths, "max")[1], f[1, :2].amax(0))
     assert torch.equal(pool(f, lengths, "last")[1], f[1, 1])
     assert torch.equal(pool(f, lengths, "cls"), f[:, 0])
+    assert torch.equal(pool(f, lengths, "center"), torch.stack([f[0, 2], f[1, 0]]))
     with pytest.raises(ValueError, match="pooling"):
         pool(f, lengths, "median")
 
