@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--chunk-len", type=int, default=65536, help="model piece length (memory, not result)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model")
     p.add_argument("--doc", default=str(DOC), help="markdown file whose dna_compress block is replaced")
+    p.add_argument("--block", default="dna_compress", help="the marked block of --doc to replace")
     p.add_argument("--no-docs", action="store_true", help="print only")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--from-json", metavar="PATH", help="render (and write the doc) from rows saved by --json")
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                  "removed first and counted)")
     block = render(rows, ckpt, note, args.alpha, args.max_order, torch.get_num_threads(),
                    **({"scope": scope} if scope else {}))
-    publish(block, "dna_compress", args.doc, rows, args.json, not args.no_docs)
+    publish(block, args.block, args.doc, rows, args.json, not args.no_docs)
     return rows
 
 
