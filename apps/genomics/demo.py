@@ -3,8 +3,9 @@
 Paste or upload FASTA -> per-base surprisal along the sequence (and GC content), the predicted class of each
 record from any fine-tuned classifier found, a variant-effect table (log-likelihood ratios) and a sampled
 continuation. Language model: ``--ckpt``, else ``runs/genomics/pretrained`` (``python -m apps.genomics.train``),
-else the shipped ``apps/genomics/assets/dna_small``. Classifiers: ``runs/genomics/{splice,genus}_classifier``
-(``python -m apps.genomics.finetune``). Served on 127.0.0.1 only; inputs are capped so the CPU stays responsive.
+else the shipped ``apps/genomics/assets/dna_bacteria`` (the multi-genome model). Classifiers:
+``runs/genomics/{splice,genus}_classifier`` (``python -m apps.genomics.finetune``). Served on 127.0.0.1 only;
+inputs are capped so the CPU stays responsive.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global fig
 from apps.common.demo import cap_text, checked_seed, demo_main, find_checkpoint, gr
 from apps.common.errors import run_cli
 from apps.common.paths import REPO_ROOT, default_checkpoints, run_dir
+from apps.genomics.model import HOW_TO_TRAIN, SHIPPED_LM
 from apps.genomics.predict import (
     SequenceDict,
     generate_dna,
@@ -34,10 +36,8 @@ from apps.genomics.predict import (
 __all__ = ["build_demo", "analyse", "classify", "variant_table", "continuation", "read_upload", "find_lm",
            "find_classifiers", "main"]
 
-SHIPPED = Path(__file__).resolve().parent / "assets" / "dna_small"
-LM_CANDIDATES = default_checkpoints("genomics", shipped=SHIPPED)
+LM_CANDIDATES = default_checkpoints("genomics", shipped=SHIPPED_LM)
 CLASSIFIER_CANDIDATES = [REPO_ROOT / run_dir("genomics") / f"{task}_classifier" for task in ("splice", "genus")]
-HOW_TO_TRAIN = "Train one with `python -m apps.genomics.train` (or pass --ckpt DIR)."
 MAX_CHARS = 60_000  # pasted/uploaded FASTA text
 MAX_BASES = 20_000  # bases scored per request
 MAX_VARIANTS = 50

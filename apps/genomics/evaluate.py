@@ -1,9 +1,10 @@
 """Held-out bits per base of a trained DNA model, exactly, over sequences of any length.
 
-    python -m apps.genomics.evaluate --ckpt runs/genomics/pretrained --fasta genome.fa.gz [--bed splits.bed]
+    python -m apps.genomics.evaluate [--ckpt DIR] --fasta genome.fa.gz [--bed splits.bed]
                                      [--split test] [--chunk-len 65536]
 
-``--ckpt`` is a save_pretrained directory (config.json + model.safetensors) or a Lightning ``.ckpt``.
+``--ckpt`` is a save_pretrained directory (config.json + model.safetensors) or a Lightning ``.ckpt``; without it,
+``runs/genomics/pretrained`` (your own training) or else the shipped multi-genome model.
 Without ``--bed``, ``--split`` picks the held-out tail the training data module used (``--valid-frac``,
 ``--test-frac``); with neither, whole records are scored. Each interval is read from the FASTA in segments
 and scored in ``chunk_len`` pieces with the recurrent state carried across (apps.common.sequence_nll), so
@@ -36,7 +37,7 @@ from apps.genomics.data import (
     holdout_intervals,
     read_bed,
 )
-from apps.genomics.model import DNALM
+from apps.genomics.model import DNALM, default_lm
 
 __all__ = ["load_model", "bits_per_base", "HeldOutBitsPerBase", "main"]
 
@@ -90,7 +91,8 @@ class HeldOutBitsPerBase(HeldOutEvaluation):
 
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="save_pretrained directory or Lightning .ckpt")
+    p.add_argument("--ckpt", help="save_pretrained directory or Lightning .ckpt (default: runs/genomics/pretrained, "
+                                  "then the shipped multi-genome model)")
     p.add_argument("--fasta", required=True, help="FASTA (plain or bgzip .fa.gz)")
     p.add_argument("--bed", help="BED intervals (chrom start end [split])")
     p.add_argument("--split", choices=["train", "val", "valid", "test"], help="score only this split ('valid' = 'val')")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> float:
         raise ValueError(f"--chunk-len must be at least 1, got {args.chunk_len}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.ckpt)
+    model = load_model(default_lm(args.ckpt))
     fasta = FastaReader(args.fasta)
     if args.bed:
         intervals = read_bed(args.bed, fasta, default_split="test")

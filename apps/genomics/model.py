@@ -48,14 +48,27 @@ from apps.common.baselines import count_parameters
 from apps.common.checkpoint import is_classifier_dir
 from apps.common.classify import WEIGHTS, read_head_config, save_head_checkpoint
 from apps.common.optim import adamw_warmup_cosine
+from apps.common.paths import resolve_checkpoint
 from apps.genomics.data import A_ID, MASK_ID, N_ID, PAD_ID, T_ID, VOCAB_SIZE, reverse_complement_ids
 from ssm_core import MambaConfig, MixerModel, read_safetensors
 from ssm_core.modules.bidirectional import reverse_padded
 
 __all__ = [
+    "SHIPPED_LM", "default_lm",
     "DNALM", "small_config", "BACKBONES", "DNABackbone", "DNAModel", "DNAClassifier", "MaskedLMModule",
     "backbone_config", "check_head", "complement_map", "rc_ids", "mask_tokens", "load_backbone_weights",
 ]
+
+# The shipped causal DNA LM (multi-genome bacteria; apps/genomics/configs/pretrain_bacteria.yaml, docs/genomics.md)
+SHIPPED_LM = Path(__file__).resolve().parent / "assets" / "dna_bacteria"
+HOW_TO_TRAIN = "Train one with `python -m apps.genomics.train` (or pass --ckpt DIR)."
+
+
+def default_lm(ckpt: str | os.PathLike | None = None) -> Path:
+    """The language model a command uses: ``ckpt`` when named, else ``runs/genomics/pretrained`` (the user's own
+    ``python -m apps.genomics.train``), else the shipped multi-genome model."""
+    return resolve_checkpoint("genomics", ckpt, SHIPPED_LM, HOW_TO_TRAIN)
+
 
 BACKBONES = ("mamba", "bimamba", "rcps", "transformer")
 LN2 = math.log(2)
@@ -106,8 +119,8 @@ def check_head(head: HeadConfig) -> None:
     """The DNA-specific rules on a HeadConfig: a known backbone kind, and strand-symmetric pooling for rcps."""
     if head.backbone not in BACKBONES:
         raise ValueError(f"HeadConfig: backbone must be one of {BACKBONES}, got {head.backbone!r}")
-    if head.backbone == "rcps" and head.task == "sequence" and head.pooling in ("first", "cls", "last"):
-        # g[0] of rc(x) is g[L-1] of x: an end position is not strand-symmetric
+    if head.backbone == "rcps" and head.task == "sequence" and head.pooling in ("first", "cls", "last", "center"):
+        # g[0] of rc(x) is g[L-1] of x: an end position (or the centre of an even length) is not strand-symmetric
         raise ValueError(f"HeadConfig: pooling {head.pooling!r} is not RC-invariant; use 'mean' or 'max' "
                          "with the rcps backbone")
 

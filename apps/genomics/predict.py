@@ -1,6 +1,6 @@
 """Inference with genomics checkpoints: per-base log-likelihood, variant effect scores, embeddings, generation.
 
-    python -m apps.genomics.predict loglik   --ckpt runs/genomics/pretrained --fasta seqs.fa --out ll.tsv
+    python -m apps.genomics.predict loglik   [--ckpt DIR] --fasta seqs.fa --out ll.tsv   # default: the shipped LM
     python -m apps.genomics.predict variants --ckpt DIR --fasta genome.fa --variants calls.txt --out scores.tsv
     python -m apps.genomics.predict embed    --ckpt DIR --fasta seqs.fa --out emb.npy [--per-base]
     python -m apps.genomics.predict generate --ckpt DIR --prompt ACGTTGCA --n 200 --seed 0
@@ -32,7 +32,7 @@ from apps.common import pool, sequence_nll
 from apps.common.errors import run_cli
 from apps.genomics.caduceus import is_caduceus_dir, load_caduceus
 from apps.genomics.data import A_ID, MASK_ID, MODEL_VOCAB_RANGE, T_ID, VOCAB_SIZE, decode, encode
-from apps.genomics.model import DNAModel
+from apps.genomics.model import DNAModel, default_lm
 from ssm_core import MambaLMHeadModel, atomic_write
 
 __all__ = ["load_model", "model_kind", "per_base_loglik", "Variant", "read_variants", "score_variants",
@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("loglik", "variants", "embed", "generate"):
         s = sub.add_parser(name)
-        s.add_argument("--ckpt", required=True, help="save_pretrained directory")
+        s.add_argument("--ckpt", help="save_pretrained directory (default: runs/genomics/pretrained, then the shipped "
+                                      "multi-genome model)")
         if name != "generate":
             s.add_argument("--fasta", required=True)
             s.add_argument("--out", required=True)
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(errno.ENOENT, f"no such folder to write {out.name} in", str(out.parent))
         if args.cmd == "embed" and out.suffix not in (".npy", ".safetensors"):
             raise ValueError(f"{out}: embeddings go to .npy or .safetensors")
-    model = load_model(args.ckpt)
+    model = load_model(default_lm(args.ckpt))
     if args.cmd == "generate":
         print(args.prompt + generate_dna(model, args.prompt.upper(), args.n, args.temperature, args.top_k,
                                          args.top_p, args.seed))

@@ -131,6 +131,8 @@ def C_ID():
 def test_head_config_errors():
     with pytest.raises(ValueError, match="RC-invariant"):
         check_head(HeadConfig(task="sequence", backbone="rcps", pooling="first"))
+    with pytest.raises(ValueError, match="RC-invariant"):
+        check_head(HeadConfig(task="sequence", backbone="rcps", pooling="center"))
     with pytest.raises(ValueError, match="backbone must be one of"):
         DNAModel(CFG, HeadConfig(task="sequence", backbone="cnn"))
     with pytest.raises(ValueError, match="task"):

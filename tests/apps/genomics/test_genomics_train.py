@@ -153,3 +153,24 @@ def test_shipped_checkpoint_scores_what_docs_say():
     bits = evaluate_main(["--ckpt", str(asset), "--fasta", str(SAMPLE_FASTA), "--split", "test"])
     assert abs(bits - 1.9725) < 5e-4  # docs/genomics.md
     assert "1.9725" in (ROOT / "docs" / "genomics.md").read_text()
+
+
+def test_shipped_multi_genome_model_is_the_default_of_evaluate_predict_and_the_demo(tmp_path, monkeypatch, capsys):
+    import apps.common.paths as paths
+    from apps.genomics import demo, predict
+    from apps.genomics.model import SHIPPED_LM, default_lm
+
+    assert (SHIPPED_LM / "model.safetensors").stat().st_size <= 20_000_000  # the size cap
+    monkeypatch.chdir(tmp_path)  # no runs/genomics/pretrained here or under the (patched) repository root
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)
+    assert default_lm() == SHIPPED_LM and SHIPPED_LM in demo.LM_CANDIDATES
+    bits = evaluate_main(["--fasta", str(SAMPLE_FASTA), "--split", "test"])
+    assert bits < 1.95  # the E. coli sample's held-out tail; dna_small (trained on the sample) scores 1.9725
+    capsys.readouterr()
+    predict.main(["generate", "--prompt", "ACGTTGCA", "--n", "20", "--seed", "0"])
+    out = capsys.readouterr().out.strip()
+    assert len(out) == 28 and out.startswith("ACGTTGCA") and set(out) <= set("ACGT")
+    (tmp_path / "runs" / "genomics" / "pretrained").mkdir(parents=True)
+    assert default_lm() == SHIPPED_LM  # an empty folder is not a checkpoint
+    with pytest.raises(FileNotFoundError, match="nope: no such checkpoint"):
+        default_lm(tmp_path / "nope")
