@@ -131,7 +131,8 @@ def test_finetune_cli_learns_and_exports(tmp_path):
     cls_dir = tmp_path / "classifier"
     cli = main(["--data.path", str(data), "--data.batch_size", "16", "--model.num_labels", "2",
                 "--model.config.d_model", "16", "--model.config.n_layer", "1", "--model.config.ssm_cfg",
-                "{d_state: 4}", "--model.backbone", "rcps", "--model.init_from", "null", "--model.lr", "0.01",
+                "{d_state: 4}", "--model.backbone", "rcps", "--model.pooling", "mean",  # the splice default: center
+                "--model.init_from", "null", "--model.lr", "0.01",
                 "--model.warmup_steps", "5",
                 "--trainer.max_steps", "40", "--trainer.default_root_dir", str(tmp_path),
                 "--trainer.callbacks.dirpath", str(cls_dir), "--trainer.enable_progress_bar", "false",
