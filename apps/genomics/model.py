@@ -65,9 +65,9 @@ HOW_TO_TRAIN = "Train one with `python -m apps.genomics.train` (or pass --ckpt D
 
 
 def default_lm(ckpt: str | os.PathLike | None = None) -> Path:
-    """The language model a command uses: ``ckpt`` when named, else ``runs/genomics/pretrained`` (the user's own
-    ``python -m apps.genomics.train``), else the shipped multi-genome model."""
-    return resolve_checkpoint("genomics", ckpt, SHIPPED_LM, HOW_TO_TRAIN)
+    """The language model a command uses: ``ckpt`` when named (the loader says what is wrong with it), else
+    ``runs/genomics/pretrained`` (the user's own ``python -m apps.genomics.train``), else the shipped model."""
+    return Path(ckpt) if ckpt else resolve_checkpoint("genomics", None, SHIPPED_LM, HOW_TO_TRAIN)
 
 
 BACKBONES = ("mamba", "bimamba", "rcps", "transformer")

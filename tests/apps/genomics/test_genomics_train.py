@@ -172,5 +172,5 @@ def test_shipped_multi_genome_model_is_the_default_of_evaluate_predict_and_the_d
     assert len(out) == 28 and out.startswith("ACGTTGCA") and set(out) <= set("ACGT")
     (tmp_path / "runs" / "genomics" / "pretrained").mkdir(parents=True)
     assert default_lm() == SHIPPED_LM  # an empty folder is not a checkpoint
-    with pytest.raises(FileNotFoundError, match="nope: no such checkpoint"):
-        default_lm(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="nope: no such DNA language model folder"):
+        evaluate_main(["--ckpt", str(tmp_path / "nope"), "--fasta", str(SAMPLE_FASTA)])
