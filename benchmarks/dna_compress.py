@@ -290,11 +290,12 @@ def score_genome(g: Genome, path: str, ckpt, max_order: int, alpha: float, chunk
     row.seconds["markov"] = time.perf_counter() - t
     if ckpt is not None:
         t = time.perf_counter()
-        bits, n = model_bits(ckpt, g, chunk_len, progress)
+        model = _model(ckpt)  # a path is loaded once for the record and every context of the sweep
+        bits, n = model_bits(model, g, chunk_len, progress)
         row.model = bits / n
         row.seconds["model"] = time.perf_counter() - t
         for c in contexts:
-            row.contexts[c] = context_bits(_model(ckpt), g, c, progress=progress) / n
+            row.contexts[c] = context_bits(model, g, c, progress=progress) / n
     return row
 
 
