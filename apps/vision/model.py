@@ -7,7 +7,8 @@
 
 The network, hustvl's ``VisionMamba`` with ``bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2``:
 
-    tokens = patch_embed(image)                       # Conv2d(kernel=patch, stride=stride): (B, M, C)
+    tokens = patch_embed(image)                       # Conv2d(kernel=patch, stride=stride): (B, M, C);
+                                                      # optionally a conv stem first (stem_channels=...)
     tokens = insert(tokens, cls_token, at=M // 2)     # the class token sits in the middle of the sequence
     x = tokens + pos_embed                            # absolute, learned; (B, M + 1, C)
     for each of `depth` layers:  x = x + drop_path(BiMambaV2(RMSNorm(x)))   # residual stream kept in fp32
@@ -71,24 +72,48 @@ def _pair(v) -> tuple[int, int]:
 
 class PatchEmbed(nn.Module):
     """hustvl's patch embedding: Conv2d(kernel=patch_size, stride=stride), so stride < patch overlaps patches
-    (the stride-8 long-sequence models). grid = (size - patch) // stride + 1 per side."""
+    (the stride-8 long-sequence models). grid = (size - patch) // stride + 1 per side.
 
-    def __init__(self, img_size=224, patch_size=16, stride=16, in_chans=3, embed_dim=192):
+    ``stem_channels=(c1, ..., ck)`` puts k convolutions (3x3, stride 2, BatchNorm, ReLU) in front of a
+    projection of kernel = stride = patch / 2^k: the convolutional stem of Xiao et al. 2021 ("Early convolutions
+    help transformers see better"), same token grid, better sample efficiency on small data. Default: none."""
+
+    def __init__(self, img_size=224, patch_size=16, stride=16, in_chans=3, embed_dim=192,
+                 stem_channels: tuple[int, ...] = ()):
         super().__init__()
         self.img_size, self.patch_size, self.stride = _pair(img_size), _pair(patch_size), _pair(stride)
+        self.in_chans = in_chans
         if any(s < p for s, p in zip(self.img_size, self.patch_size)):
             raise ValueError(f"PatchEmbed: image size {self.img_size} is smaller than the patch {self.patch_size}")
-        self.grid_size = tuple((s - p) // st + 1 for s, p, st in zip(self.img_size, self.patch_size, self.stride))
+        k, sizes = len(stem_channels), self.img_size
+        if k:
+            if self.stride != self.patch_size or any(p % 2**k for p in self.patch_size):
+                raise ValueError(f"PatchEmbed: a {k}-conv stem halves the image {k} times, so the patch "
+                                 f"{self.patch_size} must be a multiple of {2**k} and equal the stride "
+                                 f"{self.stride}")
+            layers, c_in = [], in_chans
+            for c in stem_channels:
+                layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c),
+                           nn.ReLU(inplace=True)]
+                c_in = c
+            self.stem = nn.Sequential(*layers)
+            for _ in range(k):
+                sizes = tuple((s - 1) // 2 + 1 for s in sizes)
+        else:
+            self.stem, c_in = nn.Identity(), in_chans
+        kernel = tuple(p // 2**k for p in self.patch_size)
+        step = tuple(st // 2**k for st in self.stride)
+        self.grid_size = tuple((s - p) // st + 1 for s, p, st in zip(sizes, kernel, step))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride)
+        self.proj = nn.Conv2d(c_in, embed_dim, kernel_size=kernel, stride=step)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or tuple(x.shape[-2:]) != self.img_size or x.shape[1] != self.proj.in_channels:
+        if x.ndim != 4 or tuple(x.shape[-2:]) != self.img_size or x.shape[1] != self.in_chans:
             raise ValueError(
-                f"VisionMamba: expected images of shape (batch, {self.proj.in_channels}, {self.img_size[0]}, "
+                f"VisionMamba: expected images of shape (batch, {self.in_chans}, {self.img_size[0]}, "
                 f"{self.img_size[1]}), got {tuple(x.shape)}; resize the input (the model's pretrained_cfg "
                 "names the size) or create the model with img_size= (position embeddings are interpolated)")
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, M, C)
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, M, C)
 
 
 class VimBlock(Block):
@@ -111,7 +136,8 @@ class VisionMamba(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, stride=None, in_chans=3, num_classes=1000, embed_dim=192,
                  depth=24, d_state=16, d_conv=4, expand=2, global_pool="cls", class_token=True, drop_rate=0.0,
-                 pos_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-5, divide_out=True):
+                 pos_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-5, divide_out=True,
+                 stem_channels: tuple[int, ...] = ()):
         super().__init__()
         self.global_pool = _pool_name(global_pool)
         if self.global_pool == "cls" and not class_token:
@@ -119,7 +145,8 @@ class VisionMamba(nn.Module):
         self.num_classes, self.in_chans = num_classes, in_chans
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.depth, self.has_class_token, self.grad_checkpointing = depth, class_token, False
-        self.patch_embed = PatchEmbed(img_size, patch_size, stride or patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, stride or patch_size, in_chans, embed_dim,
+                                      tuple(stem_channels))
         M = self.patch_embed.num_patches
         self.cls_index = M // 2 if class_token else None  # hustvl: token_position = M // 2
         self.num_tokens = M + int(class_token)
@@ -314,12 +341,13 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionMamba, old_grid: tuple[i
         grid = tuple(old_grid) if old_grid else _grid_of(n)
         sd["pos_embed"] = resample_pos_embed(pe, grid, model.patch_embed.grid_size, model.has_class_token)
     w = sd.get("patch_embed.proj.weight")
-    if w is not None and tuple(w.shape[-2:]) != model.patch_embed.patch_size:
+    if w is not None and tuple(w.shape[-2:]) != model.patch_embed.proj.kernel_size:
         from timm.layers import resample_patch_embed
-        sd["patch_embed.proj.weight"] = resample_patch_embed(w, list(model.patch_embed.patch_size))
-    if w is not None and w.shape[1] != model.in_chans:
+        sd["patch_embed.proj.weight"] = resample_patch_embed(w, list(model.patch_embed.proj.kernel_size))
+    if w is not None and w.shape[1] != model.patch_embed.proj.in_channels:
         from timm.models import adapt_input_conv
-        sd["patch_embed.proj.weight"] = adapt_input_conv(model.in_chans, sd["patch_embed.proj.weight"])
+        sd["patch_embed.proj.weight"] = adapt_input_conv(model.patch_embed.proj.in_channels,
+                                                         sd["patch_embed.proj.weight"])
     head = model.get_classifier()
     if "head.weight" in sd and (not isinstance(head, nn.Linear) or sd["head.weight"].shape != head.weight.shape):
         sd.pop("head.weight")
@@ -551,7 +579,7 @@ def sync_data_config(model: nn.Module) -> nn.Module:
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if pe is None or not cfg or getattr(pe, "img_size", None) is None:
         return model
-    chans = pe.proj.in_channels
+    chans = getattr(pe, "in_chans", None) or pe.proj.in_channels
     cfg["input_size"] = (chans, *_pair(pe.img_size))
     if "mean" in cfg and len(cfg["mean"]) != chans:
         cfg["mean"] = (sum(cfg["mean"]) / len(cfg["mean"]),) * chans

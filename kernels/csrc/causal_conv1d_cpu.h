@@ -123,13 +123,13 @@ HISS_INLINE void conv_bwd_channels(const ConvArgs<T>& a, int64_t dbegin, int64_t
       const T* go = a.dout + row * L;
       std::fill(dpp, dpp + Jp + 2 * W + VW, T(0));
       T* dpre = dpp + W1;
-      if (a.silu) {
-        for (int64_t t = 0; t < L; ++t) {
-          const T v = pre[t], sg = T(1) / (T(1) + std::exp(-v));
-          dpre[t] = go[t] * sg * (T(1) + v * (T(1) - sg));
+      std::memcpy(dpre, go, sizeof(T) * L);  // zeros after L (dpp was cleared): the padded lanes stay 0
+      if (a.silu) {  // d silu(v) = sg (1 + v (1 - sg)), vectorized over the padded row
+        const V one = splat<V>(1);
+        for (int64_t t = 0; t < Lp; t += VW) {
+          const V v = vload<V>(pre + t), sg = vsigmoid(v);
+          vstore(dpre + t, vload<V>(dpre + t) * (sg * (one + v * (one - sg))));
         }
-      } else {
-        std::memcpy(dpre, go, sizeof(T) * L);
       }
       // dbias, dweight: dot products of dpre with shifted xp (masked taps contribute nothing)
       V sb = {};

@@ -305,3 +305,23 @@ def test_stride16_checkpoint_into_a_stride8_model(hustvl_file):
     assert model.pos_embed.shape == (1, 50, DIM)
     cls = read_checkpoint(hustvl_file)["pos_embed"][0, 8]
     assert torch.equal(model.pos_embed.data[0, 24], cls)  # the class token's entry moved to the new middle
+
+
+def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+    """stem_channels=(c1, c2): two 3x3 stride-2 convs then a (patch / 4)-sized projection, the same token grid as
+    the plain patchify; grey input; saved and reloaded (our format) to identical logits."""
+    kw = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_classes=10)
+    plain = timm.create_model("vim_tiny_patch16_224", **kw)
+    stem = timm.create_model("vim_tiny_patch16_224", stem_channels=(8, 16), **kw).eval()
+    assert stem.patch_embed.grid_size == plain.patch_embed.grid_size == (7, 7)
+    assert stem.patch_embed.proj.kernel_size == (1, 1) and stem.pretrained_cfg["input_size"] == (1, 28, 28)
+    x = torch.randn(3, 1, 28, 28)
+    save_vision_model(stem, tmp_path / "ck", "vim_tiny_patch16_224", dict(kw, stem_channels=[8, 16]), None)
+    again, _ = load_vision_model(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(stem(x), again(x))
+    stem.train()
+    stem(x).sum().backward()
+    assert stem.patch_embed.stem[0].weight.grad is not None
+    with pytest.raises(ValueError, match="multiple of 8"):
+        timm.create_model("vim_tiny_patch16_224", stem_channels=(8, 16, 32), **kw)
