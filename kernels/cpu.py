@@ -42,6 +42,7 @@ from .shape_checks import (
     check_scan,
     check_ssd,
     check_state_update,
+    pad_time_major,
     per_token,
 )
 
@@ -394,17 +395,9 @@ class _CausalConv1dTimeMajorCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, init, silu):
         comp = _comp_dtype(x)
-        b, L, d = x.shape
-        W = weight.shape[1]
-        xp = x.new_empty(b, L + W - 1, d, dtype=comp)  # the state's W - 1 inputs, then x
-        if init is None:
-            xp[:, : W - 1].zero_()
-        else:
-            xp[:, : W - 1].copy_(init.detach().transpose(1, 2))
-        xp[:, W - 1:].copy_(x.detach())
+        xp, final = pad_time_major(x, init, weight.shape[1], comp)
         wt, bc = _cvt(weight.t(), comp), _cvt(bias, comp)  # wt (W, dim): one tap's weights per row
         out = load().conv_tm_fwd(xp, wt, bc, silu)
-        final = x.new_empty(b, d, W - 1).copy_(xp[:, L:].transpose(1, 2))  # own storage: xp is not pinned
         ctx.save_for_backward(xp, wt, bc)
         ctx.silu = silu
         ctx.meta = tuple(None if t is None else t.dtype for t in (x, weight, bias, init))
@@ -462,15 +455,15 @@ class _RMSNormCPU(torch.autograd.Function):
         w = _cvt(weight, comp)
         out, r = load().norm_fwd(xs, zs, w, eps, size)
         ctx.save_for_backward(xs, zs, w, r)
-        ctx.cfg = (eps, size, x.shape, tuple(None if t is None else t.dtype for t in (x, z, weight)))
+        ctx.cfg = (size, x.shape, tuple(None if t is None else t.dtype for t in (x, z, weight)))
         return out.view(x.shape).to(x.dtype)
 
     @staticmethod
     def backward(ctx, gout):
         xs, zs, w, r = ctx.saved_tensors
-        eps, size, shape, (tx, tz, tw) = ctx.cfg
+        size, shape, (tx, tz, tw) = ctx.cfg
         g = gout.to(xs.dtype).reshape(-1, xs.shape[1])
-        dx, dz, part = load().norm_bwd(xs, zs, w, eps, size, r, g)
+        dx, dz, part = load().norm_bwd(xs, zs, w, size, r, g)
         need = ctx.needs_input_grad
         return (dx.view(shape).to(tx) if need[0] else None,
                 dz.view(shape).to(tz) if zs is not None and need[1] else None,

@@ -17,6 +17,22 @@ from torch import Tensor
 ACTIVATIONS = (None, "silu", "swish")
 
 
+def pad_time_major(x: Tensor, init: Tensor | None, width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The time-major conv's padded input and final state, shared by its compiled and PyTorch paths (a layout
+    rule, like the checks below): x (batch, L, dim), init (batch, dim, W - 1) or None ->
+    xp (batch, L + W - 1, dim) in ``dtype`` (init's W - 1 inputs or zeros, then x; detached) and the final
+    state (batch, dim, W - 1), the last W - 1 inputs in their own storage (a view would pin xp)."""
+    b, L, d = x.shape
+    xp = x.new_empty(b, L + width - 1, d, dtype=dtype)
+    if init is None:
+        xp[:, : width - 1].zero_()
+    else:
+        xp[:, : width - 1].copy_(init.detach().transpose(1, 2))
+    xp[:, width - 1:].copy_(x.detach())
+    final = x.new_empty(b, d, width - 1).copy_(xp[:, L:].transpose(1, 2))
+    return xp, final
+
+
 def _check_u_delta(name: str, u, delta) -> tuple[int, int, int]:
     """The scans' u and delta: (batch, dim, L) with L >= 1; returns (batch, dim, L)."""
     if u.dim() != 3:

@@ -194,7 +194,7 @@ inline std::vector<at::Tensor> norm_fwd(const at::Tensor& x_, const c10::optiona
 
 // -> (dx (n, C), dz (n, C) or undefined, dw partials (blocks, C) or undefined: sum over dim 0)
 inline std::vector<at::Tensor> norm_bwd(const at::Tensor& x_, const c10::optional<at::Tensor>& z_,
-                                        const c10::optional<at::Tensor>& weight, double eps, int64_t size,
+                                        const c10::optional<at::Tensor>& weight, int64_t size,
                                         const at::Tensor& r, const at::Tensor& dout_) {
   const auto st = x_.scalar_type();
   TORCH_CHECK(x_.dim() == 2 && (st == at::kFloat || st == at::kDouble), "rms_norm: x (rows, channels), fp32/fp64");
@@ -207,7 +207,7 @@ inline std::vector<at::Tensor> norm_bwd(const at::Tensor& x_, const c10::optiona
   at::Tensor dx = at::empty({n, C}, x.options()), dz, part;
   if (z.defined()) dz = at::empty({n, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(st, "hiss_norm_bwd", [&] {
-    NormArgs<scalar_t> a = norm_args<scalar_t>(x, z, w, eps, size);
+    NormArgs<scalar_t> a = norm_args<scalar_t>(x, z, w, 0.0, size);  // eps lives in r, the forward's 1/rms
     if (w.defined()) part = at::empty({a.nblk, C}, x.options()), a.part = part.data_ptr<scalar_t>();
     a.dout = dout.data_ptr<scalar_t>(), a.gs = dout.stride(0), a.r = r.data_ptr<scalar_t>();
     a.dx = dx.data_ptr<scalar_t>(), a.dz = dz.defined() ? dz.data_ptr<scalar_t>() : nullptr;

@@ -636,7 +636,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_fwd", &hiss::norm_fwd, "(gated) RMSNorm forward -> (out, 1/rms per row and group)", py::arg("x"),
         py::arg("z") = py::none(), py::arg("weight") = py::none(), py::arg("eps") = 1e-5, py::arg("size") = 0);
   m.def("norm_bwd", &hiss::norm_bwd, "(gated) RMSNorm backward -> (dx, dz, dweight partials)", py::arg("x"),
-        py::arg("z"), py::arg("weight"), py::arg("eps"), py::arg("size"), py::arg("r"), py::arg("dout"));
+        py::arg("z"), py::arg("weight"), py::arg("size"), py::arg("r"), py::arg("dout"));
   m.def("conv_update", &hiss::conv_update, "causal conv1d decode step, state shifted in place -> out",
         py::arg("x"), py::arg("state"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("silu") = false);
   py::class_<hiss::DecodeModel>(m, "DecodeModel", "whole-model decode step (kernels/csrc/model_step_cpu.h)")

@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.shape_checks import check_conv, check_conv_update  # pure Python: the fast paths' shape rules
+from kernels.shape_checks import (  # pure Python: the fast paths' shape rules
+    check_conv,
+    check_conv_update,
+    pad_time_major,
+)
 
 from .backend import fast_path
 
@@ -56,15 +60,9 @@ class _CausalConv1dTimeMajor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, init, silu):
-        b, L, d = x.shape
-        W = weight.shape[1]
+        L, W = x.shape[1], weight.shape[1]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xp = x.new_empty(b, L + W - 1, d, dtype=acc)  # the state's W - 1 inputs, then x
-        if init is None:
-            xp[:, : W - 1].zero_()
-        else:
-            xp[:, : W - 1].copy_(init.transpose(1, 2))
-        xp[:, W - 1:].copy_(x)
+        xp, final = pad_time_major(x, init, W, acc)  # (batch, W - 1 + L, dim): the state's inputs, then x
         wt = weight.detach().to(acc).t().contiguous()  # (W, dim): tap k's weights, a contiguous row
         if bias is None:
             pre = torch.mul(xp[:, W - 1:], wt[W - 1])
@@ -77,8 +75,6 @@ class _CausalConv1dTimeMajor(torch.autograd.Function):
             sig = torch.sigmoid(pre)
             pre.mul_(sig)
         out = pre.to(x.dtype)
-        # (batch, dim, W - 1): the last W - 1 inputs; its own contiguous storage (a view would pin xp)
-        final = x.new_empty(b, d, W - 1).copy_(xp[:, L:].transpose(1, 2))
         ctx.save_for_backward(xp, wt, sig, pre if silu else None)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, None if init is None else init.dtype)
         ctx.set_materialize_grads(False)
