@@ -15,14 +15,13 @@ import math
 from pathlib import Path
 
 import pytorch_lightning as pl
-import timm
 import torch
 from timm.data import resolve_data_config
 
 from apps.common.callbacks import ExportPretrained
 from apps.common.classify import ClassifierModule
 from apps.common.optim import adamw_warmup_cosine, attached_trainer, warmup_cosine
-from apps.vision.model import apply_data_config, load_weights_into, read_any, save_vision_model, sync_data_config
+from apps.vision.model import apply_data_config, create_vision_model, load_weights_into, read_any, save_vision_model
 
 __all__ = ["VisionClassifier", "ExportVisionModel", "CPUSettings"]
 
@@ -39,9 +38,7 @@ class VisionClassifier(ClassifierModule):
                  warmup_steps: int = 50, warmup_epochs: float | None = None, min_lr_ratio: float = 0.01,
                  label_smoothing: float = 0.1, layer_decay: float | None = None, lr_batch: int | None = None,
                  class_names: list[str] | None = None):
-        import apps.vision.model  # noqa: F401 - registers vim_* with timm
-
-        net = sync_data_config(timm.create_model(model_name, num_classes=num_classes, **(model_kwargs or {})))
+        net = create_vision_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
         super().__init__(net, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
                          min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, pass_lengths=False)
         self.save_hyperparameters()

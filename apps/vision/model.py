@@ -25,6 +25,7 @@ dicts load key for key; ``checkpoint_filter_fn`` adapts the position embedding a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import pickle
@@ -114,6 +115,33 @@ class PatchEmbed(nn.Module):
                 f"{self.img_size[1]}), got {tuple(x.shape)}; resize the input (the model's pretrained_cfg "
                 "names the size) or create the model with img_size= (position embeddings are interpolated)")
         return self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, M, C)
+
+
+class TimmStemPatchEmbed(PatchEmbed):
+    """Our PatchEmbed (with its conv stem) behind timm's ``embed_layer`` interface, so timm's own ViT / DeiT gets
+    the same stem as Vim for a like-for-like comparison (``create_vision_model`` wires it in)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, stem_channels=(), bias=True,
+                 dynamic_img_pad=False, strict_img_size=True, output_fmt=None, **_device_dtype):
+        if dynamic_img_pad or not strict_img_size or output_fmt not in (None, "NCL", "NLC"):
+            raise ValueError("TimmStemPatchEmbed: fixed image size, flattened tokens only")
+        super().__init__(img_size, patch_size, patch_size, in_chans, embed_dim, tuple(stem_channels))
+        if not bias:
+            self.proj.bias = None
+
+    def feat_ratio(self, as_scalar: bool = True):
+        return self.patch_size[0] if as_scalar else self.patch_size
+
+
+def create_vision_model(model_name: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` plus one translation: ``stem_channels`` for a non-Vim timm model (DeiT / ViT) becomes
+    ``embed_layer=TimmStemPatchEmbed`` with that stem, so both families take the same config key."""
+    import timm
+
+    stem = kwargs.pop("stem_channels", None) if not model_name.startswith("vim_") else None
+    if stem:
+        kwargs["embed_layer"] = functools.partial(TimmStemPatchEmbed, stem_channels=tuple(stem))
+    return sync_data_config(timm.create_model(model_name, **kwargs))
 
 
 class VimBlock(Block):
@@ -443,13 +471,12 @@ def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source_kwargs: di
     """Load ``sd`` (from ``read_any``) into ``model``: Vim position embeddings resampled to the model's grid,
     the head left fresh when its shape differs. Returns whether the head was replaced; anything else that does
     not fit is a CheckpointError naming ``path``."""
-    import timm
 
     if isinstance(model, VisionMamba):
         old_grid = None
         if source_name is not None and "pos_embed" in sd:
             with torch.device("meta"):
-                src = timm.create_model(source_name, **dict(source_kwargs, num_classes=0))
+                src = create_vision_model(source_name, **dict(source_kwargs, num_classes=0))
             old_grid = src.patch_embed.grid_size
         try:
             sd = checkpoint_filter_fn(sd, model, old_grid)
@@ -476,14 +503,13 @@ def load_vision_model(path: str | Path, num_classes: int | None = None, use_ema:
                       **overrides) -> tuple[nn.Module, dict]:
     """(model in eval mode, config) from anything ``read_any`` reads. ``num_classes`` different from the
     checkpoint's gives a fresh head (fine-tuning); ``overrides`` go to timm.create_model (img_size=, ...)."""
-    import timm
 
     sd, cfg = read_any(path, use_ema=use_ema)
     name, src_kwargs = cfg["model"], dict(cfg["model_kwargs"])
     kwargs = dict(src_kwargs, **overrides)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = sync_data_config(timm.create_model(name, **kwargs))
+    model = create_vision_model(name, **kwargs)
     apply_data_config(model, cfg.get("data_config"))
     replaced = load_weights_into(model, sd, src_kwargs, path, name)
     if replaced and num_classes is None:

@@ -325,3 +325,20 @@ def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
     assert stem.patch_embed.stem[0].weight.grad is not None
     with pytest.raises(ValueError, match="multiple of 8"):
         timm.create_model("vim_tiny_patch16_224", stem_channels=(8, 16, 32), **kw)
+
+
+def test_timm_deit_takes_the_same_conv_stem(tmp_path):
+    """stem_channels on timm's own DeiT (the like-for-like baseline) goes in as its embed_layer; our format
+    saves and reloads it."""
+    from apps.vision.model import create_vision_model
+
+    kw = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=10,
+              stem_channels=[8, 16])
+    deit = create_vision_model("deit_tiny_patch16_224", **kw).eval()
+    assert type(deit).__name__ == "VisionTransformer" and deit.patch_embed.grid_size == (7, 7)
+    assert deit.pos_embed.shape[1] == 50 and deit.pretrained_cfg["input_size"] == (1, 28, 28)
+    x = torch.randn(2, 1, 28, 28)
+    save_vision_model(deit, tmp_path / "d", "deit_tiny_patch16_224", kw, None)
+    again, _ = load_vision_model(tmp_path / "d")
+    with torch.no_grad():
+        assert torch.equal(deit(x), again(x))
