@@ -6,6 +6,7 @@
     python -m apps.genomics.finetune --model.init_from=runs/genomics/pretrained   # start from another causal LM
     python -m apps.genomics.finetune mlm                                 # masked-LM pretraining (RC model, E. coli)
     python -m apps.genomics.finetune report runs/genomics/compare        # markdown table of finetune_result.json
+    python -m apps.genomics.finetune ensemble RUN_DIR RUN_DIR ...       # test accuracy of the averaged runs
 
 After ``fit`` the test split is scored once and ``finetune_result.json`` (test/val accuracy, wall and process CPU
 time, optimizer steps, parameter count, seed, threads) is written to the run's log folder; the classifier is
@@ -53,10 +54,54 @@ def report(folders: list[str]) -> str:
     return "\n".join(rows)
 
 
+def _best_checkpoint(run: Path) -> Path:
+    found = sorted(run.rglob("best-*.ckpt")) if run.is_dir() else [run]
+    if len(found) != 1:
+        raise FileNotFoundError(f"{run}: expected one best-*.ckpt (a fine-tuning run's folder or the file itself), "
+                                f"found {len(found)}")
+    return found[0]
+
+
+def ensemble(runs: list[str]) -> dict:
+    """Test accuracy of each fine-tuned run (its best-validation checkpoint) and of their ensemble (class
+    probabilities averaged), on the test split the runs were trained with (they must share it)."""
+    from ssm_core import MambaConfig
+
+    if not runs:
+        raise ValueError("ensemble: name fine-tuning run folders (or best-*.ckpt files)")
+    probs, labels, data, rows = [], None, None, {}
+    for run in map(Path, runs):
+        path = _best_checkpoint(run)
+        ckpt = read_lightning_checkpoint(path)  # weights_only
+        hp = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+        hp.update(config=MambaConfig(**hp["config"]), init_from=None)  # the weights come from the checkpoint
+        dm_hp = {k: v for k, v in ckpt["datamodule_hyper_parameters"].items() if not k.startswith("_")}
+        if data is not None and dm_hp["path"] != data:
+            raise ValueError(f"ensemble: {path} was trained on {dm_hp['path']}, the first run on {data}")
+        data = dm_hp["path"]
+        model = FinetuneClassifier(**hp)
+        model.load_state_dict(ckpt["state_dict"])
+        model.eval()
+        dm = LabelledDNADataModule(**dm_hp)
+        dm.setup("test")
+        with torch.no_grad():
+            batches = list(dm.test_dataloader())
+            p = torch.cat([model.predict_step(b, i).float() for i, b in enumerate(batches)])
+            labels = torch.cat([b["labels"] for b in batches])
+        probs.append(p)
+        rows[str(path)] = float((p.argmax(-1) == labels).float().mean())
+    mean = torch.stack(probs).mean(0)
+    return {"data": data, "members": rows, "test_acc": float((mean.argmax(-1) == labels).float().mean()),
+            "n_test": int(labels.numel())}
+
+
 def main(args: list[str] | None = None):
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["report"]:
         print(report(argv[1:] or ["runs/genomics"]))
+        return None
+    if argv[:1] == ["ensemble"]:
+        print(json.dumps(ensemble(argv[1:]), indent=2))
         return None
     if argv[:1] == ["mlm"]:  # masked-LM pretraining on the causal LM's FASTA data module
         return cli_main(MaskedLMModule, DNADataModule, MLM_CONFIG, argv[1:])

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from apps.common import CPUTimeBudget
 from apps.genomics.data import A_ID, PAD_ID, VOCAB_SIZE, decode, encode
-from apps.genomics.finetune import main, report
+from apps.genomics.finetune import ensemble, main, report
 from apps.genomics.model import DNAClassifier, DNAModel, MaskedLMModule, rc_ids
 from apps.genomics.tasks import (
     GENUS_SAMPLE,
@@ -147,6 +147,12 @@ def test_finetune_cli_learns_and_exports(tmp_path):
         pred = model(torch.stack([encode("ATTATAATTTATATAATTAAATAT"), encode("GCGGCCGCGCGGCCGCGGGCCGCG")]))
     assert pred.argmax(-1).tolist() == [0, 1]
     assert cli.model.model.rc_equivariant
+    # the ensemble of a run with itself is that run: same test split, same accuracy
+    both = ensemble([str(tmp_path), str(tmp_path)])
+    assert both["test_acc"] == pytest.approx(result["test_acc"]) and both["data"] == str(data)
+    assert list(both["members"].values()) == [pytest.approx(result["test_acc"])]  # one path, listed once
+    with pytest.raises(FileNotFoundError, match="best-"):
+        ensemble([str(cls_dir)])
 
 
 def test_cpu_time_budget_stops_training(tmp_path):
