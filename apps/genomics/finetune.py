@@ -87,7 +87,10 @@ def ensemble(runs: list[str]) -> dict:
         with torch.no_grad():
             batches = list(dm.test_dataloader())
             p = torch.cat([model.predict_step(b, i).float() for i, b in enumerate(batches)])
-            labels = torch.cat([b["labels"] for b in batches])
+            run_labels = torch.cat([b["labels"] for b in batches])
+        if labels is not None and not torch.equal(run_labels, labels):  # same file, other label order or rows
+            raise ValueError(f"ensemble: {path} sees other test labels than the first run (label order or split)")
+        labels = run_labels
         probs.append(p)
         rows[str(path)] = float((p.argmax(-1) == labels).float().mean())
     mean = torch.stack(probs).mean(0)

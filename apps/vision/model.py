@@ -471,7 +471,6 @@ def load_weights_into(model: nn.Module, sd: dict[str, Tensor], source_kwargs: di
     """Load ``sd`` (from ``read_any``) into ``model``: Vim position embeddings resampled to the model's grid,
     the head left fresh when its shape differs. Returns whether the head was replaced; anything else that does
     not fit is a CheckpointError naming ``path``."""
-
     if isinstance(model, VisionMamba):
         old_grid = None
         if source_name is not None and "pos_embed" in sd:
@@ -503,7 +502,6 @@ def load_vision_model(path: str | Path, num_classes: int | None = None, use_ema:
                       **overrides) -> tuple[nn.Module, dict]:
     """(model in eval mode, config) from anything ``read_any`` reads. ``num_classes`` different from the
     checkpoint's gives a fresh head (fine-tuning); ``overrides`` go to timm.create_model (img_size=, ...)."""
-
     sd, cfg = read_any(path, use_ema=use_ema)
     name, src_kwargs = cfg["model"], dict(cfg["model_kwargs"])
     kwargs = dict(src_kwargs, **overrides)
