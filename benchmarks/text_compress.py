@@ -78,7 +78,8 @@ def prose_group() -> list[Group]:
     return [Group("unseen English prose (licence texts)", files)] if files else []
 
 
-def measure(g: Group, models: dict[str, str]) -> Group:
+def measure(g: Group, models: dict) -> Group:
+    """models: name -> checkpoint path or loaded model (main loads each once for all groups)."""
     from apps.text.evaluate import evaluate_files
 
     blobs = [Path(f).read_bytes() for f in g.files]
@@ -152,9 +153,12 @@ def main(argv: list[str] | None = None) -> list[Group]:
             groups.append(Group(name, [str(f) for f in list_files(paths.split(","))]))
     else:
         groups = heldout_groups() + prose_group()
+    from apps.text.generate import default_model, load_model
+
     models = {"hiss": args.ckpt} | ({"draft": args.draft} if args.draft else {})
+    loaded = {name: load_model(default_model(ckpt)) for name, ckpt in models.items()}  # once, not per group
     for g in groups:
-        measure(g, models)
+        measure(g, loaded)
         print(f"{g.name}: {len(g.files)} files, {g.bytes:,} bytes  "
               + "  ".join(f"{c} {g.per_file[c]:.3f}/{g.joined[c]:.3f}" for c in COMPRESSORS)
               + "  " + "  ".join(f"{m} {v:.3f}" for m, v in g.model.items()), flush=True)

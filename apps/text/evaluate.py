@@ -96,14 +96,16 @@ class HeldOutBitsPerByte(HeldOutEvaluation):
 
 
 
-def evaluate_files(ckpt: str | Path | None, files: list[str | Path], pattern: str = "*", chunk_len: int = 8192,
-                   max_bytes: int | None = None) -> dict:
-    """{"files": {path: bits/byte}, "total": bits/byte over all scored bytes, "bytes": scored count}."""
+def evaluate_files(ckpt: str | Path | torch.nn.Module | None, files: list[str | Path], pattern: str = "*",
+                   chunk_len: int = 8192, max_bytes: int | None = None) -> dict:
+    """{"files": {path: bits/byte}, "total": bits/byte over all scored bytes, "bytes": scored count}.
+
+    ``ckpt``: a checkpoint path (None: the default model) or an already loaded model (scoring many groups)."""
     if chunk_len < 1:
         raise ValueError(f"--chunk-len must be at least 1, got {chunk_len}")
     if max_bytes is not None and max_bytes < 1:
         raise ValueError(f"--max-bytes must be at least 1 (or left out: whole files), got {max_bytes}")
-    model = load_model(default_model(ckpt))
+    model = ckpt if isinstance(ckpt, torch.nn.Module) else load_model(default_model(ckpt))
     specials = model.config.vocab_size > BOS  # a vocabulary with BOS/EOS: documents are framed by them
     paths = list_files(files, pattern)
     per_file, total_bits, total_n = {}, 0.0, 0

@@ -230,6 +230,28 @@ HISS_INLINE void gemv_impl(const WT* W, int64_t K, const float* x, int64_t ldx, 
   }
 }
 
+// x[0, n) <- silu(x) (rounded to bf16 when bf): the conv step's activation, vectorised over channels
+HISS_INLINE void silu_impl(float* x, int64_t n, bool bf) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f v = vload<v8f>(x + i);
+    vstore(x + i, v * vsigmoid(v));
+  }
+  for (; i < n; ++i) x[i] = silu_s(x[i]);
+  if (bf)
+    for (i = 0; i < n; ++i) x[i] = rbf(x[i]);
+}
+inline void silu_base(float* x, int64_t n, bool bf) { silu_impl(x, n, bf); }
+#if HISS_HAVE_AVX2
+__attribute__((target("avx2,fma"))) inline void silu_avx2(float* x, int64_t n, bool bf) { silu_impl(x, n, bf); }
+#endif
+inline void silu_rows(float* x, int64_t n, bool bf) {
+#if HISS_HAVE_AVX2
+  if (isa() == "avx2") return silu_avx2(x, n, bf);
+#endif
+  silu_base(x, n, bf);
+}
+
 }  // namespace ms
 
 // ---- the model ----------------------------------------------------------------------------------
@@ -673,16 +695,17 @@ class DecodeModel {
         for (int64_t k = 0; k < W - 1; ++k) acc += wc[k] * ld(s[S - (W - 1) + k]);
         acc += wc[W - 1] * xv;
         if (S > 0) {
-          std::memmove(s, s + 1, sizeof(ST) * (S - 1));
+          for (int64_t k = 0; k + 1 < S; ++k) s[k] = s[k + 1];  // S is tiny (d_conv - 1): no memmove call
           stv(s + S - 1, xv);
         }
-        out[m * L.conv_dim + c] = R(silu_s(acc));
+        out[m * L.conv_dim + c] = acc;  // the activation follows, for the whole block at once
         if (snapshots_) {
           ST* snap = reinterpret_cast<ST*>(L.snap_conv.data()) + t * nc + (b * L.conv_dim + c) * S;
           std::memcpy(snap, s, sizeof(ST) * S);
         }
       }
     }
+    for (int64_t t = 0; t < T; ++t) ms::silu_rows(out + (b * T + t) * L.conv_dim + c0, c1 - c0, bf_);
   }
   static HISS_INLINE float ld(float v) { return v; }
   static HISS_INLINE float ld(uint16_t v) { return ms::bf2f(v); }

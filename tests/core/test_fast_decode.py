@@ -136,11 +136,12 @@ def test_save_load_slots_and_prefill():
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2"])
-def test_both_instruction_sets_and_the_blas_path_agree(isa):
+@pytest.mark.parametrize("name", ["m1_n16", "m2_n64_groups"])
+def test_both_instruction_sets_and_the_blas_path_agree(isa, name):
     ext = kcpu.load()
     if isa == "avx2" and ext.isa() != "avx2":
         pytest.skip("no AVX2 here")
-    model = model_for("m2_n64_groups")
+    model = model_for(name)
     ids = ids_for(3, 9, seed=2)
     with torch.no_grad():
         full = model(ids).logits
