@@ -51,9 +51,10 @@ def imagenet_wnids() -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, class_index: list[int] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, flip_tta: bool = False) -> dict:
     """{"top1", "top5", "n", "confusion" (K, K) int array: rows true, columns predicted}. ``class_index``
-    restricts the model's logits to those output indices (in the data's label order)."""
+    restricts the model's logits to those output indices (in the data's label order). ``flip_tta``: score each
+    image and its mirror image and average the two softmax outputs (test-time augmentation; twice the cost)."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -61,6 +62,9 @@ def evaluate(model: nn.Module, loader, num_classes: int, class_index: list[int] 
     top5 = n = 0
     for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
         logits = model(batch["inputs"]).float()
+        if flip_tta:  # log of the mean probability: ranks as the mean softmax does
+            mirrored = model(batch["inputs"].flip(-1)).float()
+            logits = torch.logsumexp(torch.stack([logits.log_softmax(-1), mirrored.log_softmax(-1)]), 0)
         if class_index is not None:
             logits = logits[:, class_index]
         if logits.shape[-1] != num_classes:
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ema", action="store_true", help="hustvl .pth: use model_ema")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="average the softmax of each image and of its mirror image (2x the cost)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_classes(ckpt, cfg.get("class_names"), getattr(model, "num_classes", 0), dm.classes, a.data)
     split = {"train": dm.train_set, "val": dm.val_set, "test": dm.test_set}[a.split]
     loader = dm._loader(split, train=False)
-    r = evaluate(model, loader, dm.num_classes, class_index)
+    r = evaluate(model, loader, dm.num_classes, class_index, flip_tta=a.flip_tta)
     if a.split == "train":
         r["note"] = "train split with evaluation transforms"
     name = f"{ckpt.name} on {Path(a.data).name}/{a.split}"
@@ -176,10 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
         fig = confusion_figure(r["confusion"], dm.classes, f"{name}: top-1 {r['top1']:.4f}")
         fig.savefig(a.plot, dpi=120)
     out = {"checkpoint": str(ckpt), "data": str(a.data), "split": a.split, "images": r["n"], "top1": r["top1"],
-           "top5": r["top5"]}
+           "top5": r["top5"], "flip_tta": a.flip_tta}
     if a.json:
         print(json.dumps(dict(out, confusion=r["confusion"].tolist(), classes=dm.classes), indent=2))
     else:
+        name += " (flip TTA)" if a.flip_tta else ""
         print(f"{name}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  ({r['n']:,} images)"
               + (f"; confusion matrix -> {a.plot}" if a.plot else ""))
     return out

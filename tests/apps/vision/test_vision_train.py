@@ -86,6 +86,21 @@ def test_evaluate_cli_plot_and_class_checks(trained, tmp_path, capsys):
         evaluate.main(["--ckpt", str(tmp / "pretrained"), "--data", str(other)])
 
 
+def test_flip_tta_ranks_by_the_mean_softmax_of_an_image_and_its_mirror():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 3, 4))  # orientation-sensitive scores
+    x = torch.randn(64, 1, 2, 3)
+    y = torch.randint(0, 4, (64,))
+    with torch.no_grad():
+        mean_p = (net(x).softmax(-1) + net(x.flip(-1)).softmax(-1)) / 2
+        plain, tta = (evaluate.evaluate(net, [{"inputs": x, "labels": y}], 4, progress=False, flip_tta=f)
+                      for f in (False, True))
+    want = np.zeros((4, 4), np.int64)
+    np.add.at(want, (y.numpy(), mean_p.argmax(-1).numpy()), 1)
+    assert (tta["confusion"] == want).all()
+    assert (plain["confusion"] != tta["confusion"]).any()  # the mirror changes some decisions of this net
+
+
 def test_predict_cli_json_and_bad_image(trained, tmp_path, capsys):
     tmp, root, _ = trained
     bad = tmp_path / "bad.jpg"
