@@ -245,9 +245,9 @@ inline void silu_base(float* x, int64_t n, bool bf) { silu_impl(x, n, bf); }
 #if HISS_HAVE_AVX2
 __attribute__((target("avx2,fma"))) inline void silu_avx2(float* x, int64_t n, bool bf) { silu_impl(x, n, bf); }
 #endif
-inline void silu_rows(float* x, int64_t n, bool bf) {
+inline void silu_rows(bool avx2, float* x, int64_t n, bool bf) {
 #if HISS_HAVE_AVX2
-  if (isa() == "avx2") return silu_avx2(x, n, bf);
+  if (avx2) return silu_avx2(x, n, bf);
 #endif
   silu_base(x, n, bf);
 }
@@ -679,7 +679,7 @@ class DecodeModel {
 
   // conv step over T tokens for channels [c0, c1) of row b: in (M, ld_in) at column off -> out (M, conv_dim)
   template <typename ST>
-  void conv_rows(Layer& L, int64_t b, int64_t c0, int64_t c1, const float* in, int64_t ld_in, float* out) {
+  void conv_rows(Layer& L, int64_t b, int64_t c0, int64_t c1, const float* in, int64_t ld_in, float* out, bool avx2) {
     const int64_t S = L.S, W = L.W, T = T_;
     ST* st = reinterpret_cast<ST*>(L.conv_state.data_ptr()) + b * L.conv_dim * S;
     const float* w = L.conv_w.data_ptr<float>();
@@ -705,7 +705,7 @@ class DecodeModel {
         }
       }
     }
-    for (int64_t t = 0; t < T; ++t) ms::silu_rows(out + (b * T + t) * L.conv_dim + c0, c1 - c0, bf_);
+    for (int64_t t = 0; t < T; ++t) ms::silu_rows(avx2, out + (b * T + t) * L.conv_dim + c0, c1 - c0, bf_);
   }
   static HISS_INLINE float ld(float v) { return v; }
   static HISS_INLINE float ld(uint16_t v) { return ms::bf2f(v); }
@@ -715,13 +715,14 @@ class DecodeModel {
   void conv_all(Layer& L, const float* in, int64_t ld_in, float* out) {
     const int64_t per = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(T_ * L.W, 1));
     const int64_t nblk = (L.conv_dim + per - 1) / per;
+    const bool avx2 = isa() == "avx2";  // once per call, not per row block
     at::parallel_for(0, B_ * nblk, 4, [&](int64_t b0, int64_t e0) {
       for (int64_t i = b0; i < e0; ++i) {
         const int64_t b = i / nblk, c0 = (i % nblk) * per, c1 = std::min(L.conv_dim, c0 + per);
         if (bf_)
-          conv_rows<uint16_t>(L, b, c0, c1, in, ld_in, out);
+          conv_rows<uint16_t>(L, b, c0, c1, in, ld_in, out, avx2);
         else
-          conv_rows<float>(L, b, c0, c1, in, ld_in, out);
+          conv_rows<float>(L, b, c0, c1, in, ld_in, out, avx2);
       }
     });
   }
