@@ -6,8 +6,8 @@
     out  = out_proj((y_f + y_b) / 2)          # hustvl's "div2" (if_devide_out); divide_out=False adds
 
 ``inner`` is Mamba-1's selective path (causal depthwise conv + SiLU, selective scan with D and the SiLU(z)
-gate), run through ssm_core's ``causal_conv1d`` and ``selective_scan`` ops, so the compiled CPU kernel and the
-Triton kernels apply. Parameter names are hustvl's, so its checkpoints load key for key. Not causal: no
+gate), run through ssm_core's ``causal_conv1d_time_major`` and ``selective_scan`` ops, so the compiled CPU
+kernel and the Triton kernels apply. Parameter names are hustvl's, so its checkpoints load key for key. Not causal: no
 streaming state. Unlike ``Bidirectional(Mamba, Mamba)``, the two directions share in_proj and out_proj.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops.conv import causal_conv1d
+from ..ops.conv import causal_conv1d_time_major
 from ..ops.selective_scan import fp32, selective_scan
 from .mamba import Mamba, inverse_softplus_dt
 
@@ -68,23 +68,28 @@ class BiMambaV2(Mamba):
         two separate passes' exactly, in half the kernel calls."""
         if state is not None or return_state:
             raise ValueError("BiMambaV2 sees the whole sequence in both directions and has no streaming state")
-        E, R, N = self.d_inner, self.dt_rank, self.d_state
+        R, N = self.dt_rank, self.d_state
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (batch, L, d_inner) each
-        x2 = torch.cat([x, x.flip(1)], dim=-1).transpose(1, 2)  # (batch, 2E, L): forward | reversed
-        z2 = torch.cat([z, z.flip(1)], dim=-1).transpose(1, 2)
+        # time-major all the way to the scan (the time-major conv: no per-row set-up, which dominates at the
+        # short token counts of images); split / chunk rather than slices, whose backward fills zeros
+        x2 = torch.cat([x, x.flip(1)], dim=-1)  # (batch, L, 2E): forward | reversed
         conv_w = torch.cat([self.conv1d.weight, self.conv1d_b.weight]).squeeze(1)
         conv_b = None if self.conv1d.bias is None else torch.cat([self.conv1d.bias, self.conv1d_b.bias])
-        xc = causal_conv1d(x2, conv_w, conv_b, activation="silu")  # (batch, 2E, L)
-        xt = xc.transpose(1, 2)
-        dbc_f, dbc_b = self.x_proj(xt[..., :E]), self.x_proj_b(xt[..., E:])  # (batch, L, R + 2N) each
-        dt = torch.cat([dbc_f[..., :R] @ self.dt_proj.weight.t(), dbc_b[..., :R] @ self.dt_proj_b.weight.t()], -1)
-        B = torch.stack([dbc_f[..., R:R + N], dbc_b[..., R:R + N]], dim=1).transpose(-1, -2)  # (batch, 2, N, L)
-        C = torch.stack([dbc_f[..., R + N:], dbc_b[..., R + N:]], dim=1).transpose(-1, -2)
+        xc, _ = causal_conv1d_time_major(x2, conv_w, conv_b, activation="silu")  # (batch, L, 2E)
+        xc_f, xc_b = xc.chunk(2, dim=-1)
+        dt_f, B_f, C_f = self.x_proj(xc_f).split([R, N, N], dim=-1)  # (batch, L, R | N | N)
+        dt_b, B_b, C_b = self.x_proj_b(xc_b).split([R, N, N], dim=-1)
+        dt = torch.cat([dt_f @ self.dt_proj.weight.t(), dt_b @ self.dt_proj_b.weight.t()], -1)  # (batch, L, 2E)
+        B = torch.stack([B_f, B_b], dim=1).transpose(-1, -2)  # (batch, 2, N, L)
+        C = torch.stack([C_f, C_b], dim=1).transpose(-1, -2)
+        z2 = torch.cat([z, z.flip(1)], dim=-1)
         A = -torch.exp(torch.cat([fp32(self.A_log), fp32(self.A_b_log)]))
         D = torch.cat([fp32(self.D), fp32(self.D_b)])
         dt_bias = torch.cat([fp32(self.dt_proj.bias), fp32(self.dt_proj_b.bias)])
-        y = selective_scan(xc, dt.transpose(1, 2), A, B, C, D, z2, delta_bias=dt_bias, delta_softplus=True)
-        y = y[:, :E] + y[:, E:].flip(-1)
+        y = selective_scan(xc.transpose(1, 2), dt.transpose(1, 2), A, B, C, D, z2.transpose(1, 2),
+                           delta_bias=dt_bias, delta_softplus=True)  # (batch, 2E, L)
+        y_f, y_b = y.chunk(2, dim=1)
+        y = y_f + y_b.flip(-1)
         if self.divide_out:
             y = y / 2
         return self.out_proj(y.transpose(1, 2))

@@ -275,9 +275,24 @@ def test_bimamba_v2_equals_two_ssm_core_mambas_sharing_projections():
                        "conv1d.weight": sd["conv1d_b.weight"], "conv1d.bias": sd["conv1d_b.bias"],
                        "x_proj.weight": sd["x_proj_b.weight"], "dt_proj.weight": sd["dt_proj_b.weight"],
                        "dt_proj.bias": sd["dt_proj_b.bias"], "A_log": sd["A_b_log"], "D": sd["D_b"]})
-    x = torch.randn(2, 11, 16)
+    x = torch.randn(2, 11, 16, requires_grad=True)
     want = Bidirectional(f, b, merge="mean")(x)
-    assert torch.allclose(mix(x), want, atol=1e-6)
+    got = mix(x)
+    assert torch.allclose(got, want, atol=1e-6)
+    # gradients too: the input's, and each parameter's (shared projections get both directions' share)
+    w = torch.randn_like(want)
+    (want * w).sum().backward()
+    gx_want, x.grad = x.grad, None
+    (got * w).sum().backward()
+    assert torch.allclose(x.grad, gx_want, atol=1e-5)
+    g = dict(mix.named_parameters())
+    for name in ("in_proj.weight", "out_proj.weight"):
+        shared = dict(f.named_parameters())[name].grad + dict(b.named_parameters())[name].grad
+        assert torch.allclose(g[name].grad, shared, atol=1e-5), name
+    for mine, theirs in (("conv1d_b.weight", b.conv1d.weight), ("x_proj_b.weight", b.x_proj.weight),
+                         ("dt_proj_b.bias", b.dt_proj.bias), ("A_b_log", b.A_log), ("D_b", b.D),
+                         ("conv1d.weight", f.conv1d.weight), ("A_log", f.A_log)):
+        assert torch.allclose(g[mine].grad, theirs.grad, atol=1e-5), mine
     with pytest.raises(ValueError, match="no streaming state"):
         mix(x, return_state=True)
 
