@@ -7,8 +7,9 @@
 
 ``inner`` is Mamba-1's selective path (causal depthwise conv + SiLU, selective scan with D and the SiLU(z)
 gate), run through ssm_core's ``causal_conv1d_time_major`` and ``selective_scan`` ops, so the compiled CPU
-kernel and the Triton kernels apply. Parameter names are hustvl's, so its checkpoints load key for key. Not causal: no
-streaming state. Unlike ``Bidirectional(Mamba, Mamba)``, the two directions share in_proj and out_proj.
+kernels apply (and on a GPU the scan's Triton kernel). Parameter names are hustvl's, so its checkpoints load
+key for key. Not causal: no streaming state. Unlike ``Bidirectional(Mamba, Mamba)``, the two directions share
+in_proj and out_proj.
 """
 
 from __future__ import annotations
