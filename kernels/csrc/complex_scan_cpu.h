@@ -219,7 +219,7 @@ HISS_INLINE void fwd_range(const Args<T>& a, int64_t begin, int64_t end) {
         }
         vstore(yb + i, y);
       }
-      std::memcpy(a.out + c * L + t0, yb, sizeof(T) * len);
+      store_row(a.out + c * L + t0, yb, len);
     }
     std::memcpy(a.last + c * 2 * Np, h.data(), sizeof(T) * 2 * Np);
   }
@@ -411,9 +411,9 @@ HISS_INLINE void bwd_range(const Args<T>& a, int64_t begin, int64_t end) {
           vstore(sB + i, vload<V>(xo + i) * yy * (sg * (one + zz * (one - sg))));  // dz
         }
       }
-      std::memcpy(a.du + c * L + t0, o1, sizeof(T) * len);
-      std::memcpy(a.ddelta + c * L + t0, sA, sizeof(T) * len);
-      if (a.z) std::memcpy(a.dz + c * L + t0, sB, sizeof(T) * len);
+      store_row(a.du + c * L + t0, o1, len);
+      store_row(a.ddelta + c * L + t0, sA, len);
+      if (a.z) store_row(a.dz + c * L + t0, sB, len);
       dD += (double)hsum(vdD);
       dbias += (double)hsum(vdb);
     }

@@ -155,7 +155,7 @@ HISS_INLINE void fwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
           }
           vstore(yb + i, y);
         }
-        std::memcpy(a.out + c * L + t0, yb, sizeof(T) * len);
+        store_row(a.out + c * L + t0, yb, len);
       }
     }
   }
@@ -274,7 +274,7 @@ HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
             vstore(dy + i, g);
             dDacc += g * uu;
           }
-          if (zp) std::memcpy(a.dz + c * L + t0, o1, sizeof(T) * len);
+          if (zp) store_row(a.dz + c * L + t0, o1, len);
           if (Dp) a.dD_c[c] += (double)hsum(dDacc);
         }
 
@@ -338,8 +338,8 @@ HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
             vstore(o2 + i, ddt);
             dbacc += ddt;
           }
-          std::memcpy(a.du + c * L + t0, o1, sizeof(T) * len);
-          std::memcpy(a.ddelta + c * L + t0, o2, sizeof(T) * len);
+          store_row(a.du + c * L + t0, o1, len);
+          store_row(a.ddelta + c * L + t0, o2, len);
           if (biasp) a.dbias_c[c] += (double)hsum(dbacc);
         }
       }
