@@ -30,7 +30,7 @@
 // per register block, fp32 or bf16 weights widened in registers, software prefetch, AVX2+FMA variant picked
 // at run time; threads over output rows): at batch 1 a decode step is a stream of the weights, and this
 // kernel reads them once at memory speed with no packing. Larger row counts go to ATen's mm (MKL for fp32,
-// oneDNN for bf16) into preallocated outputs; int8 matrices there are dequantised (q s, fp32) in blocks of
+// oneDNN for bf16) as Y^T = W X^T (the weight on the left: not repacked per call) into a preallocated scratch; int8 matrices there are dequantised (q s, fp32) in blocks of
 // output rows that stay in cache, each block multiplied by MKL's sgemm.
 //
 // Layers of another kind (attention) are "external": the Python side runs them between calls to
@@ -599,28 +599,43 @@ class DecodeModel {
       }
       return;
     }
+    // Many rows: Y^T = W X^T (ATen mm: MKL sgemm / oneDNN bf16), then transposed into y with the bias. With
+    // the weight as the left operand the BLAS streams it in place; as the right operand (X W^T) MKL packed
+    // (copied) the whole weight matrix on every call, which at 32 rows cost more than the multiply itself.
     auto f32o = at::TensorOptions().dtype(at::kFloat);
     at::Tensor X = at::from_blob(const_cast<float*>(x), {M, l.K}, {ldx, 1}, f32o);
+    const int64_t O = l.O;
     if (!bf_) {
-      at::Tensor Y = at::from_blob(y, {M, l.O}, {ldy, 1}, f32o);
-      if (l.b.defined())
-        at::addmm_out(Y, l.b, X, l.w.t());
-      else
-        at::mm_out(Y, X, l.w.t());
+      if ((int64_t)yt_.size() < O * M) yt_.resize(O * M);
+      at::Tensor YT = at::from_blob(yt_.data(), {O, M}, f32o);
+      at::mm_out(YT, l.w, X.t());
+      transpose_rows(yt_.data(), O, M, y, ldy, [bias](int64_t o, float v) { return bias ? v + bias[o] : v; });
       return;
     }
-    // bf16 weights, many rows: oneDNN's bf16 matmul on bf16 copies of the activations
+    // bf16 weights: oneDNN's bf16 matmul on bf16 copies of the activations; the result rounded like the module's
     at::Tensor Xb = scratch_bf16(xb_, M * l.K).view({M, l.K});
     Xb.copy_(X);
-    at::Tensor Yb = scratch_bf16(yb_, M * l.O).view({M, l.O});
-    at::mm_out(Yb, Xb, l.w.t());
-    const uint16_t* yb = reinterpret_cast<const uint16_t*>(Yb.data_ptr<at::BFloat16>());
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t o = 0; o < l.O; ++o) {
-        float v = ms::bf2f(yb[m * l.O + o]);
-        if (bias) v = ms::rbf(v + bias[o]);
-        y[m * ldy + o] = v;
-      }
+    at::Tensor YTb = scratch_bf16(yb_, M * O).view({O, M});
+    at::mm_out(YTb, l.w, Xb.t());
+    const uint16_t* yb = reinterpret_cast<const uint16_t*>(YTb.data_ptr<at::BFloat16>());
+    transpose_rows(yb, O, M, y, ldy, [bias](int64_t o, uint16_t u) {
+      const float v = ms::bf2f(u);
+      return bias ? ms::rbf(v + bias[o]) : v;
+    });
+  }
+  // y[m * ldy + o] = f(o, yt[o * M + m]): tiles of 64 output columns (the tile's yt rows stay in L1), threads
+  // over tiles
+  template <typename S, typename F>
+  static void transpose_rows(const S* yt, int64_t O, int64_t M, float* y, int64_t ldy, F f) {
+    constexpr int64_t tile = 64;
+    at::parallel_for(0, (O + tile - 1) / tile, std::max<int64_t>(1, 4096 / std::max<int64_t>(M * tile, 1)),
+                     [&](int64_t b, int64_t e) {
+                       for (int64_t o0 = b * tile; o0 < std::min(O, e * tile); o0 += tile) {
+                         const int64_t o1 = std::min(O, o0 + tile);
+                         for (int64_t m = 0; m < M; ++m)
+                           for (int64_t o = o0; o < o1; ++o) y[m * ldy + o] = f(o, yt[o * M + m]);
+                       }
+                     });
   }
   // int8 weights: the GEMV for a few rows; more rows: blocks of output rows dequantised to fp32 (q s, exactly the
   // dequantised weight) into a cache-sized scratch, each multiplied by ATen's mm (MKL sgemm) into y's columns
@@ -833,7 +848,7 @@ class DecodeModel {
   ms_Lin head_;
   Norm normf_;
   std::vector<Layer> layers_;
-  std::vector<float> x_, h_, o_, big_, y_, xc_, dbc_, dt_, gate_, dl_, lg_, xd_, dq_;
+  std::vector<float> x_, h_, o_, big_, y_, xc_, dbc_, dt_, gate_, dl_, lg_, xd_, dq_, yt_;
 };
 
 // ---- SIMD kernels, compiled for the baseline and for AVX2+FMA ------------------------------------
