@@ -366,6 +366,14 @@ class DecodeModel {
     L.snap_conv.clear(), L.snap_ssm.clear();
   }
 
+  // The bf16 LM head pre-packed by oneDNN (torch.ops.mkldnn._reorder_linear_weight) for calls above small_rows:
+  // the head is the largest matrix, and oneDNN otherwise reorders it into its blocked layout on every call.
+  void set_head_packed(const at::Tensor& packed) {
+    TORCH_CHECK(bf_ && !head_.q8, "set_head_packed: a bf16 head only");
+    TORCH_CHECK(packed.is_mkldnn(), "set_head_packed: expected an mkldnn tensor from _reorder_linear_weight");
+    head_packed_ = packed;
+  }
+
   int64_t batch() const { return B_; }
   int64_t num_layers() const { return (int64_t)layers_.size(); }
   void set_small_rows(int64_t r) { small_rows_ = r; }
@@ -427,6 +435,16 @@ class DecodeModel {
     if (!bf_) {
       linear(head_, h_.data(), D_, M, logits_.data_ptr<float>(), Vp, false);
     } else {
+      if (head_packed_.defined() && M > small_rows_) {  // bf16 in, bf16 out: the module's lm_head, packed weight
+        at::Tensor hb = at::from_blob(h_.data(), {M, D_}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
+        static const c10::OperatorHandle op =
+            c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+        std::vector<c10::IValue> st{hb, head_packed_, c10::IValue(), std::string("none"),
+                                    c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+        op.callBoxed(&st);
+        logits_.view({M, Vp}).copy_(st[0].toTensor());
+        return logits_;
+      }
       if ((int64_t)lg_.size() < M * Vp) lg_.resize(M * Vp);
       linear(head_, h_.data(), D_, M, lg_.data(), Vp, true);
       uint16_t* o = reinterpret_cast<uint16_t*>(logits_.data_ptr<at::BFloat16>());
@@ -844,7 +862,7 @@ class DecodeModel {
 
   int64_t B_ = 1, D_ = 0, T_ = 0, M_cap_ = 0, small_rows_ = 8;
   bool bf_ = false, res_fp32_ = true, snapshots_ = false;
-  at::Tensor emb_, emb_s_, logits_, xb_, yb_;
+  at::Tensor emb_, emb_s_, logits_, xb_, yb_, head_packed_;
   ms_Lin head_;
   Norm normf_;
   std::vector<Layer> layers_;

@@ -48,6 +48,7 @@ __all__ = ["FastDecoder", "unsupported_reason", "fast_decoder_or_none", "quantiz
            "QUANTIZE"]
 
 QUANTIZE = (None, "int8")  # the quantize= options of FastDecoder / generate / stream
+SMALL_ROWS = 8  # the kernel's default: matmuls of more rows than this go to ATen's BLAS (MKL / oneDNN)
 
 
 def _structure_reason(model) -> str | None:
@@ -209,8 +210,20 @@ class FastDecoder:
                 self._streamed += list(t.values())
         self._q8.clear()  # the kernel holds the int8 tensors it was given
         self._bind()
+        self._head = io["lm_head"]
+        if self.dtype == torch.bfloat16 and quantize is None and self.batch > SMALL_ROWS:
+            self.pack_head()
         self._slots: dict[int, list] = {}
         self._snap_base: tuple | None = None
+
+    def pack_head(self) -> bool:
+        """bf16: give the kernel the LM head pre-packed by oneDNN for its calls above SMALL_ROWS rows (done by the
+        constructor when the batch is above it; costs one more copy of the head). False where oneDNN is missing."""
+        reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+        if self.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() or reorder is None:
+            return False
+        self._dm.set_head_packed(reorder(self._head, max(self.batch, SMALL_ROWS + 1)))
+        return True
 
     def _linear(self, name: str, lin: nn.Linear, tensors: dict) -> None:
         """The linear's weight (and bias) for the kernel: as it is, or (quantize="int8") int8 + per-row scales."""

@@ -76,8 +76,9 @@ def test_bf16_step_equals_bf16_module_step(kind, small_rows):
         ref, ref_state = module_steps(model, ids, 4)
         state = model(ids[:, :4], return_state=True).state
         dec = FastDecoder(model, state)
-        if small_rows is not None:  # every matmul through oneDNN (what batches above 8 rows use)
+        if small_rows is not None:  # every matmul through oneDNN, the head pre-packed (what batches above 8 use)
             dec._dm.set_small_rows(small_rows)
+            assert dec.pack_head()
         steps = torch.stack([dec.step(ids[:, t]).clone() for t in range(4, 12)], 1)
     assert steps.dtype == torch.bfloat16
     # the compiled step rounds to bf16 wherever the module path holds bf16; sums may differ in order only
