@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--cosine", action="store_true", default=None,
                     help="lr decays to 0 by a cosine over --steps after the warm-up (default: constant)")
     tr.add_argument("--delta-l1", type=float,
-                    help="weight of an L1 penalty on the mean step size Δ of the Mamba-1 layers (default per task)")
+                    help="weight of an L1 penalty on the mean step size Δ of the Mamba-1 and Mamba-2 layers "
+                         "(default per task)")
     tr.add_argument("--delta-log", type=float, help="weight of a penalty on mean log Δ (default off)")
     tr.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (default per task)")
     tr.add_argument("--monitor-lengths", type=int, nargs="*",

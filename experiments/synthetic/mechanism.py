@@ -1,4 +1,4 @@
-"""How selective is Δ? The step size of the Mamba-1 layers, read (and floored) through ``Mamba.register_delta_hook``.
+"""How selective is Δ? The step size of the Mamba layers, read (and floored) through their ``register_delta_hook``.
 
 Δ·x is what a token writes into the state (times B); exp(A·Δ) is how much of the state survives it. A layer
 that extrapolates must write the few tokens that matter with a large Δ and ignore the rest with Δ near 0.
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssm_core import MambaLMHeadModel
-from ssm_core.modules import Mamba
+from ssm_core.modules import Mamba, Mamba2
 
 from .evaluate import correct
 from .tasks import EVAL_SEED, MAKE_BATCH, NOISE, TRIGGER, write_mask
@@ -23,22 +23,27 @@ __all__ = ["capture_delta", "delta_selectivity", "floor_accuracy"]
 
 
 @contextmanager
-def capture_delta(model: torch.nn.Module, floor: float | None = None):
+def capture_delta(model: torch.nn.Module, floor: float | None = None, mamba2: bool = False):
     """Within the block, each selective Mamba-1 layer's forward appends (Δ, x) to the yielded list (one entry
     per layer call, in call order; gradients flow): its step size Δ = softplus(dt + dt_bias) and the scan
     input x (after the conv), both (batch, L, d_inner) ((batch, d_inner) in a decode step).
-    ``floor``: an intervention, not a measurement: every Δ below it is set to exactly 0 (no write, no decay)."""
+    ``floor``: an intervention, not a measurement: every Δ below it is set to exactly 0 (no write, no decay).
+    ``mamba2``: the Mamba-2 layers too (for a penalty on Δ): their Δ is one per head, (batch, L, nheads), and
+    x is (batch, L, nheads, headdim); the analyses below read Mamba-1 layers only."""
     deltas: list[tuple[Tensor, Tensor]] = []
 
-    def hook(layer: Mamba, delta: Tensor, x: Tensor) -> Tensor | None:
+    def hook(layer: Mamba | Mamba2, delta: Tensor, x: Tensor) -> Tensor | None:
         if floor is not None:
             delta = torch.where(delta < floor, torch.zeros_like(delta), delta)
-        # the hook's layout is the scan's (batch, d_inner, L); the analyses index positions: (batch, L, d_inner)
-        deltas.append((delta.transpose(1, 2), x.transpose(1, 2)) if delta.dim() == 3 else (delta, x))
+        # Mamba-1's hook layout is the scan's (batch, d_inner, L); the analyses index positions: (batch, L, d_inner)
+        mamba1 = isinstance(layer, Mamba)
+        deltas.append((delta.transpose(1, 2), x.transpose(1, 2)) if mamba1 and delta.dim() == 3 else (delta, x))
         return delta if floor is not None else None
 
-    # Mamba-1 only: Mamba-2's Δ is per head; LTI layers have no selection to measure
-    handles = [m.register_delta_hook(hook) for m in model.modules() if isinstance(m, Mamba) and m.selective]
+    # LTI layers have no selection to measure
+    layers = [m for m in model.modules()
+              if (isinstance(m, Mamba) and m.selective) or (mamba2 and isinstance(m, Mamba2))]
+    handles = [m.register_delta_hook(hook) for m in layers]
     try:
         yield deltas
     finally:

@@ -42,7 +42,7 @@ def model_config(model: str) -> MambaConfig:
 
 class SyntheticModule(pl.LightningModule):
     """Cross-entropy on the last K positions only (the targets), plus ``delta_l1`` x mean Δ and ``delta_log`` x
-    mean log Δ of the Mamba-1 layers when set; AdamW,
+    mean log Δ of the Mamba-1 and Mamba-2 layers when set; AdamW,
     linear warm-up then constant lr (or a cosine to 0 over ``cosine_steps``); the run ends at max_steps or by
     early stopping (below). ``lengths``: the curriculum, the last one the training length."""
 
@@ -82,10 +82,10 @@ class SyntheticModule(pl.LightningModule):
         ids, targets = batch
         hp = self.hparams
         if hp.delta_l1 or hp.delta_log:  # sparse selection: pay for every step size Δ, so only needed writes stay
-            with capture_delta(self.model) as deltas:
+            with capture_delta(self.model, mamba2=True) as deltas:
                 logits = self(ids)
             penalty = 0.0
-            if deltas and hp.delta_l1:  # no deltas in attention, LTI or Mamba-2 models: the penalty is Mamba-1's
+            if deltas and hp.delta_l1:  # no deltas in attention or LTI models (Mamba-2's: one per head)
                 penalty = penalty + hp.delta_l1 * torch.stack([d.mean() for d, _ in deltas]).mean()
             if deltas and hp.delta_log:
                 # log Δ: a constant push per unit of log Δ, however small Δ already is (L1's push fades with Δ);

@@ -27,7 +27,7 @@ class TrainSpec:
     held-out accuracy at its length reaches ``stage_acc`` (CPU budget: the last-token signal is sparse, and at
     L = 256 the plateau before the induction circuit forms is long; at L = 32 it forms in a few hundred steps).
     The last stage stops after two held-out checks at ``stop_acc``, but not before ``min_final_steps`` there.
-    ``delta_l1`` / ``delta_log``: weights of penalties on the mean Δ / mean log Δ of the Mamba-1 layers.
+    ``delta_l1`` / ``delta_log``: weights of penalties on the mean Δ / mean log Δ of the Mamba-1 and Mamba-2 layers.
     ``cosine``: the lr decays to 0 over max_steps after the warm-up (default constant). ``monitor_lengths``:
     held-out accuracy at these longer lengths is logged every ``monitor_every`` steps (never used to stop)."""
 

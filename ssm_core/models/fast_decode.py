@@ -71,7 +71,7 @@ def _structure_reason(model) -> str | None:
             continue
         if not isinstance(mixer, (Mamba, Mamba2)):
             return f"layer {i}: {type(mixer).__name__} mixers are not supported"
-        if isinstance(mixer, Mamba) and mixer.has_delta_hooks:
+        if mixer.has_delta_hooks:
             return f"layer {i}: delta hooks run in Python"
         if isinstance(mixer, Mamba) and mixer.complex_A:  # model_step_cpu.h has a real state only
             return f"layer {i}: complex A (complex_A=True) is stepped through the module"

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..ops.complex_scan import complex_scan, complex_state_update, s4d_lin
 from ..ops.conv import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan import fp32, selective_scan, selective_state_update
 from ..state import SSMState
-
-DeltaHook = Callable[["Mamba", Tensor, Tensor], "Tensor | None"]
+from .delta_hooks import DeltaHooks
 
 
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float, **factory) -> Tensor:
@@ -26,7 +22,7 @@ def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: flo
     return dt + torch.log(-torch.expm1(-dt))
 
 
-class Mamba(nn.Module):
+class Mamba(DeltaHooks, nn.Module):
     """Selective SSM block (Gu & Dao 2023), one screen:
 
         x, z = in_proj(u)                      # (batch, L, d_inner) each
@@ -122,10 +118,9 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
-        # RemovableHandle id -> hook, in registration order (OrderedDict: the handle holds a weak reference)
-        self._delta_hooks: OrderedDict[int, DeltaHook] = OrderedDict()
+        self._init_delta_hooks()
 
-    def register_delta_hook(self, hook: DeltaHook) -> RemovableHandle:
+    def register_delta_hook(self, hook):
         """Call ``hook(module, delta, u)`` with the step size of every forward and decode step.
 
         delta: Δ = softplus(dt + dt_bias), fp32 (fp64 for fp64 models), (batch, d_inner, L) in a forward and
@@ -137,29 +132,13 @@ class Mamba(nn.Module):
         hooks that only observe leave the forward bit-identical (the Δ they see equals the scan's up to
         rounding). Returns a handle whose ``remove()`` unregisters the hook.
         """
-        handle = RemovableHandle(self._delta_hooks)
-        self._delta_hooks[handle.id] = hook
-        return handle
-
-    @property
-    def has_delta_hooks(self) -> bool:
-        """True while a delta hook is registered (fused decode paths that skip Δ must then step in Python)."""
-        return bool(self._delta_hooks)
+        return super().register_delta_hook(hook)
 
     def _run_delta_hooks(self, dt: Tensor, u: Tensor) -> Tensor | None:
         """dt (pre-bias): (batch, d_inner[, L]) -> the Δ that replaces the scan's own after every delta hook has
         seen it, or None when no hook replaced it."""
         bias = self._dt_bias()
-        delta = F.softplus(fp32(dt) + (bias[:, None] if dt.dim() == 3 else bias))
-        replaced = None
-        for hook in list(self._delta_hooks.values()):
-            result = hook(self, delta, u)
-            if result is not None:
-                if result.shape != delta.shape:
-                    raise ValueError(f"Mamba delta hook: a replacement Δ must have shape {tuple(delta.shape)}, "
-                                     f"got {tuple(result.shape)}")
-                delta = replaced = result
-        return replaced
+        return self._apply_delta_hooks(F.softplus(fp32(dt) + (bias[:, None] if dt.dim() == 3 else bias)), u)
 
     def empty_state(self, batch: int, device=None, dtype=None) -> SSMState:
         device = device or self.A_log.device

@@ -12,6 +12,7 @@ from ..ops.selective_scan import fp32, selective_state_update
 from ..ops.ssd import mamba_chunk_scan_combined
 from ..state import SSMState
 from ..validate import check_mamba2
+from .delta_hooks import DeltaHooks
 from .mamba import inverse_softplus_dt
 
 
@@ -39,7 +40,7 @@ class _Transpose(torch.autograd.Function):
         return _transpose_tiled(g)
 
 
-class Mamba2(nn.Module):
+class Mamba2(DeltaHooks, nn.Module):
     """SSD block (Dao & Gu 2024): one projection gives z, x, B, C, dt; a short conv over (x, B, C);
     a scalar-per-head A; gated RMSNorm y = norm(y * silu(z)); out_proj. With d_ssm < d_inner the
     remaining channels form a gated MLP branch, as in mamba_ssm.
@@ -110,6 +111,24 @@ class Mamba2(nn.Module):
             self.norm = RMSNormGated(self.d_ssm, eps=norm_eps, norm_before_gate=norm_before_gate,
                                      group_size=self.d_ssm // ngroups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self._init_delta_hooks()
+
+    def register_delta_hook(self, hook):
+        """Call ``hook(module, delta, u)`` with the step size of every forward and decode step.
+
+        delta: Δ = softplus(dt + dt_bias) clamped to dt_limit, fp32, one per head: (batch, L, nheads) in a forward,
+        (batch, nheads) in a decode step, differentiable (a penalty on it trains in_proj's dt rows and the bias);
+        u: the SSM input x after the conv, (batch, L, nheads, headdim) / (batch, nheads, headdim). A head ignores a
+        token when its Δ is ~0: exp(A Δ) ~ 1 keeps the state and Δ x B ~ 0 adds nothing. A hook may return a
+        replacement Δ of delta's shape (the SSD then takes it as is: no softplus, bias or clamp), or None;
+        observing hooks leave the forward bit-identical. Returns a handle whose ``remove()`` unregisters it."""
+        return super().register_delta_hook(hook)
+
+    def _delta(self, dt: Tensor) -> Tensor:
+        delta = F.softplus(fp32(dt) + fp32(self.dt_bias))
+        if self.dt_limit != (0.0, float("inf")):
+            delta = delta.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+        return delta
 
     @property
     def d_mlp(self) -> int:
@@ -174,13 +193,15 @@ class Mamba2(nn.Module):
                 xBC = _Transpose.apply(xBC)
             x, B, C = xBC.split(
                 [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+            x = x.unflatten(-1, (self.nheads, self.headdim))
+            dt_args = {"dt_bias": self.dt_bias, "dt_softplus": True, "dt_limit": self.dt_limit}
+            if self._delta_hooks and (delta := self._apply_delta_hooks(self._delta(dt), x)) is not None:
+                dt, dt_args = delta, {"dt_bias": None, "dt_softplus": False, "dt_limit": (0.0, float("inf"))}
             y, ssm_state = mamba_chunk_scan_combined(
-                x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
-                B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
+                x, dt, A, B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
                 chunk_size=self.chunk_size, D=D,
                 z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
-                dt_bias=self.dt_bias, initial_states=state.ssm, seq_idx=seq_idx, dt_softplus=True,
-                dt_limit=self.dt_limit, return_final_states=True,
+                initial_states=state.ssm, seq_idx=seq_idx, return_final_states=True, **dt_args,
             )
             y = y.flatten(-2)
         if self.rmsnorm:
@@ -195,9 +216,9 @@ class Mamba2(nn.Module):
         xBC, conv_state = causal_conv1d_update(xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                                "silu", inplace=False)
         x, B, C = xBC.split([self.d_ssm, self.ngroups * N, self.ngroups * N], dim=-1)
-        dt = F.softplus(fp32(dt) + fp32(self.dt_bias))
-        if self.dt_limit != (0.0, float("inf")):
-            dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+        dt = self._delta(dt)
+        if self._delta_hooks and (delta := self._apply_delta_hooks(dt, x.view(batch, self.nheads, P))) is not None:
+            dt = delta
         y, ssm_state = selective_state_update(
             state.ssm, x.view(batch, self.nheads, P), dt[..., None].expand(-1, -1, P),
             A[:, None, None].expand(-1, P, N), B.view(batch, self.ngroups, N), C.view(batch, self.ngroups, N),

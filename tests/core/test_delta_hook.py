@@ -1,12 +1,12 @@
-"""Mamba.register_delta_hook: hooks see the step size Δ the block really uses, may replace it, and leave the
-forward bit-identical once removed; decode steps call them too."""
+"""Mamba.register_delta_hook / Mamba2.register_delta_hook: hooks see the step size Δ the block really uses, may
+replace it, and leave the forward bit-identical once removed; decode steps call them too."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ssm_core import Mamba
-from ssm_core.ops import causal_conv1d_ref, selective_scan_ref
+from ssm_core import Mamba, Mamba2
+from ssm_core.ops import causal_conv1d_ref, selective_scan_ref, ssd_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,3 +116,57 @@ def test_a_replacement_of_the_wrong_shape_is_an_error(block):
     block.register_delta_hook(lambda m, delta, u: delta[:, :, :1])
     with pytest.raises(ValueError, match="replacement"):
         block(torch.randn(1, 4, 8))
+
+
+@pytest.fixture
+def block2():
+    torch.manual_seed(0)
+    return Mamba2(d_model=16, d_state=8, headdim=4, chunk_size=4).double()
+
+
+def manual_forward2(m: Mamba2, hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Mamba-2 written out with a given Δ (batch, L, nheads), through the token-by-token SSD twin."""
+    z0, x0, z, xBC, _ = m.in_proj(hidden).split([m.d_mlp, m.d_mlp, m.d_ssm, m.conv_dim, m.nheads], dim=-1)
+    xBC = causal_conv1d_ref(xBC.transpose(1, 2), m.conv1d.weight.squeeze(1), m.conv1d.bias, activation="silu")
+    x, B, C = xBC.transpose(1, 2).split([m.d_ssm, m.ngroups * m.d_state, m.ngroups * m.d_state], dim=-1)
+    y = ssd_ref(x.unflatten(-1, (m.nheads, m.headdim)), delta, -torch.exp(m.A_log),
+                B.unflatten(-1, (m.ngroups, m.d_state)), C.unflatten(-1, (m.ngroups, m.d_state)), D=m.D)
+    return m.out_proj(m.norm(y.flatten(-2), z))
+
+
+def test_mamba2_hook_sees_the_per_head_delta_that_reproduces_the_output(block2):
+    hidden = torch.randn(2, 9, 16, dtype=torch.float64)
+    seen = []
+    with torch.no_grad():
+        plain = block2(hidden)
+        h = block2.register_delta_hook(record(seen))
+        assert torch.equal(block2(hidden), plain)  # observing only: bit-identical
+        [(module, delta, u)] = seen
+        assert module is block2 and delta.shape == (2, 9, block2.nheads) and u.shape == (2, 9, block2.nheads, 4)
+        torch.testing.assert_close(plain, manual_forward2(block2, hidden, delta))
+        h.remove()
+        halve = block2.register_delta_hook(lambda m, d, u: 0.5 * d)
+        torch.testing.assert_close(block2(hidden), manual_forward2(block2, hidden, 0.5 * delta))
+        halve.remove()
+        assert torch.equal(block2(hidden), plain) and not block2.has_delta_hooks
+
+
+def test_mamba2_decode_steps_call_the_hook_and_zero_delta_keeps_the_state(block2):
+    hidden = torch.randn(2, 6, 16, dtype=torch.float64)
+    block2.register_delta_hook(lambda m, d, u: d * 0.5)
+    with torch.no_grad():
+        full = block2(hidden)
+        state, steps = None, []
+        for t in range(hidden.shape[1]):
+            y, state = block2(hidden[:, t:t + 1], state=state, return_state=True)
+            steps.append(y)
+        torch.testing.assert_close(torch.cat(steps, dim=1), full)
+        zero = block2.register_delta_hook(lambda m, d, u: torch.zeros_like(d))
+        _, state = block2(hidden, return_state=True)
+        assert torch.equal(state.ssm, torch.zeros_like(state.ssm))
+        zero.remove()
+    deltas = []
+    block2.register_delta_hook(lambda m, d, u: deltas.append(d))
+    block2(hidden)
+    deltas[-1].mean().backward()
+    assert (block2.dt_bias.grad > 0).all()  # a penalty on Δ trains the bias
