@@ -189,6 +189,9 @@ def test_unsupported_models_and_ref_backend_fall_back_to_the_module_path(monkeyp
     assert "fp32 or bf16" in unsupported_reason(m64)
     prompt = ids_for(1, 4)
     assert m64.generate(prompt, max_new_tokens=3, temperature=0).shape == (1, 7)
+    hooked2 = copy.deepcopy(model_for("m2_n64_groups"))  # Mamba-2 layers have Δ hooks too
+    hooked2.backbone.layers[1].mixer.register_delta_hook(lambda mod, delta, u: None)
+    assert "layer 1: delta hooks" in unsupported_reason(hooked2)
     hooked = copy.deepcopy(model_for("m1_n4"))
     hooked.backbone.layers[0].mixer.register_delta_hook(lambda mod, delta, u: None)
     assert "delta hooks" in unsupported_reason(hooked)
