@@ -30,8 +30,9 @@
 // per register block, fp32 or bf16 weights widened in registers, software prefetch, AVX2+FMA variant picked
 // at run time; threads over output rows): at batch 1 a decode step is a stream of the weights, and this
 // kernel reads them once at memory speed with no packing. Larger row counts go to ATen's mm (MKL for fp32,
-// oneDNN for bf16) as Y^T = W X^T (the weight on the left: not repacked per call) into a preallocated scratch; int8 matrices there are dequantised (q s, fp32) in blocks of
-// output rows that stay in cache, each block multiplied by MKL's sgemm.
+// oneDNN for bf16) as Y^T = W X^T (the weight on the left: not repacked per call) into a preallocated
+// scratch; int8 matrices there are dequantised (q s, fp32) in blocks of output rows that stay in cache, each
+// block multiplied by MKL's sgemm.
 //
 // Layers of another kind (attention) are "external": the Python side runs them between calls to
 // run_layers(begin, end) on the residual buffer (hybrid models).
@@ -308,7 +309,8 @@ class DecodeModel {
         L.x_proj = lin(t, "x_proj", "");
         L.dt_proj = lin(t, "dt_proj", "");
         L.R = L.x_proj.O - 2 * L.N;
-        TORCH_CHECK(L.R >= 1 && L.dt_proj.K == L.R && L.dt_proj.O == L.Di && L.x_proj.K == L.Di, "x_proj/dt_proj shapes");
+        TORCH_CHECK(L.R >= 1 && L.dt_proj.K == L.R && L.dt_proj.O == L.Di && L.x_proj.K == L.Di,
+                    "x_proj/dt_proj shapes");
       } else {
         L.Bfix = f32(t, "B"), L.Cfix = f32(t, "C");
       }
@@ -431,19 +433,22 @@ class DecodeModel {
       for (int64_t j = 0; j < n_last; ++j)
         norm_row(normf_, x_.data() + (b * T_ + T_ - n_last + j) * D_, h_.data() + (b * n_last + j) * D_);
     auto opts = at::TensorOptions().dtype(bf_ ? at::kBFloat16 : at::kFloat);
-    if (!logits_.defined() || logits_.size(0) != B_ || logits_.size(1) != n_last) logits_ = at::empty({B_, n_last, Vp}, opts);
+    if (!logits_.defined() || logits_.size(0) != B_ || logits_.size(1) != n_last)
+      logits_ = at::empty({B_, n_last, Vp}, opts);
     if (!bf_) {
       linear(head_, h_.data(), D_, M, logits_.data_ptr<float>(), Vp, false);
     } else {
       if (head_packed_.defined() && M > small_rows_) {  // bf16 in, bf16 out: the module's lm_head, packed weight
-        at::Tensor hb = at::from_blob(h_.data(), {M, D_}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
+        at::Tensor hb = scratch_bf16(xb_, M * D_).view({M, D_});
+        hb.copy_(at::from_blob(h_.data(), {M, D_}, at::TensorOptions().dtype(at::kFloat)));
         static const c10::OperatorHandle op =
             c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
         std::vector<c10::IValue> st{hb, head_packed_, c10::IValue(), std::string("none"),
                                     c10::List<std::optional<at::Scalar>>(), c10::IValue()};
         op.callBoxed(&st);
-        logits_.view({M, Vp}).copy_(st[0].toTensor());
-        return logits_;
+        // oneDNN has no out= variant: its fresh output is returned as it is (no 3 MB copy into logits_ at
+        // batch 32); logits_ stays the buffer of the other paths
+        return st[0].toTensor().view({B_, n_last, Vp});
       }
       if ((int64_t)lg_.size() < M * Vp) lg_.resize(M * Vp);
       linear(head_, h_.data(), D_, M, lg_.data(), Vp, true);
