@@ -1,10 +1,14 @@
-"""Mamba U-Net vs LTI U-Net (the S4-SaShiMi stand-in) vs a U-Net with an attention centre, same CPU time:
+"""Mamba U-Net vs LTI U-Net (the S4-SaShiMi stand-in) vs a U-Net with a Transformer centre, equal parameters
+(within 1%) and the same CPU time:
 
     python -m apps.audio.compare --minutes 8 [--classifier runs/audio/classifier]   # -> runs/audio_compare/
     python -m apps.audio.compare --variants lti_outer lti_complex_outer   # real vs complex LTI next to the waveform
 
-Each model is apps/audio/configs/default.yaml with only ``model.config.blocks`` changed (same data, crops,
-batch, optimiser, seed 0), trained until it has used ``--minutes`` of CPU time (apps.common CPUTimeBudget).
+Each model is apps/audio/configs/default.yaml with only ``model.config`` entries of its variant changed (same
+data, crops, batch, optimiser, seed 0), trained until it has used ``--minutes`` of CPU time (apps.common
+CPUTimeBudget). The default variants are matched in parameters: the LTI block has no x_proj / dt_proj, so its
+state is 32 (S4 layers use 32-64) where the Mamba's is 8; the attention centre gets the Transformer's gated MLP
+(hidden 0.875 x width). ``lti`` / ``attention_centre`` are the unmatched ones (7% / 19% fewer parameters).
 Reported: parameters, steps, held-out NLL on whole test clips (unseen voices), and, with ``--classifier``,
 the SC09 sample metrics (apps.audio.metrics) of ``--n-samples`` one-second unconditional clips per model.
 """
@@ -21,17 +25,19 @@ import torch
 from apps.audio.data import write_audio
 from apps.common.errors import run_cli
 
-VARIANTS = {
-    "mamba": "mamba",                          # selective SSM at every level
-    "lti": "lti",                              # Mamba block with selection off: an S4D-like LTI layer
-    "attention_centre": ["mamba", "mamba", "attention"],
+VARIANTS = {  # model.config entries that differ from configs/default.yaml (blocks outer -> centre)
+    "mamba": {"blocks": "mamba"},                    # selective SSM at every level: 457,920 parameters
+    "lti_n32": {"blocks": "lti", "ssm_cfg": {"d_state": 32}},  # selection off (S4D-like), state 32: 454,848
+    "transformer_centre": {"blocks": ["mamba", "mamba", "attention"], "ff": [0, 0, 0.875]},  # 455,616
+    "lti": {"blocks": "lti"},                        # unmatched: 426,816
+    "attention_centre": {"blocks": ["mamba", "mamba", "attention"]},  # unmatched, no MLP: 369,344
     # the Mamba paper's complex-vs-real question next to the waveform: LTI outer stages, Mamba inside
-    "lti_outer": ["lti", "mamba", "mamba"],
-    "lti_complex_outer": ["lti_complex", "mamba", "mamba"],  # complex diagonal A, S4D-Lin init
+    "lti_outer": {"blocks": ["lti", "mamba", "mamba"]},
+    "lti_complex_outer": {"blocks": ["lti_complex", "mamba", "mamba"]},  # complex diagonal A, S4D-Lin init
 }
 
 
-def run(name: str, blocks, minutes: float, out: Path, extra: list[str]) -> dict:
+def run(name: str, changes: dict, minutes: float, out: Path, extra: list[str]) -> dict:
     from apps.audio.evaluate import HeldOutNLL
     from apps.audio.train import main as train_main
     from apps.common.callbacks import CPUTimeBudget
@@ -47,8 +53,8 @@ def run(name: str, blocks, minutes: float, out: Path, extra: list[str]) -> dict:
     (out / name).mkdir(parents=True, exist_ok=True)
     config = out / name / "compare.yaml"
     config.write_text(json.dumps(overrides))  # JSON is YAML
-    blocks_arg = blocks if isinstance(blocks, str) else json.dumps(blocks)
-    args = ["fit", f"--config={config}", f"--model.config.blocks={blocks_arg}", "--trainer.max_time=null",
+    args = ["fit", f"--config={config}", *(f"--model.config.{k}={json.dumps(v)}" for k, v in changes.items()),
+            "--trainer.max_time=null",
             "--trainer.max_steps=100000", f"--trainer.default_root_dir={out / name}",
             f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}",
             "--trainer.enable_progress_bar=false", *extra]
@@ -58,7 +64,7 @@ def run(name: str, blocks, minutes: float, out: Path, extra: list[str]) -> dict:
     held = next(c for c in cli.trainer.callbacks if isinstance(c, HeldOutNLL)).result or {}
     budget = next(c for c in cli.trainer.callbacks if isinstance(c, CPUTimeBudget))
     model = cli.model.model
-    return {"name": name, "blocks": blocks, "params": model.num_parameters(), "steps": cli.trainer.global_step,
+    return {"name": name, **changes, "params": model.num_parameters(), "steps": cli.trainer.global_step,
             "cpu_minutes": round(budget.used_s / 60, 2), "wall_s": round(wall, 1),
             "test_nats_per_sample": held.get("nats_per_sample"), "test_bits_per_sample": held.get("bits_per_sample"),
             "test_clips": held.get("clips")}
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0, help="CPU minutes of training per model")
     p.add_argument("--out", type=Path, default=Path("runs/audio_compare"))
-    p.add_argument("--variants", nargs="+", default=["mamba", "lti", "attention_centre"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["mamba", "lti_n32", "transformer_centre"], choices=list(VARIANTS))
     p.add_argument("--classifier", help="a digit classifier folder (python -m apps.audio.metrics train)")
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--root", help="the digits / SC09 folder for the metrics' reference")

@@ -57,7 +57,8 @@ class UNetConfig:
     diagonal A, S4D-Lin: the Mamba paper's complex layer, e.g. ``[lti_complex, mamba, mamba]``): one name for all,
     or len(pool)+1 names.
     unet: blocks on the down path too (the Mamba paper's SC09 model); False: up path and centre only.
-    ff: gated-MLP expansion after each mixer (0: none).
+    ff: gated-MLP expansion after each mixer (hidden width = ff x level width, rounded up to a multiple of 8; 0:
+    no MLP): one number for all levels, or len(pool)+1 numbers (e.g. an MLP after the attention centre only).
     ssm_cfg: extra ssm_core.Mamba arguments (d_state, expand, d_conv, ...); attn_cfg: MHA arguments
     (num_heads; RoPE on the whole head by default).
     n_classes: > 0 adds a class (digit) embedding at every level; label -1 means "unconditional".
@@ -69,7 +70,7 @@ class UNetConfig:
     n_layers: int | list[int] = 2
     blocks: str | list[str] = "mamba"
     unet: bool = True
-    ff: int = 0
+    ff: float | list[float] = 0
     ssm_cfg: dict = field(default_factory=dict)
     attn_cfg: dict = field(default_factory=dict)
     vocab_size: int = 256
@@ -84,16 +85,19 @@ class UNetConfig:
             self.n_layers = [self.n_layers] * levels
         if isinstance(self.blocks, str):
             self.blocks = [self.blocks] * levels
+        if isinstance(self.ff, (int, float)):
+            self.ff = [self.ff] * levels
         self.n_layers, self.blocks = [int(n) for n in self.n_layers], [str(b) for b in self.blocks]
-        if len(self.n_layers) != levels or len(self.blocks) != levels:
-            raise ValueError(f"UNetConfig: n_layers and blocks need one entry per level ({levels} for pool="
-                             f"{self.pool}: outer to centre), got {self.n_layers} and {self.blocks}")
+        self.ff = [int(f) if float(f).is_integer() else float(f) for f in self.ff]
+        if len(self.n_layers) != levels or len(self.blocks) != levels or len(self.ff) != levels:
+            raise ValueError(f"UNetConfig: n_layers, blocks and ff need one entry per level ({levels} for pool="
+                             f"{self.pool}: outer to centre), got {self.n_layers}, {self.blocks} and {self.ff}")
         bad = [b for b in self.blocks if b not in BLOCK_KINDS]
         if bad:
             raise ValueError(f"UNetConfig: unknown block kind(s) {bad}; choose from {BLOCK_KINDS}")
-        if any(p < 1 for p in self.pool) or self.expand < 1 or self.d_model < 1:
+        if any(p < 1 for p in self.pool) or self.expand < 1 or self.d_model < 1 or any(f < 0 for f in self.ff):
             raise ValueError(f"UNetConfig: pool factors, expand and d_model must be positive, got pool={self.pool}, "
-                             f"expand={self.expand}, d_model={self.d_model}")
+                             f"expand={self.expand}, d_model={self.d_model}, ff={self.ff}")
 
     @property
     def total_pool(self) -> int:
@@ -227,16 +231,16 @@ class AudioUNet(nn.Module):
             mixer = Mamba(width, selective=kind.startswith("mamba"), complex_A=kind.endswith("_complex"),
                           **c.ssm_cfg)
         mlp = norm2 = None
-        if c.ff > 0:
-            mlp = GatedMLP(width, hidden_features=c.ff * width, multiple_of=8)
+        if c.ff[level] > 0:
+            mlp = GatedMLP(width, hidden_features=round(c.ff[level] * width), multiple_of=8)
             norm2 = RMSNorm(width, eps=c.norm_epsilon)
         return Block(width, mixer, RMSNorm(width, eps=c.norm_epsilon), mlp, norm2)
 
     def _init_weights(self) -> None:
         """mamba_ssm's scheme: zero Linear biases (not dt_proj's), N(0, 0.02) embeddings, residual-branch output
         projections scaled by 1/sqrt(branches per block * blocks)."""
-        n_blocks = max(1, len(self.blocks_in_order()))
-        per_block = 2 if self.config.ff > 0 else 1
+        blocks = self.blocks_in_order()
+        branches = max(1, len(blocks) + sum(b.mlp is not None for b in blocks))  # residual branches in all
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit",
                                                                                           False):
@@ -246,7 +250,7 @@ class AudioUNet(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("mixer.out_proj.weight", "mlp.fc2.weight")):
                 with torch.no_grad():
-                    p /= math.sqrt(per_block * n_blocks)
+                    p /= math.sqrt(branches)
 
     def blocks_in_order(self) -> list[Block]:
         """Every block, in the order their states are kept: down[0], down[1], ..., centre, up[S-1], ..., up[0]."""

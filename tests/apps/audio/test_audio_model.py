@@ -32,6 +32,7 @@ def stepped(model: AudioUNet, tokens: torch.Tensor, label=None, state=None) -> t
     {},                                                        # Mamba everywhere
     {"blocks": "lti"},                                          # the LTI ablation
     {"blocks": ["lti", "mamba", "attention"], "ff": 2},         # mixed levels, gated MLPs
+    {"blocks": ["mamba", "mamba", "attention"], "ff": [0, 0, 0.875]},  # a Transformer centre only
     {"unet": False, "pool": [2, 4]},                            # SaShiMi's up-path-only layout, other pooling
     {"n_classes": 10},                                          # digit conditioning
     {"pool": [4], "n_layers": [2, 1]},                          # one stage
@@ -148,3 +149,23 @@ trainer:
     assert json.loads((tmp_path / "audio" / "version_0" / "heldout.json").read_text())["clips"] == 3
     model = AudioUNet.from_pretrained(out)
     assert model.config.n_classes == 10 and model.config.d_model == 8
+
+
+def test_ff_per_level_puts_mlps_only_where_asked():
+    model = AudioUNet(UNetConfig(d_model=16, blocks=["mamba", "mamba", "attention"], ff=[0, 0, 0.875]))
+    widths = {b.dim: (None if b.mlp is None else b.mlp.fc2.in_features) for b in model.blocks_in_order()}
+    assert widths == {16: None, 32: None, 64: 56}  # 0.875 x 64
+    with pytest.raises(ValueError, match="ff"):
+        UNetConfig(ff=[1, 2])
+
+
+def test_compare_default_variants_have_equal_parameters():
+    """apps.audio.compare's default side by side: Mamba, LTI and Transformer-centre U-Nets within 1% in size."""
+    import yaml
+
+    from apps.audio.compare import VARIANTS
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[3] / "apps/audio/configs/default.yaml").read_text())
+    sizes = {name: AudioUNet(UNetConfig(**{**base["model"]["config"], **VARIANTS[name]})).num_parameters()
+             for name in ("mamba", "lti_n32", "transformer_centre")}
+    assert all(abs(n / sizes["mamba"] - 1) < 0.01 for n in sizes.values()), sizes
