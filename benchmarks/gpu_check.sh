@@ -10,7 +10,9 @@
 #      selected (-m "gpu or not gpu"), skips listed (-rs) so a skipped CUDA case is visible;
 #   2. python -m benchmarks.scan --sections gpu      (Triton scan / SSD time and bandwidth vs peak, dated);
 #   3. python -m benchmarks.decode --device cuda     (whole-model decode on the GPU: hiss module step vs HF);
-#   4. a dated summary block (device, versions, each step's result) in docs/benchmarks.md (<!-- gpu_check -->).
+#   4. python -m benchmarks.vision --device cuda ... (Vim-Ti vs DeiT-Ti against resolution, bf16, batch 8: the GPU
+#      rows of docs/vision.md's scaling table -> docs/img/vision_scaling_cuda.{json,md,png});
+#   5. a dated summary block (device, versions, each step's result) in docs/benchmarks.md (<!-- gpu_check -->).
 # Logs of every step: $HISS_GPU_CHECK_LOGS (default runs/gpu_check/<UTC date-time>/).
 # Without a CUDA device (and without --dry-run) it stops at once with exit status 2 and says so.
 set -u -o pipefail
@@ -66,11 +68,14 @@ if [ $DRY -eq 0 ]; then
     -m "gpu or not gpu" -rs -q -p no:cacheprovider
   step "scan gpu" $PY -m benchmarks.scan --sections gpu
   step "decode cuda" $PY -m benchmarks.decode --device cuda
+  step "vision cuda" $PY -m benchmarks.vision --sizes 224 512 1024 1248 --device cuda --batch 8 --dtype bf16 \
+    --out docs/img/vision_scaling_cuda
 else
   step "cuda tests (collect only)" $PY -m pytest tests/kernels/test_kernels_triton.py -m "gpu or not gpu" \
     --collect-only -q -p no:cacheprovider
   step "scan gpu (dry run)" $PY -m benchmarks.scan --sections gpu --gpu-dry-run
   step "decode (quick, CPU)" $PY -m benchmarks.decode --quick
+  step "vision (64 px, CPU)" $PY -m benchmarks.vision --sizes 64 --repeats 1 --threads 1
 fi
 
 SUMMARY=$($PY - "$DEVICE" "$STAMP" "$DRY" "$LOGS" "${#NAMES[@]}" "${NAMES[@]}" "${RESULTS[@]}" <<'EOF'
