@@ -37,6 +37,11 @@ VARIANTS = {  # model.config entries that differ from configs/default.yaml (bloc
 }
 
 
+def config_args(changes: dict) -> list[str]:
+    """--model.config.KEY=VALUE arguments (a string as it is: JSON quotes would become part of the name)."""
+    return [f"--model.config.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in changes.items()]
+
+
 def run(name: str, changes: dict, minutes: float, out: Path, extra: list[str]) -> dict:
     from apps.audio.evaluate import HeldOutNLL
     from apps.audio.train import main as train_main
@@ -53,7 +58,7 @@ def run(name: str, changes: dict, minutes: float, out: Path, extra: list[str]) -
     (out / name).mkdir(parents=True, exist_ok=True)
     config = out / name / "compare.yaml"
     config.write_text(json.dumps(overrides))  # JSON is YAML
-    args = ["fit", f"--config={config}", *(f"--model.config.{k}={json.dumps(v)}" for k, v in changes.items()),
+    args = ["fit", f"--config={config}", *config_args(changes),
             "--trainer.max_time=null",
             "--trainer.max_steps=100000", f"--trainer.default_root_dir={out / name}",
             f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}",

@@ -169,3 +169,18 @@ def test_compare_default_variants_have_equal_parameters():
     sizes = {name: AudioUNet(UNetConfig(**{**base["model"]["config"], **VARIANTS[name]})).num_parameters()
              for name in ("mamba", "lti_n32", "transformer_centre")}
     assert all(abs(n / sizes["mamba"] - 1) < 0.01 for n in sizes.values()), sizes
+
+
+@pytest.mark.parametrize("name", ["mamba", "lti_n32", "transformer_centre"])
+def test_compare_variant_arguments_reach_the_model_config(name, capsys):
+    """apps.audio.compare's command-line overrides parse into the variant's config (a plain string stays a name)."""
+    import yaml
+
+    from apps.audio.compare import VARIANTS, config_args
+    from apps.audio.train import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", *config_args(VARIANTS[name]), "--print_config"])
+    config = UNetConfig(**yaml.safe_load(capsys.readouterr().out)["model"]["config"])
+    want = UNetConfig(**{**config.to_dict(), **VARIANTS[name]})
+    assert config == want and all(b in ("mamba", "lti", "attention") for b in config.blocks)
