@@ -58,8 +58,7 @@ def run(name: str, changes: dict, minutes: float, out: Path, extra: list[str]) -
     (out / name).mkdir(parents=True, exist_ok=True)
     config = out / name / "compare.yaml"
     config.write_text(json.dumps(overrides))  # JSON is YAML
-    args = ["fit", f"--config={config}", *config_args(changes),
-            "--trainer.max_time=null",
+    args = ["fit", f"--config={config}", *config_args(changes), "--trainer.max_time=null",
             "--trainer.max_steps=100000", f"--trainer.default_root_dir={out / name}",
             f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}",
             "--trainer.enable_progress_bar=false", *extra]

@@ -88,16 +88,18 @@ class UNetConfig:
         if isinstance(self.ff, (int, float)):
             self.ff = [self.ff] * levels
         self.n_layers, self.blocks = [int(n) for n in self.n_layers], [str(b) for b in self.blocks]
-        self.ff = [int(f) if float(f).is_integer() else float(f) for f in self.ff]
+        self.ff = [float(f) for f in self.ff]
         if len(self.n_layers) != levels or len(self.blocks) != levels or len(self.ff) != levels:
             raise ValueError(f"UNetConfig: n_layers, blocks and ff need one entry per level ({levels} for pool="
                              f"{self.pool}: outer to centre), got {self.n_layers}, {self.blocks} and {self.ff}")
         bad = [b for b in self.blocks if b not in BLOCK_KINDS]
         if bad:
             raise ValueError(f"UNetConfig: unknown block kind(s) {bad}; choose from {BLOCK_KINDS}")
-        if any(p < 1 for p in self.pool) or self.expand < 1 or self.d_model < 1 or any(f < 0 for f in self.ff):
+        if any(p < 1 for p in self.pool) or self.expand < 1 or self.d_model < 1:
             raise ValueError(f"UNetConfig: pool factors, expand and d_model must be positive, got pool={self.pool}, "
-                             f"expand={self.expand}, d_model={self.d_model}, ff={self.ff}")
+                             f"expand={self.expand}, d_model={self.d_model}")
+        if any(f < 0 for f in self.ff):
+            raise ValueError(f"UNetConfig: ff must be >= 0 (0: no MLP), got {self.ff}")
 
     @property
     def total_pool(self) -> int:

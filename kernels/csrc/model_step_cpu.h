@@ -425,31 +425,30 @@ class DecodeModel {
   }
 
   // Final norm + LM head on the last n_last tokens of each row -> logits (batch, n_last, vocab) in the weight
-  // dtype. The returned tensor is an internal buffer, overwritten by the next call.
+  // dtype. The returned tensor may be an internal buffer, overwritten by the next call (the packed bf16 head
+  // returns oneDNN's fresh output instead: it has no out= variant, and copying 3 MB at batch 32 is avoidable).
   at::Tensor head(int64_t n_last) {
     TORCH_CHECK(n_last >= 1 && n_last <= T_, "head: n_last must be in [1, T]");
     const int64_t M = B_ * n_last, Vp = head_.O;
     for (int64_t b = 0; b < B_; ++b)
       for (int64_t j = 0; j < n_last; ++j)
         norm_row(normf_, x_.data() + (b * T_ + T_ - n_last + j) * D_, h_.data() + (b * n_last + j) * D_);
+    if (bf_ && head_packed_.defined() && M > small_rows_) {  // bf16 in, bf16 out: the module's lm_head, packed
+      at::Tensor hb = scratch_bf16(xb_, M * D_).view({M, D_});
+      hb.copy_(at::from_blob(h_.data(), {M, D_}, at::TensorOptions().dtype(at::kFloat)));
+      static const c10::OperatorHandle op =
+          c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+      std::vector<c10::IValue> st{hb, head_packed_, c10::IValue(), std::string("none"),
+                                  c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+      op.callBoxed(&st);
+      return st[0].toTensor().view({B_, n_last, Vp});
+    }
     auto opts = at::TensorOptions().dtype(bf_ ? at::kBFloat16 : at::kFloat);
     if (!logits_.defined() || logits_.size(0) != B_ || logits_.size(1) != n_last)
       logits_ = at::empty({B_, n_last, Vp}, opts);
     if (!bf_) {
       linear(head_, h_.data(), D_, M, logits_.data_ptr<float>(), Vp, false);
     } else {
-      if (head_packed_.defined() && M > small_rows_) {  // bf16 in, bf16 out: the module's lm_head, packed weight
-        at::Tensor hb = scratch_bf16(xb_, M * D_).view({M, D_});
-        hb.copy_(at::from_blob(h_.data(), {M, D_}, at::TensorOptions().dtype(at::kFloat)));
-        static const c10::OperatorHandle op =
-            c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-        std::vector<c10::IValue> st{hb, head_packed_, c10::IValue(), std::string("none"),
-                                    c10::List<std::optional<at::Scalar>>(), c10::IValue()};
-        op.callBoxed(&st);
-        // oneDNN has no out= variant: its fresh output is returned as it is (no 3 MB copy into logits_ at
-        // batch 32); logits_ stays the buffer of the other paths
-        return st[0].toTensor().view({B_, n_last, Vp});
-      }
       if ((int64_t)lg_.size() < M * Vp) lg_.resize(M * Vp);
       linear(head_, h_.data(), D_, M, lg_.data(), Vp, true);
       uint16_t* o = reinterpret_cast<uint16_t*>(logits_.data_ptr<at::BFloat16>());
