@@ -10,6 +10,7 @@ Sections (each writes its own <!-- name:begin --> ... <!-- name:end --> block of
   conv    causal conv1d (+silu) forward and forward+backward: compiled kernel vs F.conv1d
   ssd     Mamba-2 SSD on CPU: the matmul form (ssd_matmul) vs the compiled scan vs the autograd / recurrence twins
   blocks  Mamba / Mamba2 block tokens/s (forward, forward+backward), hiss vs HF transformers and mambapy
+  time_major  the time-major scan (Vim's BiMambaV2) vs the channel-major kernel on transposed views, per build
   prefill_flat  Mamba2 block forward CPU time per token at L = 1k..32k (issue 15: flat in L)
   model   MambaLMHeadModel tokens/s: prefill, training step, decode (generation), hiss vs the peers
   gpu     CUDA only (Triton): scan/SSD bandwidth vs peak, time vs L up to 2^20, SSD vs Mamba-1.
@@ -876,12 +877,78 @@ def gpu_section(args) -> None:
         update_doc("gpu", "GPU (Triton)", body)
 
 
-SECTIONS = ["scan", "step", "conv", "ssd", "blocks", "prefill_flat", "model", "gpu"]
+# ---- time_major: the time-major scan (Vim's) against the channel-major kernel on transposed views --------------
+
+def _time_major_calls(kcpu, batch, L, dim, N, G, g):
+    """The two ways to run Vim's scan on one set of inputs: (channel-major on transposed views, time-major)."""
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).requires_grad_()
+
+    u, dl, z = r(batch, L, dim), r(batch, L, dim, scale=0.5), r(batch, L, dim)
+    B, C, D, bias = r(batch, L, G, N), r(batch, L, G, N), r(dim), r(dim)
+    A = (-torch.rand(dim, N, generator=g) * 2).requires_grad_()
+
+    def channel_major():
+        return kcpu.selective_scan_cpu(u.transpose(1, 2), dl.transpose(1, 2), A, B.permute(0, 2, 3, 1),
+                                       C.permute(0, 2, 3, 1), D, z.transpose(1, 2), bias, True).transpose(1, 2)
+
+    def time_major():
+        return kcpu.selective_scan_time_major_cpu(u, dl, A, B, C, D, z, bias, True)
+
+    return channel_major, time_major
+
+
+def time_major_section(args) -> str:
+    import kernels.cpu as kcpu
+
+    ext = kcpu.load()
+    shapes = [(16, 17, 64, 16, 2)] if args.quick else [
+        (128, 17, 256, 16, 2), (128, 65, 256, 16, 2), (8, 197, 384, 16, 2), (2, 1024, 1536, 16, 1)]
+    reps = 3 if args.quick else 15
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    builds = ["auto"] + (["avx2"] if ext.isa() == "avx512" else [])
+    names = {"auto": f"time-major {ext.isa()}", "avx2": "time-major avx2 (8-wide)"}
+    out = [_header(reps, "python -m benchmarks.scan --sections time_major"), "",
+           "Median ms of forward / forward+backward over interleaved runs (each implementation in turn), one "
+           "thread, fp32, with z, D, delta_bias and softplus, as Vim's BiMambaV2 calls it; `channel-major`: "
+           "kernels/csrc/selective_scan_cpu.cpp on transposed views (what the Vim block ran before), `time-major`: "
+           "kernels/csrc/scan_time_major_cpu.h.", "",
+           "| (batch, L, dim, N, groups) | channel-major | " + " | ".join(names[b] for b in builds)
+           + " | fwd+bwd speed-up |",
+           "| --- | ---: | " + " | ".join("---:" for _ in builds) + " | ---: |"]
+    g = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        cm, tm = _time_major_calls(kcpu, *shape, g)
+        impls = [("channel-major", "auto", cm)] + [(names[b], b, tm) for b in builds]
+        times = {k: ([], []) for k, _, _ in impls}
+        for i in range(reps + 1):
+            for k, build, fn in impls:
+                ext.set_isa(build)
+                t0 = time.perf_counter()
+                y = fn()
+                t1 = time.perf_counter()
+                y.sum().backward()
+                t2 = time.perf_counter()
+                if i:  # the first round warms up
+                    times[k][0].append(t1 - t0)
+                    times[k][1].append(t2 - t0)
+        ext.set_isa("auto")
+        med = {k: [statistics.median(f), statistics.median(fb)] for k, (f, fb) in times.items()}
+        cells = [f"{med[k][0] * 1e3:.2f} / {med[k][1] * 1e3:.2f}" for k, _, _ in impls]
+        out.append(f"| {', '.join(map(str, shape))} | " + " | ".join(cells)
+                   + f" | {med['channel-major'][1] / med[names['auto']][1]:.2f}x |")
+        print(out[-1], flush=True)
+    torch.set_num_threads(threads)
+    return "\n".join(out)
+
+
+SECTIONS = ["scan", "step", "conv", "ssd", "blocks", "prefill_flat", "model", "time_major", "gpu"]
 SECTION_FNS = {"step": step_section, "conv": conv_section, "ssd": ssd_section, "blocks": blocks_section,
-               "prefill_flat": prefill_flat_section, "model": model_section}
+               "prefill_flat": prefill_flat_section, "model": model_section, "time_major": time_major_section}
 SECTION_TITLES = {"step": "Decode step, CPU", "conv": "Causal conv1d, CPU", "ssd": "Mamba-2 SSD on CPU",
                   "blocks": "Mamba / Mamba2 blocks, CPU", "prefill_flat": "Mamba2 prefill cost per token vs L, CPU",
-                  "model": "Language model tokens/s, CPU"}
+                  "model": "Language model tokens/s, CPU", "time_major": "Time-major selective scan (Vim), CPU"}
 
 if __name__ == "__main__":
     main()

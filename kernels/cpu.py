@@ -40,6 +40,7 @@ from .shape_checks import (
     check_conv,
     check_conv_update,
     check_scan,
+    check_scan_time_major,
     check_ssd,
     check_state_update,
     pad_time_major,
@@ -52,6 +53,7 @@ __all__ = [
     "load",
     "build_dir",
     "selective_scan_cpu",
+    "selective_scan_time_major_cpu",
     "complex_scan_cpu",
     "causal_conv1d_cpu",
     "causal_conv1d_time_major_cpu",
@@ -251,6 +253,63 @@ def selective_scan_cpu(
     """
     return _scan("selective_scan_cpu", check_scan, _SelectiveScanCPU, u, delta, A, B, C, D, z, delta_bias,
                  delta_softplus, return_last_state, initial_state, chunk_len)
+
+
+class _SelectiveScanTimeMajorCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+        ext = load()
+        comp = _comp_dtype(u)
+        B4 = B if B.dim() == 4 else B.unsqueeze(2)  # (batch, L, N) -> (batch, L, 1, N)
+        C4 = C if C.dim() == 4 else C.unsqueeze(2)
+        args = [_cvt(t, comp) for t in (u, delta, A, B4, C4, D, z, delta_bias)]
+        out, last, cst = ext.scan_tm_fwd(*args, delta_softplus, _cvt(initial_state, comp), chunk)
+        ctx.save_for_backward(*args, cst)
+        ctx.delta_softplus, ctx.chunk, ctx.comp = delta_softplus, chunk, comp
+        ctx.meta = _meta(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        return out.to(u.dtype), last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        ext = load()
+        *args, cst = ctx.saved_tensors
+        dout = torch.zeros_like(args[0]) if dout is None else dout.to(ctx.comp).contiguous()
+        dlast = None if dlast is None else dlast.to(ctx.comp).contiguous()
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = ext.scan_tm_bwd(
+            *args, ctx.delta_softplus, cst, dout, dlast, ctx.chunk
+        )
+        u, delta, A, B, C, D, z, bias, h0 = ctx.meta
+        if B[1] == 3:
+            dB = dB.squeeze(2)
+        if C[1] == 3:
+            dC = dC.squeeze(2)
+        grads = (
+            _back(du, u), _back(ddelta, delta), _back(dA, A), _back(dB, B), _back(dC, C),
+            _back(dD, D), _back(dz, z), _back(dbias, bias), _back(dh0, h0),
+        )
+        return _needed(ctx, grads)
+
+
+def selective_scan_time_major_cpu(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Tensor | None = None,
+    *,
+    chunk_len: int | None = None,
+):
+    """Compiled CPU twin of ``ssm_core.ops.selective_scan.selective_scan_time_major``: u, delta, z (batch, L, dim),
+    B, C (batch, L, [G,] N); vectorized over channels (kernels/csrc/scan_time_major_cpu.h), the fast layout for
+    short sequences. Same dtypes and results as ``selective_scan_cpu`` on the transposed inputs."""
+    return _scan("selective_scan_time_major_cpu", check_scan_time_major, _SelectiveScanTimeMajorCPU, u, delta, A,
+                 B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, chunk_len)
 
 
 def _pairs(X: Tensor | None, dtype: torch.dtype) -> Tensor | None:

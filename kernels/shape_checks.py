@@ -79,6 +79,24 @@ def check_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_state) ->
         )
 
 
+def check_scan_time_major(name: str, u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
+    """time-major selective scan: u, delta, z (batch, L, dim); A (dim, N); B, C (batch, L, [G,] N); D, bias (dim,);
+    the rules of ``check_scan`` on the channel-major views."""
+    for label, X in (("u", u), ("delta", delta), ("z", z)):
+        if X is not None and X.dim() != 3:
+            raise ValueError(f"{name}: {label} must be (batch, L, dim), got {tuple(X.shape)}")
+    for label, X in (("B", B), ("C", C)):
+        if X.dim() not in (3, 4) or X.shape[:2] != u.shape[:2]:
+            raise ValueError(f"{name}: {label} must be (batch, L, N) or (batch, L, G, N) with (batch, L) = "
+                             f"{tuple(u.shape[:2])}, got {tuple(X.shape)}")
+
+    def channel_major(X):  # (batch, L, N) -> (batch, N, L); (batch, L, G, N) -> (batch, G, N, L)
+        return X.transpose(1, 2) if X.dim() == 3 else X.permute(0, 2, 3, 1)
+
+    check_scan(name, u.transpose(1, 2), delta.transpose(1, 2), A, channel_major(B), channel_major(C), D,
+               None if z is None else z.transpose(1, 2), delta_bias, initial_state)
+
+
 def check_complex_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple[bool, bool]:
     """complex scan: u, delta, z (batch, dim, L) real; A (dim, N) complex; B, C complex, each (dim, N)
     (time-invariant) or (batch, [G,] N, L); D, bias (dim,) real; initial_state (batch, dim, N) complex.

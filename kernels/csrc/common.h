@@ -70,6 +70,14 @@ inline int64_t grain_of(int64_t units) {
   return std::max<int64_t>(1, (units + nthreads - 1) / nthreads);
 }
 
+// dB / dC rows of a (batch, group) shared by two tasks of a scan's backward: one task's private part, added into
+// the output in task order (`begin`) after the parallel region.
+template <typename T>
+struct BwdPartial {
+  int64_t begin = 0, bg = 0;
+  std::vector<T> dB, dC;
+};
+
 // ---- the scans' entry points (selective_scan_cpu.cpp, complex_scan_cpu.h) --------------------------------
 // Sizes and inputs as an entry point prepares them (contiguous, N padded); each scan's Prepared extends it.
 struct ScanPrepared {
@@ -175,6 +183,11 @@ template <typename K, typename A>
 __attribute__((target("avx2,fma"))) void isa_avx2(const A& a, int64_t b, int64_t e) {
   K::run(a, b, e);
 }
+// the 16-wide build of a kernel with one (K::run picks the 64-byte vector types itself)
+template <typename K, typename A>
+__attribute__((target("avx512f,avx512dq,avx2,fma"))) void isa_avx512(const A& a, int64_t b, int64_t e) {
+  K::run(a, b, e);
+}
 #endif
 
 // A kernel struct NAME for pick_isa whose run calls FN<T, 4> when the conv width a.W is 4 (every Mamba block: its
@@ -193,7 +206,7 @@ __attribute__((target("avx2,fma"))) void isa_avx2(const A& a, int64_t b, int64_t
 template <typename K, typename A>
 RangeFnOf<A> pick_isa() {
 #if HISS_HAVE_AVX2
-  if (isa() == "avx2") return isa_avx2<K, A>;
+  if (isa() != "base") return isa_avx2<K, A>;  // "avx512" too: this kernel's widest build
 #endif
   return isa_base<K, A>;
 }

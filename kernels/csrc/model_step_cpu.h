@@ -604,7 +604,7 @@ class DecodeModel {
       const int64_t nblk = (l.O + 3) / 4;
       const int64_t bytes_per_blk = 4 * l.K * (bf_ ? 2 : 4);
       const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(bytes_per_blk, 1));
-      const bool avx2 = isa() == "avx2";
+      const bool avx2 = isa() != "base";
       if (bf_) {
         const uint16_t* W = reinterpret_cast<const uint16_t*>(l.w.data_ptr<at::BFloat16>());
         if ((int64_t)xd_.size() < M * l.K) xd_.resize(M * l.K);
@@ -668,7 +668,7 @@ class DecodeModel {
     if (M <= small_rows_) {
       const int64_t nblk = (l.O + 3) / 4;
       const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(4 * l.K, 1));
-      const bool avx2 = isa() == "avx2";
+      const bool avx2 = isa() != "base";
       at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
         gemv_i8(avx2, W, l.K, x, ldx, M, y, ldy, bias, b * 4, std::min(e * 4, l.O), rnd, sc);
       });
@@ -752,7 +752,7 @@ class DecodeModel {
   void conv_all(Layer& L, const float* in, int64_t ld_in, float* out) {
     const int64_t per = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(T_ * L.W, 1));
     const int64_t nblk = (L.conv_dim + per - 1) / per;
-    const bool avx2 = isa() == "avx2";  // once per call, not per row block
+    const bool avx2 = isa() != "base";  // once per call, not per row block
     at::parallel_for(0, B_ * nblk, 4, [&](int64_t b0, int64_t e0) {
       for (int64_t i = b0; i < e0; ++i) {
         const int64_t b = i / nblk, c0 = (i % nblk) * per, c1 = std::min(L.conv_dim, c0 + per);
@@ -1135,7 +1135,7 @@ inline void DecodeModel::ssm1_range(Layer& L, int64_t b, int64_t c0, int64_t c1)
   a.snap_stride = L.ssm_state.numel();
   a.gate = gate_.data(), a.delta = dl_.data();
 #if HISS_HAVE_AVX2
-  if (isa() == "avx2") return ms::ssm1_avx2(a);
+  if (isa() != "base") return ms::ssm1_avx2(a);
 #endif
   ms::ssm1_base(a);
 }
@@ -1153,7 +1153,7 @@ inline void DecodeModel::ssm2_range(Layer& L, int64_t b, int64_t h0, int64_t h1)
   a.snap_ssm = snapshots_ ? L.snap_ssm.data() : nullptr;
   a.snap_stride = L.ssm_state.numel();
 #if HISS_HAVE_AVX2
-  if (isa() == "avx2") return ms::ssm2_avx2(a);
+  if (isa() != "base") return ms::ssm2_avx2(a);
 #endif
   ms::ssm2_base(a);
 }

@@ -29,7 +29,8 @@
 //
 // SIMD: GCC vector extensions (32-byte vectors: 8 floats / 4 doubles) with our own exp/softplus
 // (Cephes-style range reduction + polynomial, ~1-2 ulp), compiled twice: for the baseline x86-64
-// target and with target("avx2,fma"), picked at run time (set_isa() overrides, for tests). No
+// target and with target("avx2,fma"), picked at run time (set_isa() overrides, for tests); the time-major scan
+// (scan_time_major_cpu.h) has a third, 16-wide target("avx512f") build. No
 // -ffast-math: IEEE semantics are kept; only fp contraction (fma) is allowed.
 
 #include <torch/extension.h>
@@ -44,16 +45,11 @@
 #include "state_update_cpu.h"
 #include "model_step_cpu.h"
 #include "complex_scan_cpu.h"
+#include "scan_time_major_cpu.h"
 
 namespace hiss {
 
 // ---- arguments ---------------------------------------------------------------------------------
-template <typename T>
-struct BwdPartial {
-  int64_t begin = 0, bg = 0;
-  std::vector<T> dB, dC;
-};
-
 template <typename T>
 struct Args {
   int64_t batch = 0, dim = 0, L = 0, N = 0, Np = 0, G = 0, dpg = 0, chunk = 0, nchunks = 0, nv = 0, Tp = 0;
@@ -410,14 +406,25 @@ static bool cpu_has_avx2() {
 #endif
 }
 
+static bool cpu_has_avx512() {
+#if HISS_HAVE_AVX2
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
 std::string isa() {
-  if (g_isa_request == "base") return "base";
-  return cpu_has_avx2() ? "avx2" : "base";
+  if (g_isa_request == "base" || !cpu_has_avx2()) return "base";
+  if (g_isa_request == "avx2" || !cpu_has_avx512()) return "avx2";
+  return "avx512";
 }
 
 void set_isa(const std::string& name) {
-  TORCH_CHECK(name == "auto" || name == "base" || name == "avx2", "set_isa: expected auto, base or avx2, got ", name);
+  TORCH_CHECK(name == "auto" || name == "base" || name == "avx2" || name == "avx512",
+              "set_isa: expected auto, base, avx2 or avx512, got ", name);
   TORCH_CHECK(name != "avx2" || cpu_has_avx2(), "set_isa: this CPU lacks AVX2/FMA");
+  TORCH_CHECK(name != "avx512" || cpu_has_avx512(), "set_isa: this CPU lacks AVX-512 (F, DQ)");
   g_isa_request = name;
 }
 
@@ -593,7 +600,7 @@ at::Tensor elementwise(const std::string& name, const at::Tensor& x_) {
 }  // namespace hiss
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "hiss CPU kernels: selective scan fwd + bwd, complex scan fwd + bwd, causal conv1d fwd + bwd + update (channel- and time-major), (gated) RMSNorm fwd + bwd, state update";
+  m.doc() = "hiss CPU kernels: selective scan fwd + bwd (channel- and time-major), complex scan fwd + bwd, causal conv1d fwd + bwd + update (channel- and time-major), (gated) RMSNorm fwd + bwd, state update";
   m.def("fwd", &hiss::fwd, "selective scan forward -> (out, last_state, chunk_states)", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
         py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
@@ -601,6 +608,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bwd", &hiss::bwd,
         "selective scan backward -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
+        py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
+        py::arg("chunk_states"), py::arg("dout"), py::arg("dlast_state") = py::none(), py::arg("chunk") = 64);
+  m.def("scan_tm_fwd", &hiss::scan_tm_fwd,
+        "time-major selective scan forward -> (out (batch, L, dim), last_state, chunk_states)", py::arg("u"),
+        py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
+        py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
+        py::arg("initial_state") = py::none(), py::arg("chunk") = 64);
+  m.def("scan_tm_bwd", &hiss::scan_tm_bwd,
+        "time-major selective scan backward -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)",
+        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D") = py::none(),
         py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
         py::arg("chunk_states"), py::arg("dout"), py::arg("dlast_state") = py::none(), py::arg("chunk") = 64);
   m.def("complex_fwd", &hiss::complex_fwd,
@@ -614,8 +631,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("z") = py::none(), py::arg("delta_bias") = py::none(), py::arg("delta_softplus") = false,
         py::arg("chunk_states"), py::arg("dout"), py::arg("dlast_state") = py::none(), py::arg("chunk") = 64);
   m.def("complex_sincos", &hiss::complex_sincos, "vector (sin x, cos x) of the complex scan (tests)");
-  m.def("isa", &hiss::isa, "instruction set the kernels run with: 'avx2' or 'base'");
-  m.def("set_isa", &hiss::set_isa, "force 'base' or 'avx2', or 'auto' (default)");
+  m.def("isa", &hiss::isa, "instruction set the kernels run with: 'avx512', 'avx2' or 'base'");
+  m.def("set_isa", &hiss::set_isa, "force 'base', 'avx2' or 'avx512', or 'auto' (default: the best here)");
   m.def("time_block", &hiss::time_block, "time steps per loop block (tuning knob)");
   m.def("set_time_block", &hiss::set_time_block, "set time steps per loop block (results are identical)");
   m.def("elementwise", &hiss::elementwise, "vector exp/softplus/sigmoid/softplus_grad (tests)");

@@ -27,6 +27,9 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef double v4d __attribute__((vector_size(32)));
 typedef int64_t v4l __attribute__((vector_size(32)));
 typedef uint64_t v4ul __attribute__((vector_size(32)));
+// 16 floats: only inside functions built with target("avx512f") (the time-major scan's wide build)
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
 
 template <typename T>
 struct VT;
@@ -47,6 +50,7 @@ struct VT<double> {
 // that may alias anything, which made GCC reload the argument struct after every store.)
 typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
 typedef double v4d_u __attribute__((vector_size(32), aligned(8)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4)));
 template <typename V>
 struct Unaligned;
 template <>
@@ -56,6 +60,10 @@ struct Unaligned<v8f> {
 template <>
 struct Unaligned<v4d> {
   typedef v4d_u type;
+};
+template <>
+struct Unaligned<v16f> {
+  typedef v16f_u type;
 };
 template <typename V, typename P>
 HISS_INLINE V vload(const P* p) {
@@ -73,6 +81,12 @@ struct Splat<v8f> {
     v8f x = {};
     x[0] = s;
     return __builtin_shufflevector(x, x, 0, 0, 0, 0, 0, 0, 0, 0);  // GCC turns {s,...,s} into inserts
+  }
+};
+template <>
+struct Splat<v16f> {
+  static HISS_INLINE v16f make(float s) {  // a list, not a shuffle: GCC 12 then broadcasts from memory ({1to16})
+    return v16f{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
   }
 };
 template <>
@@ -99,6 +113,10 @@ HISS_INLINE float hsum(v8f v) {
   s = s + __builtin_shufflevector(s, s, 2, 3, 2, 3);
   return s[0] + s[1];
 }
+HISS_INLINE float hsum(v16f v) {
+  return hsum(v8f(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
+}
 HISS_INLINE double hsum(v4d v) {
   v2d s = __builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3);
   return s[0] + s[1];
@@ -111,15 +129,18 @@ HISS_INLINE double hsum(v4d v) {
 // (slightly early: above 88.376 in fp32, 709.09 in fp64); NaN propagates. Arguments outside
 // [lo, hi] are not clamped: their lanes produce garbage (possibly NaN/inf, never denormals) that the
 // final selects replace, which is cheaper than clamping first.
-HISS_INLINE v8f vexp(v8f x) {
-  const v8f hi = splat<v8f>(88.3762626647949f), lo = splat<v8f>(-87.3365447505531f);
-  const v8f magic = splat<v8f>(12582912.0f);  // 1.5 * 2^23
-  const v8f xc = x;  // no clamp: lanes outside [lo, hi] compute garbage that the selects below replace
-  v8f fm = xc * 1.44269504088896341f + magic;
-  v8f fx = fm - magic;
-  v8f r = xc - fx * 0.693359375f;
+// fp32, any width (V: the float vector, U: the uint32 vector of the same width): the same operations on every lane,
+// so the 8- and 16-wide builds agree bit for bit.
+template <typename V, typename U>
+HISS_INLINE V vexp_f32(V x) {
+  const V hi = splat<V>(88.3762626647949f), lo = splat<V>(-87.3365447505531f);
+  const V magic = splat<V>(12582912.0f);  // 1.5 * 2^23
+  const V xc = x;  // no clamp: lanes outside [lo, hi] compute garbage that the selects below replace
+  V fm = xc * 1.44269504088896341f + magic;
+  V fx = fm - magic;
+  V r = xc - fx * 0.693359375f;
   r = r - fx * -2.12194440e-4f;
-  v8f p = splat<v8f>(1.9875691500E-4f);
+  V p = splat<V>(1.9875691500E-4f);
   p = p * r + 1.3981999507E-3f;
   p = p * r + 8.3334519073E-3f;
   p = p * r + 4.1665795894E-2f;
@@ -127,13 +148,15 @@ HISS_INLINE v8f vexp(v8f x) {
   p = p * r + 5.0000001201E-1f;
   p = p * r + 1.0f;  // 1 + r + r^2 P(r), Horner with fma
   p = p * r + 1.0f;
-  v8u n = (v8u)fm - (v8u)magic;  // two's complement n in 32 bits
-  v8u bits = (n + 127u) << 23;
-  v8f res = p * (v8f)bits;
-  res = x < lo ? splat<v8f>(0.0f) : res;
-  res = x > hi ? splat<v8f>(std::numeric_limits<float>::infinity()) : res;
+  U n = (U)fm - (U)magic;  // two's complement n in 32 bits
+  U bits = (n + 127u) << 23;
+  V res = p * (V)bits;
+  res = x < lo ? splat<V>(0.0f) : res;
+  res = x > hi ? splat<V>(std::numeric_limits<float>::infinity()) : res;
   return res;
 }
+HISS_INLINE v8f vexp(v8f x) { return vexp_f32<v8f, v8u>(x); }
+HISS_INLINE v16f vexp(v16f x) { return vexp_f32<v16f, v16u>(x); }
 
 HISS_INLINE v4d vexp(v4d x) {
   const v4d hi = splat<v4d>(709.08956571282405), lo = splat<v4d>(-708.39641853226408);
@@ -169,11 +192,11 @@ HISS_INLINE v4d vexp(v4d x) {
 // log1p(e) for e in [0, 1] as 2 atanh(s), s = e / (2 + e) in [0, 1/3]: odd series in s, no log needed.
 template <typename V>
 HISS_INLINE V log1p_unit(V e);
-template <>
-HISS_INLINE v8f log1p_unit(v8f e) {
-  v8f s = e / (2.0f + e);
-  v8f s2 = s * s;
-  v8f p = splat<v8f>(1.0f / 15.0f);
+template <typename V>
+HISS_INLINE V log1p_unit_f32(V e) {
+  V s = e / (2.0f + e);
+  V s2 = s * s;
+  V p = splat<V>(1.0f / 15.0f);
   p = p * s2 + 1.0f / 13.0f;
   p = p * s2 + 1.0f / 11.0f;
   p = p * s2 + 1.0f / 9.0f;
@@ -182,6 +205,14 @@ HISS_INLINE v8f log1p_unit(v8f e) {
   p = p * s2 + 1.0f / 3.0f;
   p = p * s2 + 1.0f;
   return 2.0f * s * p;
+}
+template <>
+HISS_INLINE v8f log1p_unit(v8f e) {
+  return log1p_unit_f32(e);
+}
+template <>
+HISS_INLINE v16f log1p_unit(v16f e) {
+  return log1p_unit_f32(e);
 }
 template <>
 HISS_INLINE v4d log1p_unit(v4d e) {
@@ -234,7 +265,8 @@ HISS_INLINE T silu_s(T v) {
 #define HISS_HAVE_AVX2 0
 #endif
 
-// "avx2" or "base": the instruction set the kernels run with (defined in selective_scan_cpu.cpp).
+// "avx512", "avx2" or "base": the instruction set the kernels run with (defined in selective_scan_cpu.cpp); kernels
+// without a 16-wide build run their avx2 build under "avx512".
 std::string isa();
 
 }  // namespace hiss

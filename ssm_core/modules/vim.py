@@ -6,10 +6,10 @@
     out  = out_proj((y_f + y_b) / 2)          # hustvl's "div2" (if_devide_out); divide_out=False adds
 
 ``inner`` is Mamba-1's selective path (causal depthwise conv + SiLU, selective scan with D and the SiLU(z)
-gate), run through ssm_core's ``causal_conv1d_time_major`` and ``selective_scan`` ops, so the compiled CPU
-kernels apply (and on a GPU the scan's Triton kernel). Parameter names are hustvl's, so its checkpoints load
-key for key. Not causal: no streaming state. Unlike ``Bidirectional(Mamba, Mamba)``, the two directions share
-in_proj and out_proj.
+gate), run through ssm_core's ``causal_conv1d_time_major`` and ``selective_scan_time_major`` ops (no
+transposes), so the compiled CPU kernels apply (and on a GPU the scan's Triton kernel). Parameter names are
+hustvl's, so its checkpoints load key for key. Not causal: no streaming state. Unlike
+``Bidirectional(Mamba, Mamba)``, the two directions share in_proj and out_proj.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.conv import causal_conv1d_time_major
-from ..ops.selective_scan import fp32, selective_scan
+from ..ops.selective_scan import fp32, selective_scan_time_major
 from .mamba import Mamba, inverse_softplus_dt
 
 __all__ = ["BiMambaV2"]
@@ -81,19 +81,18 @@ class BiMambaV2(Mamba):
         dt_f, B_f, C_f = self.x_proj(xc_f).split([R, N, N], dim=-1)  # (batch, L, R | N | N)
         dt_b, B_b, C_b = self.x_proj_b(xc_b).split([R, N, N], dim=-1)
         dt = torch.cat([dt_f @ self.dt_proj.weight.t(), dt_b @ self.dt_proj_b.weight.t()], -1)  # (batch, L, 2E)
-        B = torch.stack([B_f, B_b], dim=1).transpose(-1, -2)  # (batch, 2, N, L)
-        C = torch.stack([C_f, C_b], dim=1).transpose(-1, -2)
+        B = torch.stack([B_f, B_b], dim=2)  # (batch, L, 2, N): the two directions as two groups
+        C = torch.stack([C_f, C_b], dim=2)
         z2 = torch.cat([z, z.flip(1)], dim=-1)
         A = -torch.exp(torch.cat([fp32(self.A_log), fp32(self.A_b_log)]))
         D = torch.cat([fp32(self.D), fp32(self.D_b)])
         dt_bias = torch.cat([fp32(self.dt_proj.bias), fp32(self.dt_proj_b.bias)])
-        y = selective_scan(xc.transpose(1, 2), dt.transpose(1, 2), A, B, C, D, z2.transpose(1, 2),
-                           delta_bias=dt_bias, delta_softplus=True)  # (batch, 2E, L)
-        y_f, y_b = y.chunk(2, dim=1)
-        y = y_f + y_b.flip(-1)
+        y = selective_scan_time_major(xc, dt, A, B, C, D, z2, delta_bias=dt_bias, delta_softplus=True)  # (batch, L, 2E)
+        y_f, y_b = y.chunk(2, dim=-1)
+        y = y_f + y_b.flip(1)
         if self.divide_out:
             y = y / 2
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(y)
 
     def empty_state(self, *args, **kwargs):
         raise ValueError("BiMambaV2 has no streaming state")

@@ -12,6 +12,8 @@ from .norm import RMSNorm, RMSNormGated, rms_norm, rms_norm_gated, rms_norm_ref
 from .selective_scan import (
     selective_scan,
     selective_scan_ref,
+    selective_scan_time_major,
+    selective_scan_time_major_ref,
     selective_state_update,
     selective_state_update_ref,
 )
@@ -22,6 +24,7 @@ __all__ = [
     "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_time_major", "causal_conv1d_update",
     "causal_conv1d_update_ref",
     "RMSNorm", "RMSNormGated", "rms_norm", "rms_norm_ref", "rms_norm_gated",
-    "selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref",
+    "selective_scan", "selective_scan_ref", "selective_scan_time_major", "selective_scan_time_major_ref",
+    "selective_state_update", "selective_state_update_ref",
     "mamba_chunk_scan_combined", "ssd_ref",
 ]

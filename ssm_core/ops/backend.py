@@ -35,6 +35,10 @@ KERNELS: dict[str, dict[str, str]] = {
         "cpu": "kernels.cpu:selective_scan_cpu",
         "triton": "kernels.triton:selective_scan_triton",
     },
+    # time-major (batch, L, dim), vectorized over channels (Vim); no Triton kernel: CUDA transposes to selective_scan
+    "selective_scan_time_major": {
+        "cpu": "kernels.cpu:selective_scan_time_major_cpu",
+    },
     # complex diagonal A (S4D / complex Mamba); no Triton kernel: CUDA tensors take the PyTorch path
     "complex_scan": {
         "cpu": "kernels.cpu:complex_scan_cpu",

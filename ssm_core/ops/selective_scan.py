@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.shape_checks import check_scan, check_state_update
+from kernels.shape_checks import check_scan, check_scan_time_major, check_state_update
 
 from ..discretization import zoh_euler
 from .backend import fast_path
 from .chunked import chunked_recurrence, linear_scan, pick_chunk_len
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "selective_state_update_ref"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_time_major", "selective_scan_time_major_ref",
+           "selective_state_update", "selective_state_update_ref"]
 
 
 def _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
@@ -158,6 +159,61 @@ def selective_scan_ref(
         ys.append((h * Cx[..., t]).sum(-1))
     y = _output(torch.stack(ys, dim=-1), u, D, z).to(u.dtype)
     return (y, h) if return_last_state else y
+
+
+def _channel_major(u, delta, B, C, z):
+    """Time-major (batch, L, dim) / (batch, L, [G,] N) views -> the channel-major layout of ``selective_scan``."""
+    def bc(X):
+        return X.transpose(1, 2) if X.dim() == 3 else X.permute(0, 2, 3, 1)
+    return u.transpose(1, 2), delta.transpose(1, 2), bc(B), bc(C), None if z is None else z.transpose(1, 2)
+
+
+def selective_scan_time_major(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Tensor | None = None,
+    *,
+    backend: str | None = None,
+):
+    """``selective_scan`` on time-major tensors, the layout of a block's activations (no transposes):
+    u, delta, z: (batch, L, dim); B, C: (batch, L, N) or (batch, L, G, N); A, D, delta_bias, initial_state as in
+    ``selective_scan``. Returns ``out: (batch, L, dim)`` (and ``last_state: (batch, dim, N)``, fp32; fp64 for fp64 u).
+
+    On CPU the compiled kernel vectorizes over channels (kernels/csrc/scan_time_major_cpu.h), the fast form for
+    the short sequences of image tokens; elsewhere (CUDA, backend="ref") it is ``selective_scan`` on transposed
+    views."""
+    check_scan_time_major("selective_scan_time_major", u, delta, A, B, C, D, z, delta_bias, initial_state)
+    kernel = fast_path(backend, u.device, "selective_scan_time_major")
+    if kernel is not None:
+        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+    u_, delta_, B_, C_, z_ = _channel_major(u, delta, B, C, z)
+    res = selective_scan(u_, delta_, A, B_, C_, D, z_, delta_bias, delta_softplus, return_last_state, initial_state,
+                         backend=backend)
+    if return_last_state:
+        return res[0].transpose(1, 2), res[1]
+    return res.transpose(1, 2)
+
+
+def selective_scan_time_major_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    return_last_state=False, initial_state=None,
+):
+    """Reference twin of ``selective_scan_time_major``: ``selective_scan_ref`` on the transposed views."""
+    check_scan_time_major("selective_scan_time_major_ref", u, delta, A, B, C, D, z, delta_bias, initial_state)
+    u_, delta_, B_, C_, z_ = _channel_major(u, delta, B, C, z)
+    res = selective_scan_ref(u_, delta_, A, B_, C_, D, z_, delta_bias, delta_softplus, return_last_state,
+                             initial_state)
+    if return_last_state:
+        return res[0].transpose(1, 2), res[1]
+    return res.transpose(1, 2)
 
 
 def _groups_to_rows(X: Tensor, rows: int, mamba2: bool, acc: torch.dtype) -> Tensor:
