@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.complex_scan import complex_scan, complex_state_update, s4d_lin
-from ..ops.conv import causal_conv1d, causal_conv1d_update
-from ..ops.selective_scan import fp32, selective_scan, selective_state_update
+from ..ops.conv import causal_conv1d_time_major, causal_conv1d_update
+from ..ops.selective_scan import fp32, selective_scan_time_major, selective_state_update
 from ..state import SSMState
 from .delta_hooks import DeltaHooks
 
@@ -28,7 +28,7 @@ class Mamba(DeltaHooks, nn.Module):
         x, z = in_proj(u)                      # (batch, L, d_inner) each
         x = silu(conv1d(x))                    # causal, depthwise, width d_conv
         dt, B, C = x_proj(x)                   # input-dependent (selective) parameters
-        y = selective_scan(x, dt_proj(dt), A=-exp(A_log), B, C, D, z)   # y *= silu(z)
+        y = selective_scan(x, dt_proj(dt), A=-exp(A_log), B, C, D, z)   # y *= silu(z); time-major, no transposes
         out = out_proj(y)
 
     ``selective=False`` is the paper's "S4 (LTI)" layer inside the Mamba block (Table 1): Δ, B, C become
@@ -169,28 +169,27 @@ class Mamba(DeltaHooks, nn.Module):
             out = self.out_proj(y.unsqueeze(1))
             return (out, new_state) if return_state else out
 
-        x, conv_state = causal_conv1d(
-            x.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-            initial_states=state.conv, return_final_states=True, activation="silu",
+        # time-major (batch, L, d_inner) from in_proj to out_proj: no layout copies around the conv and the scan
+        x, conv_state = causal_conv1d_time_major(
+            x, self.conv1d.weight.squeeze(1), self.conv1d.bias, initial_states=state.conv, activation="silu",
         )
-        dt, B, C = self._dt_B_C(x.transpose(1, 2))
-        dt, dt_bias = dt.transpose(1, 2), self._dt_bias()
-        if self._delta_hooks and (delta := self._run_delta_hooks(dt, x)) is not None:
-            dt, dt_bias = delta, None  # a hook replaced Δ: the scan takes it as is
+        dt, B, C = self._dt_B_C(x)
+        dt_bias = self._dt_bias()
+        if self._delta_hooks and (delta := self._run_delta_hooks(dt.transpose(1, 2), x.transpose(1, 2))) is not None:
+            dt, dt_bias = delta.transpose(1, 2), None  # a hook replaced Δ: the scan takes it as is
         if self.complex_A:  # B, C: (d_inner, d_state) time-invariant, or (batch, d_state, L) complex
             B, C = (X if X.dim() == 2 else X.transpose(1, 2) for X in (B, C))
             y, ssm_state = complex_scan(
-                x, dt, A, B, C, fp32(self.D), z.transpose(1, 2), delta_bias=dt_bias,
+                x.transpose(1, 2), dt.transpose(1, 2), A, B, C, fp32(self.D), z.transpose(1, 2), delta_bias=dt_bias,
                 delta_softplus=dt_bias is not None, return_last_state=True, initial_state=state.ssm,
             )
             out = self.out_proj(y.transpose(1, 2))
             return (out, SSMState(conv_state, ssm_state)) if return_state else out
-        y, ssm_state = selective_scan(
-            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), fp32(self.D), z.transpose(1, 2),
-            delta_bias=dt_bias, delta_softplus=dt_bias is not None,
+        y, ssm_state = selective_scan_time_major(
+            x, dt, A, B, C, fp32(self.D), z, delta_bias=dt_bias, delta_softplus=dt_bias is not None,
             return_last_state=True, initial_state=state.ssm,
         )
-        out = self.out_proj(y.transpose(1, 2))
+        out = self.out_proj(y)
         return (out, SSMState(conv_state, ssm_state)) if return_state else out
 
     def _dt_B_C(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
