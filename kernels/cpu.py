@@ -304,10 +304,29 @@ def selective_scan_time_major_cpu(
     initial_state: Tensor | None = None,
     *,
     chunk_len: int | None = None,
+    layout: str | None = None,
 ):
     """Compiled CPU twin of ``ssm_core.ops.selective_scan.selective_scan_time_major``: u, delta, z (batch, L, dim),
-    B, C (batch, L, [G,] N); vectorized over channels (kernels/csrc/scan_time_major_cpu.h), the fast layout for
-    short sequences. Same dtypes and results as ``selective_scan_cpu`` on the transposed inputs."""
+    B, C (batch, L, [G,] N). Same dtypes and results as ``selective_scan_cpu`` on the transposed inputs.
+
+    ``layout``: "time" runs kernels/csrc/scan_time_major_cpu.h (vectorized over channels), "channel" the
+    channel-major kernel on transposed views; default: "time" where its 16-wide (AVX-512) build runs, else
+    "channel" (its 8-wide build is no faster than the channel-major kernel: docs/kernels.md)."""
+    if layout is None:
+        layout = "time" if load().isa() == "avx512" else "channel"
+    if layout not in ("time", "channel"):
+        raise ValueError(f"selective_scan_time_major_cpu: layout must be 'time' or 'channel', got {layout!r}")
+    if layout == "channel":
+        check_scan_time_major("selective_scan_time_major_cpu", u, delta, A, B, C, D, z, delta_bias, initial_state)
+
+        def bc(X):
+            return X.transpose(1, 2) if X.dim() == 3 else X.permute(0, 2, 3, 1)
+
+        res = selective_scan_cpu(u.transpose(1, 2), delta.transpose(1, 2), A, bc(B), bc(C), D,
+                                 None if z is None else z.transpose(1, 2), delta_bias, delta_softplus, True,
+                                 initial_state, chunk_len=chunk_len)
+        out = res[0].transpose(1, 2)
+        return (out, res[1]) if return_last_state else out
     return _scan("selective_scan_time_major_cpu", check_scan_time_major, _SelectiveScanTimeMajorCPU, u, delta, A,
                  B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, chunk_len)
 

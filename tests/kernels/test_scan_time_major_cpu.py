@@ -2,7 +2,8 @@
 the naive recurrence with every gradient (fp64 runs the 4-wide build under every instruction set), fp32 in every
 build this CPU runs (8-wide base / avx2, 16-wide avx512) against the channel-major kernel on the transposed inputs
 and the op's PyTorch path, chunked == one-shot, two threads == one (a group's channels split between tasks);
-channel counts that are not a multiple of the vector width (padded per group) included."""
+channel counts that are not a multiple of the vector width (padded per group) included. ``layout="time"`` forces
+this kernel (by default CPUs without AVX-512 take the channel-major kernel on transposed views, also tested)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def test_time_major_kernel_fp64_matches_the_naive_recurrence_with_every_gradient
     want = run(selective_scan_time_major_ref, x)
     for build in _builds(ext):
         ext.set_isa(build)
-        got = run(kcpu.selective_scan_time_major_cpu, x, chunk_len=8)  # several chunks: state saved and recomputed
+        # several chunks: the state saved and recomputed
+        got = run(kcpu.selective_scan_time_major_cpu, x, chunk_len=8, layout="time")
         torch.testing.assert_close(got[0], want[0], atol=1e-10, rtol=1e-9, msg=lambda m, b=build: f"{b} out: {m}")
         torch.testing.assert_close(got[1], want[1], atol=1e-10, rtol=1e-9, msg=lambda m, b=build: f"{b} last: {m}")
         for k in want[2]:
@@ -93,7 +95,7 @@ def test_time_major_kernel_fp32_equals_the_channel_major_kernel(ext, case):
     cm = run(channel_major, x)
     for build in _builds(ext):
         ext.set_isa(build)
-        got = run(selective_scan_time_major, x)  # backend auto: the compiled kernel
+        got = run(kcpu.selective_scan_time_major_cpu, x, layout="time")
         for what, ref in (("PyTorch path", want), ("channel-major kernel", cm)):
             for i in (0, 1):  # out, last state
                 torch.testing.assert_close(got[i], ref[i], atol=2e-5, rtol=1e-4,
@@ -109,9 +111,9 @@ def test_time_major_kernel_chunked_equals_one_shot(ext):
     x = make(b=2, L=50, d=16, N=16, G=2, dtype=torch.float32, seed=2)
     for build in _builds(ext):
         ext.set_isa(build)
-        one = run(kcpu.selective_scan_time_major_cpu, x, chunk_len=64)
+        one = run(kcpu.selective_scan_time_major_cpu, x, chunk_len=64, layout="time")
         for chunk in (1, 7, 25):
-            got = run(kcpu.selective_scan_time_major_cpu, x, chunk_len=chunk)
+            got = run(kcpu.selective_scan_time_major_cpu, x, chunk_len=chunk, layout="time")
             torch.testing.assert_close(got[0], one[0], atol=1e-6, rtol=1e-5)
             for k in one[2]:
                 torch.testing.assert_close(got[2][k], one[2][k], atol=1e-5, rtol=1e-5,
@@ -132,10 +134,10 @@ def test_time_major_kernel_two_threads_equal_one(ext):
     x = make(b=2, L=30, d=72, N=16, G=3, dtype=torch.float32, seed=3)  # 24 channels a group
     for build in _builds(ext):
         ext.set_isa(build)
-        one = run(kcpu.selective_scan_time_major_cpu, x, chunk_len=8)
+        one = run(kcpu.selective_scan_time_major_cpu, x, chunk_len=8, layout="time")
         torch.set_num_threads(2)
         try:
-            two = run(kcpu.selective_scan_time_major_cpu, x, chunk_len=8)
+            two = run(kcpu.selective_scan_time_major_cpu, x, chunk_len=8, layout="time")
         finally:
             torch.set_num_threads(1)
         torch.testing.assert_close(two[0], one[0], atol=0, rtol=0)
@@ -159,3 +161,16 @@ def test_time_major_kernel_refuses_chunk_states_of_another_width(ext):
             ext.scan_tm_bwd(*args, None, None, None, True, cst, torch.ones_like(out), None, 64)
     finally:
         ext.set_isa("auto")
+
+
+def test_channel_layout_fallback_equals_the_time_major_kernel(ext):
+    """What CPUs without AVX-512 run by default: the channel-major kernel on transposed views, same results."""
+    x = make(b=2, L=17, d=32, N=16, G=2, dtype=torch.float64, seed=4)
+    want = run(kcpu.selective_scan_time_major_cpu, x, layout="time")
+    got = run(kcpu.selective_scan_time_major_cpu, x, layout="channel")
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got[1], want[1], atol=1e-12, rtol=1e-10)
+    for k in want[2]:
+        torch.testing.assert_close(got[2][k], want[2][k], atol=1e-11, rtol=1e-10, msg=lambda m, k=k: f"d{k}: {m}")
+    with pytest.raises(ValueError, match="layout must be"):
+        kcpu.selective_scan_time_major_cpu(**{k: v for k, v in x.items()}, layout="rows")
