@@ -193,41 +193,49 @@ def _scan(name: str, check, fn, u, delta, A, B, C, D, z, delta_bias, delta_softp
     return (out, last) if return_last_state else out
 
 
+def _real_scan_forward(ctx, layout: str, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+    """The real-A scans' autograd forward; layout "channel" (kernels fwd / bwd, a 3-D B / C lacks axis 1) or "time"
+    (scan_tm_fwd / scan_tm_bwd, axis 2)."""
+    ext, axis = load(), (1 if layout == "channel" else 2)
+    comp = _comp_dtype(u)
+    B4 = B if B.dim() == 4 else B.unsqueeze(axis)
+    C4 = C if C.dim() == 4 else C.unsqueeze(axis)
+    args = [_cvt(t, comp) for t in (u, delta, A, B4, C4, D, z, delta_bias)]
+    fwd = ext.fwd if layout == "channel" else ext.scan_tm_fwd
+    out, last, cst = fwd(*args, delta_softplus, _cvt(initial_state, comp), chunk)
+    ctx.save_for_backward(*args, cst)
+    ctx.delta_softplus, ctx.chunk, ctx.comp, ctx.layout = delta_softplus, chunk, comp, layout
+    ctx.meta = _meta(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    return out.to(u.dtype), last
+
+
+def _real_scan_backward(ctx, dout, dlast):
+    ext, axis = load(), (1 if ctx.layout == "channel" else 2)
+    *args, cst = ctx.saved_tensors
+    dout = torch.zeros_like(args[0]) if dout is None else dout.to(ctx.comp).contiguous()
+    dlast = None if dlast is None else dlast.to(ctx.comp).contiguous()
+    bwd = ext.bwd if ctx.layout == "channel" else ext.scan_tm_bwd
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = bwd(*args, ctx.delta_softplus, cst, dout, dlast, ctx.chunk)
+    u, delta, A, B, C, D, z, bias, h0 = ctx.meta
+    if B[1] == 3:
+        dB = dB.squeeze(axis)
+    if C[1] == 3:
+        dC = dC.squeeze(axis)
+    grads = (
+        _back(du, u), _back(ddelta, delta), _back(dA, A), _back(dB, B), _back(dC, C),
+        _back(dD, D), _back(dz, z), _back(dbias, bias), _back(dh0, h0),
+    )
+    return _needed(ctx, grads)
+
+
 class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
-        ext = load()
-        comp = _comp_dtype(u)
-        B4 = B if B.dim() == 4 else B.unsqueeze(1)
-        C4 = C if C.dim() == 4 else C.unsqueeze(1)
-        args = [_cvt(t, comp) for t in (u, delta, A, B4, C4, D, z, delta_bias)]
-        h0 = _cvt(initial_state, comp)
-        out, last, cst = ext.fwd(*args, delta_softplus, h0, chunk)
-        ctx.save_for_backward(*args, cst)
-        ctx.delta_softplus, ctx.chunk, ctx.comp = delta_softplus, chunk, comp
-        ctx.meta = _meta(u, delta, A, B, C, D, z, delta_bias, initial_state)
-        return out.to(u.dtype), last
+    def forward(ctx, *args):
+        return _real_scan_forward(ctx, "channel", *args)
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        ext = load()
-        *args, cst = ctx.saved_tensors
-        comp = ctx.comp
-        dout = torch.zeros_like(args[0]) if dout is None else dout.to(comp).contiguous()
-        dlast = None if dlast is None else dlast.to(comp).contiguous()
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = ext.bwd(
-            *args, ctx.delta_softplus, cst, dout, dlast, ctx.chunk
-        )
-        u, delta, A, B, C, D, z, bias, h0 = ctx.meta
-        if B[1] == 3:
-            dB = dB.squeeze(1)
-        if C[1] == 3:
-            dC = dC.squeeze(1)
-        grads = (
-            _back(du, u), _back(ddelta, delta), _back(dA, A), _back(dB, B), _back(dC, C),
-            _back(dD, D), _back(dz, z), _back(dbias, bias), _back(dh0, h0),
-        )
-        return _needed(ctx, grads)
+        return _real_scan_backward(ctx, dout, dlast)
 
 
 def selective_scan_cpu(
@@ -257,37 +265,12 @@ def selective_scan_cpu(
 
 class _SelectiveScanTimeMajorCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
-        ext = load()
-        comp = _comp_dtype(u)
-        B4 = B if B.dim() == 4 else B.unsqueeze(2)  # (batch, L, N) -> (batch, L, 1, N)
-        C4 = C if C.dim() == 4 else C.unsqueeze(2)
-        args = [_cvt(t, comp) for t in (u, delta, A, B4, C4, D, z, delta_bias)]
-        out, last, cst = ext.scan_tm_fwd(*args, delta_softplus, _cvt(initial_state, comp), chunk)
-        ctx.save_for_backward(*args, cst)
-        ctx.delta_softplus, ctx.chunk, ctx.comp = delta_softplus, chunk, comp
-        ctx.meta = _meta(u, delta, A, B, C, D, z, delta_bias, initial_state)
-        return out.to(u.dtype), last
+    def forward(ctx, *args):
+        return _real_scan_forward(ctx, "time", *args)
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        ext = load()
-        *args, cst = ctx.saved_tensors
-        dout = torch.zeros_like(args[0]) if dout is None else dout.to(ctx.comp).contiguous()
-        dlast = None if dlast is None else dlast.to(ctx.comp).contiguous()
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = ext.scan_tm_bwd(
-            *args, ctx.delta_softplus, cst, dout, dlast, ctx.chunk
-        )
-        u, delta, A, B, C, D, z, bias, h0 = ctx.meta
-        if B[1] == 3:
-            dB = dB.squeeze(2)
-        if C[1] == 3:
-            dC = dC.squeeze(2)
-        grads = (
-            _back(du, u), _back(ddelta, delta), _back(dA, A), _back(dB, B), _back(dC, C),
-            _back(dD, D), _back(dz, z), _back(dbias, bias), _back(dh0, h0),
-        )
-        return _needed(ctx, grads)
+        return _real_scan_backward(ctx, dout, dlast)
 
 
 def selective_scan_time_major_cpu(
