@@ -228,14 +228,24 @@ def _real_scan_backward(ctx, dout, dlast):
     return _needed(ctx, grads)
 
 
-class _SelectiveScanCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *args):
-        return _real_scan_forward(ctx, "channel", *args)
+def _real_scan_function(layout: str, name: str) -> type[torch.autograd.Function]:
+    """The autograd Function of one real-A scan layout (``name``: what profilers show)."""
 
-    @staticmethod
-    def backward(ctx, dout, dlast):
-        return _real_scan_backward(ctx, dout, dlast)
+    class _Scan(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            return _real_scan_forward(ctx, layout, *args)
+
+        @staticmethod
+        def backward(ctx, dout, dlast):
+            return _real_scan_backward(ctx, dout, dlast)
+
+    _Scan.__name__ = _Scan.__qualname__ = name
+    return _Scan
+
+
+_SelectiveScanCPU = _real_scan_function("channel", "_SelectiveScanCPU")
+_SelectiveScanTimeMajorCPU = _real_scan_function("time", "_SelectiveScanTimeMajorCPU")
 
 
 def selective_scan_cpu(
@@ -261,16 +271,6 @@ def selective_scan_cpu(
     """
     return _scan("selective_scan_cpu", check_scan, _SelectiveScanCPU, u, delta, A, B, C, D, z, delta_bias,
                  delta_softplus, return_last_state, initial_state, chunk_len)
-
-
-class _SelectiveScanTimeMajorCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *args):
-        return _real_scan_forward(ctx, "time", *args)
-
-    @staticmethod
-    def backward(ctx, dout, dlast):
-        return _real_scan_backward(ctx, dout, dlast)
 
 
 def selective_scan_time_major_cpu(
