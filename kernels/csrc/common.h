@@ -5,6 +5,8 @@
 
 #pragma once
 
+#include <mutex>
+
 #include "simd.h"
 
 namespace hiss {
@@ -76,6 +78,50 @@ template <typename T>
 struct BwdPartial {
   int64_t begin = 0, bg = 0;
   std::vector<T> dB, dC;
+};
+
+// Where a backward task over units [q0, q1) writes dB / dC: for each (batch, group) bg it touches (upg units
+// each), the output rows out(bg) -> {dB, dC} (row stride out_stride) when it holds every unit of bg, else a
+// private BwdPartial of rows x row values (row stride row), handed over at the end (hand_over).
+template <typename T>
+struct BwdTargets {
+  std::vector<BwdPartial<T>> mine;
+  std::vector<T*> B, C;
+  std::vector<int64_t> stride;
+  int64_t bg0 = 0;
+
+  template <typename Out>
+  BwdTargets(int64_t q0, int64_t q1, int64_t upg, int64_t rows, int64_t row, int64_t out_stride, Out out) {
+    bg0 = q0 / upg;
+    const int64_t n = (q1 - 1) / upg - bg0 + 1;
+    B.resize((size_t)n);
+    C.resize((size_t)n);
+    stride.resize((size_t)n);
+    mine.reserve(2);  // only the first and the last group of a range can be shared
+    for (int64_t bg = bg0; bg < bg0 + n; ++bg) {
+      if (bg * upg >= q0 && (bg + 1) * upg <= q1) {
+        const std::pair<T*, T*> rows_out = out(bg);
+        B[bg - bg0] = rows_out.first;
+        C[bg - bg0] = rows_out.second;
+        stride[bg - bg0] = out_stride;
+      } else {
+        mine.emplace_back();
+        BwdPartial<T>& p = mine.back();
+        p.begin = q0;
+        p.bg = bg;
+        p.dB.assign((size_t)(rows * row), T(0));
+        p.dC.assign((size_t)(rows * row), T(0));
+        B[bg - bg0] = p.dB.data();
+        C[bg - bg0] = p.dC.data();
+        stride[bg - bg0] = row;
+      }
+    }
+  }
+  void hand_over(std::vector<BwdPartial<T>>* partials, std::mutex* mu) {
+    if (mine.empty()) return;
+    std::lock_guard<std::mutex> lock(*mu);
+    for (auto& p : mine) partials->push_back(std::move(p));
+  }
 };
 
 // ---- the scans' entry points (selective_scan_cpu.cpp, complex_scan_cpu.h) --------------------------------

@@ -171,29 +171,10 @@ HISS_INLINE void tm_bwd_units(const ScanTMArgs<T>& a, int64_t q0, int64_t q1) {
 
   // dB / dC targets per (batch, group) this range touches: the output rows (row stride G N) when the range owns
   // every unit of the group, else a private (L, N) buffer
-  const int64_t bg0 = q0 / upg, bg1 = (q1 - 1) / upg;
-  std::vector<BwdPartial<T>> mine;
-  mine.reserve(2);
-  std::vector<T*> tB((size_t)(bg1 - bg0 + 1)), tC((size_t)(bg1 - bg0 + 1));
-  std::vector<int64_t> tstride((size_t)(bg1 - bg0 + 1));
-  for (int64_t bg = bg0; bg <= bg1; ++bg) {
-    if (bg * upg >= q0 && (bg + 1) * upg <= q1) {
-      const int64_t b = bg / G, g = bg % G;
-      tB[bg - bg0] = a.dB + (b * L * G + g) * N;
-      tC[bg - bg0] = a.dC + (b * L * G + g) * N;
-      tstride[bg - bg0] = G * N;
-    } else {
-      mine.emplace_back();
-      BwdPartial<T>& p = mine.back();
-      p.begin = q0;
-      p.bg = bg;
-      p.dB.assign((size_t)(L * N), T(0));
-      p.dC.assign((size_t)(L * N), T(0));
-      tB[bg - bg0] = p.dB.data();
-      tC[bg - bg0] = p.dC.data();
-      tstride[bg - bg0] = N;
-    }
-  }
+  BwdTargets<T> tg(q0, q1, upg, L, N, G * N, [&](int64_t bg) {
+    const int64_t off = ((bg / G) * L * G + bg % G) * N;
+    return std::make_pair(a.dB + off, a.dC + off);
+  });
 
   // scratch, in T (vload / vstore): states h_{t-1} at row i (K + 1 rows of N vectors), decays (K x N), the
   // chunk's dt, dt u, u, delta + bias and C.h rows (K vectors each), vector dB / dC terms (K x N), carries
@@ -208,9 +189,9 @@ HISS_INLINE void tm_bwd_units(const ScanTMArgs<T>& a, int64_t q0, int64_t q1) {
 
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t b = q / a.ncb, c0 = (q % a.ncb) * W, g = c0 / a.dpg, bg = b * G + g;
-    T* const tb = tB[bg - bg0];
-    T* const tc = tC[bg - bg0];
-    const int64_t ts = tstride[bg - bg0];
+    T* const tb = tg.B[bg - tg.bg0];
+    T* const tc = tg.C[bg - tg.bg0];
+    const int64_t ts = tg.stride[bg - tg.bg0];
     for (int n = 0; n < N; ++n) {
       vstore(gm + n * W, a.dlast ? vload<V>(a.dlast + (b * N + n) * dim + c0) : V{});
       vstore(Am + n * W, vload<V>(a.At + n * dim + c0));
@@ -306,10 +287,7 @@ HISS_INLINE void tm_bwd_units(const ScanTMArgs<T>& a, int64_t q0, int64_t q1) {
     }
     for (int n = 0; n < N; ++n) vstore(a.dinit + (b * N + n) * dim + c0, NS > 0 ? gl[n] : vload<V>(gm + n * W));
   }
-  if (!mine.empty()) {
-    std::lock_guard<std::mutex> lock(*a.mu);
-    for (auto& p : mine) a.partials->push_back(std::move(p));
-  }
+  tg.hand_over(a.partials, a.mu);
 }
 
 // Wide: the 16-float build (run inside isa_avx512); doubles keep their 4-wide vectors.

@@ -170,27 +170,10 @@ HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
   const bool sp = a.softplus;
   const T *const zp = a.z, *const Dp = a.D, *const biasp = a.bias;
 
-  // dB/dC targets per (batch, group) touched by this range.
-  const int64_t bg0 = begin / a.dpg, bg1 = (end - 1) / a.dpg;
-  std::vector<BwdPartial<T>> mine;
-  std::vector<T*> tB((size_t)(bg1 - bg0 + 1)), tC((size_t)(bg1 - bg0 + 1));
-  mine.reserve(2);
-  for (int64_t bg = bg0; bg <= bg1; ++bg) {
-    const bool full = bg * a.dpg >= begin && (bg + 1) * a.dpg <= end;
-    if (full) {
-      tB[bg - bg0] = a.dB + bg * L * Np;
-      tC[bg - bg0] = a.dC + bg * L * Np;
-    } else {
-      mine.emplace_back();
-      BwdPartial<T>& p = mine.back();
-      p.begin = begin;
-      p.bg = bg;
-      p.dB.assign((size_t)(L * Np), T(0));
-      p.dC.assign((size_t)(L * Np), T(0));
-      tB[bg - bg0] = p.dB.data();
-      tC[bg - bg0] = p.dC.data();
-    }
-  }
+  // dB/dC targets per (batch, group) touched by this range (rows of Np).
+  BwdTargets<T> tg(begin, end, a.dpg, L, Np, Np, [&](int64_t bg) {
+    return std::make_pair(a.dB + bg * L * Np, a.dC + bg * L * Np);
+  });
 
   std::vector<T> gst((size_t)(nch * Np));  // adjoint carries dL/dh
   for (int64_t c = begin; c < end; ++c) {
@@ -225,8 +208,8 @@ HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
         if (AC) decay_scalar(Tp, dt, Ar[0], da);
         const T* Bt = a.B + (bg * L + t0) * Np;
         const T* Ct = a.C + (bg * L + t0) * Np;
-        T* dBt = tB[bg - bg0] + t0 * Np;
-        T* dCt = tC[bg - bg0] + t0 * Np;
+        T* dBt = tg.B[bg - tg.bg0] + t0 * Np;
+        T* dCt = tg.C[bg - tg.bg0] + t0 * Np;
         V Al[S ? NV : 1];
         if (S)
           for (int j = 0; j < nv; ++j) Al[j] = vload<V>(Ar + j * W);
@@ -342,10 +325,7 @@ HISS_INLINE void bwd_range_impl(const Args<T>& a, int64_t begin, int64_t end) {
     }
   }
   std::memcpy(a.dinit + begin * Np, gst.data(), sizeof(T) * nch * Np);
-  if (!mine.empty()) {
-    std::lock_guard<std::mutex> lock(*a.mu);
-    for (auto& p : mine) a.partials->push_back(std::move(p));
-  }
+  tg.hand_over(a.partials, a.mu);
 }
 
 // ---- ISA variants ------------------------------------------------------------------------------
