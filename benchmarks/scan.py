@@ -49,6 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from benchmarks._doc import write_section  # noqa: E402
+from kernels.shape_checks import run_channel_major  # noqa: E402  (pure Python: loads no kernel)
 
 SHAPES = [(2, 1536, 1024, 16), (1, 256, 65536, 16), (8, 128, 256, 16)]
 QUICK_SHAPES = [(2, 256, 512, 16), (1, 64, 4096, 16)]
@@ -889,8 +890,7 @@ def _time_major_calls(kcpu, batch, L, dim, N, G, g):
     A = (-torch.rand(dim, N, generator=g) * 2).requires_grad_()
 
     def channel_major():
-        return kcpu.selective_scan_cpu(u.transpose(1, 2), dl.transpose(1, 2), A, B.permute(0, 2, 3, 1),
-                                       C.permute(0, 2, 3, 1), D, z.transpose(1, 2), bias, True).transpose(1, 2)
+        return run_channel_major(kcpu.selective_scan_cpu, u, dl, A, B, C, D, z, bias, True, False, None)
 
     def time_major():
         return kcpu.selective_scan_time_major_cpu(u, dl, A, B, C, D, z, bias, True)

@@ -45,6 +45,7 @@ from .shape_checks import (
     check_state_update,
     pad_time_major,
     per_token,
+    run_channel_major,
 )
 
 __all__ = [
@@ -301,15 +302,8 @@ def selective_scan_time_major_cpu(
         raise ValueError(f"selective_scan_time_major_cpu: layout must be 'time' or 'channel', got {layout!r}")
     if layout == "channel":
         check_scan_time_major("selective_scan_time_major_cpu", u, delta, A, B, C, D, z, delta_bias, initial_state)
-
-        def bc(X):
-            return X.transpose(1, 2) if X.dim() == 3 else X.permute(0, 2, 3, 1)
-
-        res = selective_scan_cpu(u.transpose(1, 2), delta.transpose(1, 2), A, bc(B), bc(C), D,
-                                 None if z is None else z.transpose(1, 2), delta_bias, delta_softplus, True,
-                                 initial_state, chunk_len=chunk_len)
-        out = res[0].transpose(1, 2)
-        return (out, res[1]) if return_last_state else out
+        return run_channel_major(selective_scan_cpu, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                 return_last_state, initial_state, chunk_len=chunk_len)
     return _scan("selective_scan_time_major_cpu", check_scan_time_major, _SelectiveScanTimeMajorCPU, u, delta, A,
                  B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, chunk_len)
 

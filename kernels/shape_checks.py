@@ -90,11 +90,26 @@ def check_scan_time_major(name: str, u, delta, A, B, C, D, z, delta_bias, initia
             raise ValueError(f"{name}: {label} must be (batch, L, N) or (batch, L, G, N) with (batch, L) = "
                              f"{tuple(u.shape[:2])}, got {tuple(X.shape)}")
 
-    def channel_major(X):  # (batch, L, N) -> (batch, N, L); (batch, L, G, N) -> (batch, G, N, L)
+    u_, delta_, B_, C_, z_ = channel_major_views(u, delta, B, C, z)
+    check_scan(name, u_, delta_, A, B_, C_, D, z_, delta_bias, initial_state)
+
+
+def channel_major_views(u, delta, B, C, z):
+    """A time-major scan's u, delta, z (batch, L, dim) and B, C (batch, L, [G,] N) as views in the channel-major
+    layout of ``check_scan``: (batch, dim, L) and (batch, [G,] N, L)."""
+    def bc(X):
         return X.transpose(1, 2) if X.dim() == 3 else X.permute(0, 2, 3, 1)
 
-    check_scan(name, u.transpose(1, 2), delta.transpose(1, 2), A, channel_major(B), channel_major(C), D,
-               None if z is None else z.transpose(1, 2), delta_bias, initial_state)
+    return u.transpose(1, 2), delta.transpose(1, 2), bc(B), bc(C), None if z is None else z.transpose(1, 2)
+
+
+def run_channel_major(scan: Callable, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                      initial_state, **kwargs):
+    """A time-major scan computed by a channel-major one (``scan``: ``selective_scan``'s arguments) on transposed
+    views: out (batch, L, dim) [, last_state]."""
+    u_, delta_, B_, C_, z_ = channel_major_views(u, delta, B, C, z)
+    res = scan(u_, delta_, A, B_, C_, D, z_, delta_bias, delta_softplus, return_last_state, initial_state, **kwargs)
+    return (res[0].transpose(1, 2), res[1]) if return_last_state else res.transpose(1, 2)
 
 
 def check_complex_scan(name: str, u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple[bool, bool]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.shape_checks import check_scan, check_scan_time_major, check_state_update
+from kernels.shape_checks import check_scan, check_scan_time_major, check_state_update, run_channel_major
 
 from ..discretization import zoh_euler
 from .backend import fast_path
@@ -161,13 +161,6 @@ def selective_scan_ref(
     return (y, h) if return_last_state else y
 
 
-def _channel_major(u, delta, B, C, z):
-    """Time-major (batch, L, dim) / (batch, L, [G,] N) views -> the channel-major layout of ``selective_scan``."""
-    def bc(X):
-        return X.transpose(1, 2) if X.dim() == 3 else X.permute(0, 2, 3, 1)
-    return u.transpose(1, 2), delta.transpose(1, 2), bc(B), bc(C), None if z is None else z.transpose(1, 2)
-
-
 def selective_scan_time_major(
     u: Tensor,
     delta: Tensor,
@@ -194,12 +187,8 @@ def selective_scan_time_major(
     kernel = fast_path(backend, u.device, "selective_scan_time_major")
     if kernel is not None:
         return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
-    u_, delta_, B_, C_, z_ = _channel_major(u, delta, B, C, z)
-    res = selective_scan(u_, delta_, A, B_, C_, D, z_, delta_bias, delta_softplus, return_last_state, initial_state,
-                         backend=backend)
-    if return_last_state:
-        return res[0].transpose(1, 2), res[1]
-    return res.transpose(1, 2)
+    return run_channel_major(selective_scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                             initial_state, backend=backend)
 
 
 def selective_scan_time_major_ref(
@@ -208,12 +197,8 @@ def selective_scan_time_major_ref(
 ):
     """Reference twin of ``selective_scan_time_major``: ``selective_scan_ref`` on the transposed views."""
     check_scan_time_major("selective_scan_time_major_ref", u, delta, A, B, C, D, z, delta_bias, initial_state)
-    u_, delta_, B_, C_, z_ = _channel_major(u, delta, B, C, z)
-    res = selective_scan_ref(u_, delta_, A, B_, C_, D, z_, delta_bias, delta_softplus, return_last_state,
-                             initial_state)
-    if return_last_state:
-        return res[0].transpose(1, 2), res[1]
-    return res.transpose(1, 2)
+    return run_channel_major(selective_scan_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                             return_last_state, initial_state)
 
 
 def _groups_to_rows(X: Tensor, rows: int, mamba2: bool, acc: torch.dtype) -> Tensor:
