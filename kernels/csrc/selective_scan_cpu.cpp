@@ -648,7 +648,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &hiss::DecodeModel::forward, py::arg("tokens"), py::arg("n_last"), py::arg("snapshots"))
       .def("restore", &hiss::DecodeModel::restore, py::arg("t"))
       .def("set_small_rows", &hiss::DecodeModel::set_small_rows, py::arg("rows"))
-      .def("set_head_packed", &hiss::DecodeModel::set_head_packed, py::arg("packed"))
+      .def("set_packed", &hiss::DecodeModel::set_packed, py::arg("layer"), py::arg("name"), py::arg("packed"))
       .def_property_readonly("small_rows", &hiss::DecodeModel::small_rows)
       .def_property_readonly("batch", &hiss::DecodeModel::batch)
       .def_property_readonly("num_layers", &hiss::DecodeModel::num_layers);

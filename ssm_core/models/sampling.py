@@ -83,6 +83,8 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
                   generator: torch.Generator | None = None) -> Tensor:
     """logits: (batch, vocab) -> token ids (batch,). temperature 0 or top_k 1 is greedy."""
     if is_greedy(temperature, top_k, top_p):
-        return logits.argmax(-1)
+        # max(-1).indices: the same first-maximum (and NaN) rule as argmax, but ATen's bf16 argmax is a scalar
+        # loop: 6.3 vs 1.7 ms for (32, 50280) bf16 logits on one thread, a tenth of a batch-32 130m step
+        return logits.max(-1).indices
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -19,10 +19,12 @@ from ssm_core.state import SSMState
 pytestmark = pytest.mark.usefixtures("one_thread", "ext")
 
 CONFIGS = {
-    # Mamba-1: d_state 16 (whole vectors), tied and untied head, d_state 4 (scalar tail), the LTI layer
+    # Mamba-1: d_state 16 (whole vectors), tied and untied head, d_state 4 (scalar tail; d_inner 36: the conv
+    # step's 8-channel vector blocks and a scalar tail of 4), an odd width (d_inner 66: the one-token state
+    # update's 4-channel blocks and a tail of 2), the LTI layer
     "m1_n16": dict(d_model=32, n_layer=3, ssm_cfg={"d_state": 16}),
-    "m1_untied": dict(d_model=32, n_layer=2, tie_embeddings=False, ssm_cfg={"d_state": 16}),
-    "m1_n4": dict(d_model=16, n_layer=2, ssm_cfg={"d_state": 4}),
+    "m1_untied": dict(d_model=33, n_layer=2, tie_embeddings=False, ssm_cfg={"d_state": 16}),
+    "m1_n4": dict(d_model=18, n_layer=2, ssm_cfg={"d_state": 4}),
     "m1_lti": dict(d_model=32, n_layer=2, ssm_cfg={"d_state": 16, "selective": False}),
     # Mamba-2: grouped B/C, d_state 16 / 64 / 128, gated MLP branch (d_ssm < d_inner), LayerNorm, per-channel D,
     # norm before gate, dt_limit, no gated norm (z gates inside the SSM), gated MLP blocks
@@ -47,7 +49,7 @@ def model_for(kind: str, dtype=torch.float32) -> MambaLMHeadModel:
     return m if dtype == torch.float32 else copy.deepcopy(m).to(dtype)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 9])  # 9: above SMALL_ROWS, the constructor packs every matrix for oneDNN
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_step_equals_forward_and_module_step_fp32(kind, batch):
     model, P, L = model_for(kind), 5, 14
@@ -78,7 +80,7 @@ def test_bf16_step_equals_bf16_module_step(kind, small_rows):
         dec = FastDecoder(model, state)
         if small_rows is not None:  # every matmul through oneDNN, the head pre-packed (what batches above 8 use)
             dec._dm.set_small_rows(small_rows)
-            assert dec.pack_head()
+            assert dec.pack()
         steps = torch.stack([dec.step(ids[:, t]).clone() for t in range(4, 12)], 1)
     assert steps.dtype == torch.bfloat16
     # the compiled step rounds to bf16 wherever the module path holds bf16; sums may differ in order only
@@ -89,7 +91,7 @@ def test_bf16_step_equals_bf16_module_step(kind, small_rows):
             assert max_rel(mine.ssm, theirs.ssm) <= 2e-2
 
 
-@pytest.mark.parametrize("kind", ["m1_n16", "m2_n128_mlp", "hybrid"])
+@pytest.mark.parametrize("kind", ["m1_n16", "m1_n4", "m2_n128_mlp", "hybrid"])
 def test_multi_token_call_equals_forward_and_restore_rewinds(kind):
     model, P, L = model_for(kind), 4, 13
     ids = ids_for(2, L, seed=5)
@@ -151,9 +153,12 @@ def test_both_instruction_sets_and_the_blas_path_agree(isa, name):
         full = model(ids).logits
         ext.set_isa(isa)
         try:
-            for rows in (4, 0):  # the hiss GEMV (rows <= 4) and ATen's mm (every row count above 0)
+            # the hiss GEMV (rows <= 4), ATen's mm (every row count above 0), oneDNN on packed weights
+            for rows, packed in ((4, False), (0, False), (0, True)):
                 dec = FastDecoder(model, model(ids[:, :4], return_state=True).state)
                 dec._dm.set_small_rows(rows)
+                if packed:
+                    assert dec.pack()
                 out = dec.forward(ids[:, 4:], 5)
                 assert max_rel(out, full[:, 4:]) <= 1e-5, rows
         finally:
@@ -248,3 +253,15 @@ def test_without_a_compiler_generation_falls_back_with_one_warning(monkeypatch):
     assert len([w for w in record if "kernels unavailable" in str(w.message)]) == 1
     assert torch.equal(got, expected)
     assert "not in use" in unsupported_reason(model)
+
+
+def test_packing_a_matrix_it_does_not_have_or_of_another_shape_is_refused():
+    model = model_for("m1_n16")
+    dec = FastDecoder(model, model.empty_state(2))
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    with pytest.raises(RuntimeError, match="has no 'fc1'"):
+        dec._dm.set_packed(0, "fc1", reorder(dec._matrices[0]["in_proj"], 9))
+    with pytest.raises(RuntimeError, match="'out_proj' is"):
+        dec._dm.set_packed(0, "out_proj", reorder(dec._matrices[0]["in_proj"], 9))
+    with pytest.raises(RuntimeError, match="mkldnn tensor"):
+        dec._dm.set_packed(0, "in_proj", dec._matrices[0]["in_proj"])
