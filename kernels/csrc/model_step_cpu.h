@@ -6,8 +6,9 @@
 //               [h2 = norm2(x); x += fc2(fc1(h2) gated)]            (gated MLP, d_intermediate > 0)
 //   logits = lm_head(norm_f(x))
 //
-// The weights are the modules' own tensors (matrices are not copied: fp32 or bf16, read in place; the small
-// per-channel parameters arrive as fp32 copies made once by the Python binder), and the state is the caller's
+// The weights are the modules' own tensors (matrices are not copied: fp32 or bf16, read in place, except the
+// oneDNN-packed copies set_packed may add for many-row calls; the small per-channel parameters arrive as fp32
+// copies made once by the Python binder), and the state is the caller's
 // ModelState tensors, updated in place (conv state in the model dtype, SSM state fp32). All scratch buffers
 // are allocated when the model is built or when a larger token count is first seen, never per token.
 //
@@ -29,10 +30,11 @@
 // Matmuls: rows <= small_rows (default 8) go through our own GEMV kernel (4 weight rows x 2 activation rows
 // per register block, fp32 or bf16 weights widened in registers, software prefetch, AVX2+FMA variant picked
 // at run time; threads over output rows): at batch 1 a decode step is a stream of the weights, and this
-// kernel reads them once at memory speed with no packing. Larger row counts go to ATen's mm (MKL for fp32,
-// oneDNN for bf16) as Y^T = W X^T (the weight on the left: not repacked per call) into a preallocated
-// scratch; int8 matrices there are dequantised (q s, fp32) in blocks of output rows that stay in cache, each
-// block multiplied by MKL's sgemm.
+// kernel reads them once at memory speed with no packing. Larger row counts go to oneDNN's packed-weight kernel
+// where set_packed gave a packed copy (the LM head; every fp32 matrix), else to ATen's mm (MKL for fp32, oneDNN
+// for bf16) as Y^T = W X^T (the weight on the left: not repacked per call) into a preallocated scratch; int8
+// matrices there are dequantised (q s, fp32) in blocks of output rows that stay in cache, each block multiplied
+// by MKL's sgemm.
 //
 // Layers of another kind (attention) are "external": the Python side runs them between calls to
 // run_layers(begin, end) on the residual buffer (hybrid models).
@@ -256,7 +258,9 @@ inline void silu_rows(bool avx2, float* x, int64_t n, bool bf) {
 // ---- the conv step for d_conv 4 (a state of three taps per channel), 8 channels at a time ------------
 // The state of 8 channels is 24 consecutive values, channel by channel: three vectors. As 8 = 2 mod 3, each tap
 // takes disjoint lanes of the three, so two shuffles give a tap as one vector, and three more put the shifted
-// taps back; the arithmetic is then one FMA chain per tap over 8 channels instead of a scalar loop per channel.
+// taps back (three stores of two shuffles each); the arithmetic is one FMA chain per tap over 8 channels instead
+// of a scalar loop per channel. The new tap is x as given, unrounded: for bf16 models x is in_proj's output,
+// already rounded to bf16 by every matmul path, so the stored state equals the scalar path's.
 struct Conv3Args {
   int64_t T, c0, c1, ld_in, conv_dim, snap_stride;  // channels [c0, c1) of one row; snap_stride: values per token
   const float *in, *wt, *bias;  // in: the row's first token, ld_in per token; wt: the weights transposed (4, conv_dim)
@@ -446,12 +450,11 @@ class DecodeModel {
     L.snap_conv.clear(), L.snap_ssm.clear();
   }
 
-  // The bf16 LM head pre-packed by oneDNN (torch.ops.mkldnn._reorder_linear_weight) for calls above small_rows:
-  // the head is the largest matrix, and the plain-weight call was 1.6x slower at 32 rows (a per-call reorder).
   // A matrix pre-packed by oneDNN (torch.ops.mkldnn._reorder_linear_weight) for the calls of more than small_rows
   // rows: the LM head (layer -1, fp32 or bf16) or a layer's fp32 in_proj / out_proj / x_proj / dt_proj / fc1 / fc2
   void set_packed(int64_t layer, const std::string& name, const at::Tensor& packed) {
     TORCH_CHECK(packed.is_mkldnn(), "set_packed: expected an mkldnn tensor from _reorder_linear_weight");
+    TORCH_CHECK(layer >= -1, "set_packed: layer must be -1 (the LM head) or a layer index, got ", layer);
     ms_Lin* l = &head_;
     if (layer >= 0) {
       TORCH_CHECK(layer < (int64_t)layers_.size() && layers_[layer].kind != 2, "set_packed: no Mamba layer ", layer);
@@ -520,8 +523,8 @@ class DecodeModel {
   }
 
   // Final norm + LM head on the last n_last tokens of each row -> logits (batch, n_last, vocab) in the weight
-  // dtype. The returned tensor may be an internal buffer, overwritten by the next call (the packed bf16 head
-  // returns oneDNN's fresh output instead: it has no out= variant, and copying 3 MB at batch 32 is avoidable).
+  // dtype. The returned tensor may be an internal buffer, overwritten by the next call (a packed head returns
+  // oneDNN's fresh output instead: it has no out= variant, and copying 3-6 MB at batch 32 is avoidable).
   at::Tensor head(int64_t n_last) {
     TORCH_CHECK(n_last >= 1 && n_last <= T_, "head: n_last must be in [1, T]");
     const int64_t M = B_ * n_last, Vp = head_.O;
@@ -1001,9 +1004,10 @@ struct Ssm1Args {
 HISS_INLINE float rb(bool bf, float v) { return bf ? rbf(v) : v; }
 
 // One token without snapshots (plain decoding), N = 8 NV: four channels per iteration, their state read 16
-// channels ahead by prefetch, the four <s, C> sums in one shuffle tree. At batch 32 of a 130m model this loop
-// is compute- and memory-bound in about equal parts; against one channel at a time it is 1.5x faster (a
-// stand-alone replica of this loop on the benchmark's shape, 16.5 -> 10.7 ms per 24 layers, one thread).
+// channels ahead by prefetch, the four <s, C> sums in one shuffle tree. One channel at a time, at batch 32 of a
+// 130m model, took about as long with its state in cache (compute) as without its exp (streaming), both short
+// of their limits: the loop was latency-bound; this one is 1.5x faster (a stand-alone replica on that shape, 24
+// layers, one thread: 16.5 -> 10.7 ms).
 // Returns the first channel it left (the caller does the last c1 - c0 mod 4).
 template <int NV>
 HISS_INLINE int64_t ssm1_one_token(const Ssm1Args& a) {

@@ -1,6 +1,7 @@
 """The whole-model decode step: every layer of a MambaLMHeadModel in one compiled call per token (CPU).
 
-``FastDecoder(model, state)`` hands the model's weights (in place, fp32 or bf16) and ``state`` (a ModelState,
+``FastDecoder(model, state)`` hands the model's weights (in place, fp32 or bf16; above SMALL_ROWS rows also
+oneDNN-packed copies, see ``pack``) and ``state`` (a ModelState,
 updated IN PLACE from then on) to the compiled step of ``backend.KERNELS["model_step"]``
 (``kernels.cpu.decode_model_cpu``, kernels/csrc/model_step_cpu.h). Then
 
@@ -168,11 +169,12 @@ def _linear(name: str, lin: nn.Linear, tensors: dict) -> None:
 
 class FastDecoder:
     """Compiled whole-model decode step bound to one model and one ModelState (updated in place).
-    ``quantize="int8"``: int8 weight-only (see the module docstring)."""
+    ``quantize="int8"``: int8 weight-only (see the module docstring). ``pack``: hand the kernel oneDNN-packed
+    weights (``pack()``); None = when the batch is above SMALL_ROWS."""
 
     PREFILL_CHUNK = 256  # tokens per call when a quantised decoder reads a prompt (bounded scratch memory)
 
-    def __init__(self, model, state: ModelState, quantize: str | None = None):
+    def __init__(self, model, state: ModelState, quantize: str | None = None, pack: bool | None = None):
         if quantize not in QUANTIZE:
             raise ValueError(f"FastDecoder: quantize must be one of {QUANTIZE}, got {quantize!r}")
         reason = _structure_reason(model)
@@ -210,11 +212,12 @@ class FastDecoder:
                 kind, t, n = self._layer_args(layer)
                 dm.add_layer(kind, t, n)
                 self._streamed += list(t.values())
-                self._matrices[i] = {k: t[k] for k in _MATRICES if k in t}
+                if quantize is None:
+                    self._matrices[i] = {k: t[k] for k in _MATRICES if k in t}
         self._q8.clear()  # the kernel holds the int8 tensors it was given
         self._bind()
         self._head = io["lm_head"]
-        if self.batch > SMALL_ROWS:
+        if pack or (pack is None and self.batch > SMALL_ROWS):
             self.pack()
         self._slots: dict[int, list] = {}
         self._snap_base: tuple | None = None

@@ -21,8 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_thread", "ext")
 CONFIGS = {
     # Mamba-1: d_state 16 (whole vectors), tied and untied head, d_state 4 (scalar tail; d_inner 36: the conv
     # step's 8-channel vector blocks and a scalar tail of 4), an odd width (d_inner 66: the one-token state
-    # update's 4-channel blocks and a tail of 2), the LTI layer
+    # update's 4-channel blocks and a tail of 2), d_state 8 and 32 (that update's other whole-vector widths), the
+    # LTI layer
     "m1_n16": dict(d_model=32, n_layer=3, ssm_cfg={"d_state": 16}),
+    "m1_n8": dict(d_model=20, n_layer=2, ssm_cfg={"d_state": 8}),
+    "m1_n32": dict(d_model=24, n_layer=2, ssm_cfg={"d_state": 32}),
     "m1_untied": dict(d_model=33, n_layer=2, tie_embeddings=False, ssm_cfg={"d_state": 16}),
     "m1_n4": dict(d_model=18, n_layer=2, ssm_cfg={"d_state": 4}),
     "m1_lti": dict(d_model=32, n_layer=2, ssm_cfg={"d_state": 16, "selective": False}),
@@ -70,7 +73,7 @@ def test_step_equals_forward_and_module_step_fp32(kind, batch):
 
 
 @pytest.mark.parametrize("small_rows", [None, 0], ids=["gemv", "blas"])
-@pytest.mark.parametrize("kind", ["m1_n16", "m1_lti", "m2_n64_groups", "m2_n128_mlp", "hybrid"])
+@pytest.mark.parametrize("kind", ["m1_n16", "m1_n4", "m1_lti", "m2_n64_groups", "m2_n128_mlp", "hybrid"])
 def test_bf16_step_equals_bf16_module_step(kind, small_rows):
     model = model_for(kind, torch.bfloat16)
     ids = ids_for(2, 12, seed=3)
@@ -255,13 +258,39 @@ def test_without_a_compiler_generation_falls_back_with_one_warning(monkeypatch):
     assert "not in use" in unsupported_reason(model)
 
 
-def test_packing_a_matrix_it_does_not_have_or_of_another_shape_is_refused():
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_packing_a_matrix_it_does_not_have_or_of_another_shape_or_dtype_is_refused():
     model = model_for("m1_n16")
     dec = FastDecoder(model, model.empty_state(2))
     reorder = torch.ops.mkldnn._reorder_linear_weight
+    w = dec._matrices[0]["in_proj"]
     with pytest.raises(RuntimeError, match="has no 'fc1'"):
-        dec._dm.set_packed(0, "fc1", reorder(dec._matrices[0]["in_proj"], 9))
+        dec._dm.set_packed(0, "fc1", reorder(w, 9))
     with pytest.raises(RuntimeError, match="'out_proj' is"):
-        dec._dm.set_packed(0, "out_proj", reorder(dec._matrices[0]["in_proj"], 9))
+        dec._dm.set_packed(0, "out_proj", reorder(w, 9))
     with pytest.raises(RuntimeError, match="mkldnn tensor"):
-        dec._dm.set_packed(0, "in_proj", dec._matrices[0]["in_proj"])
+        dec._dm.set_packed(0, "in_proj", w)
+    with pytest.raises(RuntimeError, match="layer must be -1"):
+        dec._dm.set_packed(-2, "in_proj", reorder(w, 9))
+    bf = model_for("m1_n16", torch.bfloat16)
+    dec = FastDecoder(bf, bf.empty_state(2))
+    with pytest.raises(RuntimeError, match="fp32 weights only"):
+        dec._dm.set_packed(0, "in_proj", reorder(dec._matrices[0]["in_proj"], 9))
+    q8 = FastDecoder(model, model.empty_state(9), quantize="int8")
+    assert not q8.pack() and not q8._matrices
+
+
+def test_bf16_multi_token_call_with_snapshots_equals_one_token_steps():
+    # the bf16 conv state written into snapshots by the vector conv step (and its scalar tail: d_inner 36)
+    model = model_for("m1_n4", torch.bfloat16)
+    ids = ids_for(2, 10, seed=7)
+    with torch.no_grad():
+        one = FastDecoder(model, model(ids[:, :4], return_state=True).state)
+        steps = torch.stack([one.step(ids[:, t]).clone() for t in range(4, 10)], 1)
+        many = FastDecoder(model, model(ids[:, :4], return_state=True).state)
+        many.forward(ids[:, 4:10], 6, snapshots=True)
+        many.restore(2)  # the state after ids[:, :7], from a snapshot
+        again = torch.stack([many.step(ids[:, t]).clone() for t in range(7, 10)], 1)
+    assert max_rel(again, steps[:, 3:]) <= 2e-2
+    for a, b in zip(many.state.layers, one.state.layers):
+        assert torch.equal(a.conv, b.conv) and max_rel(a.ssm, b.ssm) <= 2e-2
