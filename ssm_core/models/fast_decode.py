@@ -225,7 +225,7 @@ class FastDecoder:
     def pack(self) -> bool:
         """Give the kernel oneDNN-packed copies of weights for its matmuls of more than SMALL_ROWS rows (done by the
         constructor when the batch is above it): bf16, the LM head (32 x 50,280 logits 1.6x faster than oneDNN on
-        the plain weight); fp32, every matrix (oneDNN's packed sgemm ran the 32-row products 2.2-2.6x faster than
+        the plain weight); fp32, every matrix (oneDNN's packed sgemm ran the 32-row products 2.2-3.0x faster than
         MKL's on an AMD Zen 4 CPU, where MKL takes its generic path). Costs one more copy of what it packs: the
         head's bytes (bf16), all the weights' bytes (fp32). False where oneDNN is missing or weights are int8."""
         reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
