@@ -31,7 +31,7 @@
 // per register block, fp32 or bf16 weights widened in registers, software prefetch, AVX2+FMA variant picked
 // at run time; threads over output rows): at batch 1 a decode step is a stream of the weights, and this
 // kernel reads them once at memory speed with no packing. Larger row counts go to oneDNN's packed-weight kernel
-// where set_packed gave a packed copy (the LM head; every fp32 matrix), else to ATen's mm (MKL for fp32, oneDNN
+// where set_packed gave a packed copy (the LM head; fp32 wide-input matrices), else to ATen's mm (MKL for fp32, oneDNN
 // for bf16) as Y^T = W X^T (the weight on the left: not repacked per call) into a preallocated scratch; int8
 // matrices there are dequantised (q s, fp32) in blocks of output rows that stay in cache, each block multiplied
 // by MKL's sgemm.
@@ -257,8 +257,8 @@ inline void silu_rows(bool avx2, float* x, int64_t n, bool bf) {
 
 // ---- the conv step for d_conv 4 (a state of three taps per channel), 8 channels at a time ------------
 // The state of 8 channels is 24 consecutive values, channel by channel: three vectors. As 8 = 2 mod 3, each tap
-// takes disjoint lanes of the three, so two shuffles give a tap as one vector, and three more put the shifted
-// taps back (three stores of two shuffles each); the arithmetic is one FMA chain per tap over 8 channels instead
+// takes disjoint lanes of the three, so two shuffles give a tap as one vector, and six put the shifted taps
+// back (three stores of two shuffles each); the arithmetic is one FMA chain per tap over 8 channels instead
 // of a scalar loop per channel. The new tap is x as given, unrounded: for bf16 models x is in_proj's output,
 // already rounded to bf16 by every matmul path, so the stored state equals the scalar path's.
 struct Conv3Args {
@@ -729,7 +729,7 @@ class DecodeModel {
     auto f32o = at::TensorOptions().dtype(at::kFloat);
     at::Tensor X = at::from_blob(const_cast<float*>(x), {M, l.K}, {ldx, 1}, f32o);
     const int64_t O = l.O;
-    if (l.packed.defined() && !bf_) {  // oneDNN, packed fp32 weight: 2.2-2.6x MKL's sgemm at 32 rows on AMD Zen 4
+    if (l.packed.defined() && !bf_) {  // oneDNN, packed fp32 weight (which ones pay: FastDecoder.pack)
       const at::Tensor Y = packed_linear(ldx == l.K ? X : X.contiguous(), l);
       const float* yp = Y.data_ptr<float>();
       for (int64_t m = 0; m < M; ++m) std::memcpy(y + m * ldy, yp + m * O, sizeof(float) * O);

@@ -50,7 +50,7 @@ __all__ = ["FastDecoder", "unsupported_reason", "fast_decoder_or_none", "quantiz
 
 QUANTIZE = (None, "int8")  # the quantize= options of FastDecoder / generate / stream
 SMALL_ROWS = 8  # the kernel's default: matmuls of more rows than this go to ATen's BLAS (MKL / oneDNN)
-_MATRICES = ("in_proj", "out_proj", "x_proj", "dt_proj", "fc1", "fc2")  # what pack() packs (fp32)
+_MATRICES = ("in_proj", "out_proj", "x_proj", "dt_proj", "fc1", "fc2")  # pack()'s fp32 candidates (by shape)
 
 
 def _structure_reason(model) -> str | None:

@@ -52,7 +52,8 @@ def model_for(kind: str, dtype=torch.float32) -> MambaLMHeadModel:
     return m if dtype == torch.float32 else copy.deepcopy(m).to(dtype)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 9])  # 9: above SMALL_ROWS, the constructor packs every matrix for oneDNN
+# batch 9: above SMALL_ROWS, the constructor packs the head and the wide-input matrices for oneDNN
+@pytest.mark.parametrize("batch", [1, 3, 9])
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_step_equals_forward_and_module_step_fp32(kind, batch):
     model, P, L = model_for(kind), 5, 14
