@@ -20,14 +20,14 @@ SSM maths lives in ssm_core, not here; anything specific to one domain lives in 
 from .baselines import transformer_like
 from .callbacks import CPUTimeBudget, ExportPretrained, HeldOutEvaluation, LastCheckpoint
 from .checkpoint import load_model
-from .classify import ClassifierModule, HeadConfig, pool
+from .classify import ClassifierModule, HeadConfig, pool, pooled_width
 from .data import ResumableLoader
 from .evaluate import bits_per_token, prefill, read_pieces, sequence_nll
 from .lm import CausalLMModule
 from .optim import adamw_warmup_cosine, param_groups, warmup_cosine
 
 __all__ = [
-    "CausalLMModule", "ClassifierModule", "HeadConfig", "pool",
+    "CausalLMModule", "ClassifierModule", "HeadConfig", "pool", "pooled_width",
     "ExportPretrained", "CPUTimeBudget", "HeldOutEvaluation", "LastCheckpoint", "ResumableLoader", "load_model",
     "read_pieces", "prefill", "sequence_nll", "bits_per_token",
     "adamw_warmup_cosine", "param_groups", "warmup_cosine", "transformer_like",

@@ -28,8 +28,8 @@ from ssm_core import atomic_write
 
 from .optim import adamw_warmup_cosine, attached_trainer
 
-__all__ = ["POOLINGS", "TASKS", "HEAD_CONFIG", "WEIGHTS", "HeadConfig", "pool", "save_head_checkpoint",
-           "read_head_config", "ClassifierModule"]
+__all__ = ["POOLINGS", "TASKS", "HEAD_CONFIG", "WEIGHTS", "HeadConfig", "pool", "pooled_width",
+           "save_head_checkpoint", "read_head_config", "ClassifierModule"]
 
 POOLINGS = ("mean", "max", "first", "cls", "last", "center")
 TASKS = ("mlm", "sequence", "token")
@@ -37,19 +37,29 @@ HEAD_CONFIG = "head.json"
 WEIGHTS = "model.safetensors"
 
 
-def pool(features: Tensor, lengths: Tensor | None, how: str) -> Tensor:
+def pool(features: Tensor, lengths: Tensor | None, how: str, window: int = 0) -> Tensor:
     """features (batch, L, d) -> (batch, d), ignoring positions >= lengths[b]. "center": the position
     (lengths[b] - 1) // 2, for inputs whose signal sits at a fixed centre (a splice junction) read by a bidirectional
-    backbone, whose centre position has seen both halves."""
+    backbone, whose centre position has seen both halves; with ``window`` w > 0 the features of the 2w + 1
+    positions around it, concatenated in order -> (batch, (2w + 1) d): a head on them has weights per position."""
     B, L, _ = features.shape
     if lengths is None:
         lengths = torch.full((B,), L, device=features.device)
+    if window and how != "center":
+        raise ValueError(f"pool: a window is read around the centre only (pooling 'center'), got {how!r}")
     if how in ("first", "cls"):
         return features[:, 0]
     if how == "last":
         return features[torch.arange(B, device=features.device), lengths - 1]
     if how == "center":
-        return features[torch.arange(B, device=features.device), (lengths - 1) // 2]
+        centre = (lengths - 1) // 2
+        if not window:
+            return features[torch.arange(B, device=features.device), centre]
+        if int(lengths.min()) < 2 * window + 1:
+            raise ValueError(f"pool: a centre window of {2 * window + 1} positions needs rows at least that long, "
+                             f"got a row of {int(lengths.min())}")
+        pos = centre[:, None] + torch.arange(-window, window + 1, device=features.device)  # (batch, 2w + 1)
+        return features.gather(1, pos[..., None].expand(-1, -1, features.shape[-1])).flatten(1)
     valid = (torch.arange(L, device=features.device)[None, :] < lengths[:, None])[..., None]
     if how == "mean":
         return (features * valid).sum(1) / lengths[:, None].to(features.dtype)
@@ -70,17 +80,26 @@ class HeadConfig:
     backbone: str = ""
     labels: list[str] = field(default_factory=list)
     dropout: float = 0.0
+    center_window: int = 0  # pooling "center": also this many positions each side, concatenated (see ``pool``)
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"HeadConfig: task must be one of {TASKS}, got {self.task!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"HeadConfig: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.center_window < 0 or (self.center_window and self.pooling != "center"):
+            raise ValueError(f"HeadConfig: center_window must be >= 0 and needs pooling 'center', got "
+                             f"{self.center_window} with pooling {self.pooling!r}")
         if self.task != "mlm" and self.num_labels < 1:
             raise ValueError(f"HeadConfig: num_labels must be >= 1, got {self.num_labels}")
         if self.labels and len(self.labels) != self.num_labels:
             raise ValueError(f"HeadConfig: {len(self.labels)} label names for num_labels={self.num_labels}")
         self.labels = list(self.labels)
+
+
+def pooled_width(head: HeadConfig, d: int) -> int:
+    """Width of what ``pool`` returns for this head on d-wide features."""
+    return d * (2 * head.center_window + 1)
 
 
 def save_head_checkpoint(save_directory: str | os.PathLike, state_dict: dict[str, Tensor], config_json: str,

@@ -7,6 +7,12 @@
     python -m apps.genomics.finetune mlm                                 # masked-LM pretraining (RC model, E. coli)
     python -m apps.genomics.finetune report runs/genomics/compare        # markdown table of finetune_result.json
     python -m apps.genomics.finetune ensemble RUN_DIR RUN_DIR ...       # test accuracy of the averaged runs
+    python -m apps.genomics.finetune --seeds 0 1 [options]              # one run per seed, then their ensemble
+
+``--seeds`` fits the same configuration once per seed (each run in its own log folder, exported to the
+config's export folder in turn: the last seed's model stays there), then scores the ensemble of their
+best-validation checkpoints (class probabilities averaged) and writes ``ensemble_result.json`` (members, their
+summed training CPU time) beside the runs' log folders.
 
 After ``fit`` the test split is scored once and ``finetune_result.json`` (test/val accuracy, wall and process CPU
 time, optimizer steps, parameter count, seed, threads) is written to the run's log folder; the classifier is
@@ -98,6 +104,29 @@ def ensemble(runs: list[str]) -> dict:
             "n_test": int(labels.numel())}
 
 
+def fit_seeds(argv: list[str]) -> dict:
+    """``--seeds S [S ...]`` in argv: fit once per seed (the rest of argv each time), then their ensemble."""
+    i = argv.index("--seeds")
+    seeds = []
+    for a in argv[i + 1:]:
+        if not a.lstrip("-").isdigit():
+            break
+        seeds.append(int(a))
+    rest = argv[:i] + argv[i + 1 + len(seeds):]
+    if len(seeds) < 2 or len(set(seeds)) < len(seeds) or any(a.startswith("--seed_everything") for a in rest):
+        raise ValueError(f"--seeds: name two or more distinct seeds (and no --seed_everything), got {seeds}")
+    runs = [Path(main([*rest, f"--seed_everything={s}"]).trainer.log_dir) for s in seeds]
+    result = ensemble([str(r) for r in runs])
+    members = [json.loads((r / "finetune_result.json").read_text()) for r in runs]
+    result.update(seeds=seeds, runs=[str(r) for r in runs],
+                  train_cpu_s=round(sum(m["train_cpu_s"] or 0.0 for m in members), 1))
+    out = runs[0].parent / "ensemble_result.json"
+    atomic_write(out, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+    print(json.dumps(result, indent=2))
+    print(f"ensemble of {len(runs)} runs written to {out}")
+    return result
+
+
 def main(args: list[str] | None = None):
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["report"]:
@@ -108,6 +137,8 @@ def main(args: list[str] | None = None):
         return None
     if argv[:1] == ["mlm"]:  # masked-LM pretraining on the causal LM's FASTA data module
         return cli_main(MaskedLMModule, DNADataModule, MLM_CONFIG, argv[1:])
+    if "--seeds" in argv:
+        return fit_seeds(argv)
     t0, c0 = time.perf_counter(), time.process_time()
     cli = cli_main(FinetuneClassifier, LabelledDNADataModule, DEFAULT_CONFIG, argv)
     if cli.subcommand != "fit":
@@ -131,7 +162,7 @@ def main(args: list[str] | None = None):
     test = trainer.test(cli.model, datamodule=cli.datamodule)[0]
     hp = cli.model.hparams
     result = {
-        "backbone": hp.backbone, "task": hp.task, "pooling": hp.pooling,
+        "backbone": hp.backbone, "task": hp.task, "pooling": hp.pooling, "center_window": hp.get("center_window"),
         "params": sum(p.numel() for p in cli.model.model.parameters()),
         "test_acc": test.get("test/acc"), "val_acc": val.get("val/acc"), "tested": tested,
         "fit_wall_s": round(fit_s, 1), "fit_cpu_s": round(fit_cpu_s, 1),

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from apps.common import CausalLMModule, ClassifierModule, HeadConfig, pool, transformer_like
+from apps.common import CausalLMModule, ClassifierModule, HeadConfig, pool, pooled_width, transformer_like
 from apps.common.baselines import count_parameters
 from apps.common.checkpoint import is_classifier_dir
 from apps.common.classify import WEIGHTS, read_head_config, save_head_checkpoint
@@ -228,7 +228,7 @@ class DNAModel(nn.Module):
             if config.tie_embeddings:
                 self.head.weight = self.backbone.core.embedding.weight
         else:
-            self.head = nn.Linear(d, head.num_labels)
+            self.head = nn.Linear(d if head.task == "token" else pooled_width(head, d), head.num_labels)
 
     @property
     def rc_equivariant(self) -> bool:
@@ -246,7 +246,7 @@ class DNAModel(nn.Module):
         feats = self.dropout(self.backbone(input_ids, lengths))
         if task == "token":
             return self.head(feats)
-        return self.head(pool(feats, lengths, self.head_config.pooling))
+        return self.head(pool(feats, lengths, self.head_config.pooling, self.head_config.center_window))
 
     # --- checkpoints ---------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -392,9 +392,9 @@ class DNAClassifier(ClassifierModule):
     def __init__(self, config: MambaConfig, num_labels: int, backbone: str = "bimamba", task: str = "sequence",
                  pooling: str = "mean", labels: list[str] | None = None, dropout: float = 0.1, lr: float = 2e-3,
                  weight_decay: float = 0.1, warmup_steps: int = 50, min_lr_ratio: float = 0.1,
-                 init_from: str | None = None):
+                 init_from: str | None = None, center_window: int = 0):
         head = HeadConfig(task=task, num_labels=num_labels, pooling=pooling, backbone=backbone,
-                          labels=list(labels or []), dropout=dropout)
+                          labels=list(labels or []), dropout=dropout, center_window=center_window)
         net = DNAModel(backbone_config(config, backbone), head)
         if init_from:
             n = load_backbone_weights(net.backbone, init_from)

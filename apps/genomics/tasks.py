@@ -187,12 +187,13 @@ class FinetuneClassifier(DNAClassifier):
     def __init__(self, config: MambaConfig, num_labels: int, backbone: str = "bimamba", task: str = "sequence",
                  pooling: str = "mean", labels: list[str] | None = None, dropout: float = 0.1, lr: float = 2e-3,
                  weight_decay: float = 0.1, warmup_steps: int = 50, min_lr_ratio: float = 0.1,
-                 init_from: str | None = None, label_smoothing: float = 0.0, strand_average: bool = False):
+                 init_from: str | None = None, label_smoothing: float = 0.0, strand_average: bool = False,
+                 center_window: int = 0):
         if init_from:  # the configs name the shipped assets/dna_small repo-relative: found from any folder
             init_from = str(repo_path(init_from))
         super().__init__(config, num_labels, backbone=backbone, task=task, pooling=pooling, labels=labels,
                          dropout=dropout, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         min_lr_ratio=min_lr_ratio, init_from=init_from)
+                         min_lr_ratio=min_lr_ratio, init_from=init_from, center_window=center_window)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if strand_average and task != "sequence":

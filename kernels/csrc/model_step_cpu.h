@@ -451,9 +451,11 @@ class DecodeModel {
   }
 
   // A matrix pre-packed by oneDNN (torch.ops.mkldnn._reorder_linear_weight) for the calls of more than small_rows
-  // rows: the LM head (layer -1, fp32 or bf16) or a layer's fp32 in_proj / out_proj / x_proj / dt_proj / fc1 / fc2
-  void set_packed(int64_t layer, const std::string& name, const at::Tensor& packed) {
-    TORCH_CHECK(packed.is_mkldnn(), "set_packed: expected an mkldnn tensor from _reorder_linear_weight");
+  // rows: the LM head (layer -1, fp32 or bf16) or a layer's fp32 in_proj / out_proj / x_proj / dt_proj / fc1 / fc2.
+  // `parts`: packed copies of consecutive blocks of the weight's output rows, in order (one: the whole matrix). With
+  // several, each part is one thread's product (threads over parts, oneDNN single-threaded inside): at two threads
+  // oneDNN's own split of a 32-row product ran some shapes slower than on one thread.
+  void set_packed(int64_t layer, const std::string& name, const std::vector<at::Tensor>& parts) {
     TORCH_CHECK(layer >= -1, "set_packed: layer must be -1 (the LM head) or a layer index, got ", layer);
     ms_Lin* l = &head_;
     if (layer >= 0) {
@@ -467,11 +469,20 @@ class DecodeModel {
       l = by_name[name];
       TORCH_CHECK(!bf_, "set_packed: a layer's matrices are packed for fp32 weights only (bf16: no gain)");
     }
-    TORCH_CHECK(!l->q8 && packed.scalar_type() == l->w.scalar_type(), "set_packed: '", name,
-                "' must be packed from its own (fp32 / bf16) weight");
-    TORCH_CHECK(packed.dim() == 2 && packed.size(0) == l->O && packed.size(1) == l->K, "set_packed: '", name,
-                "' is ", l->O, " x ", l->K, ", the packed tensor ", packed.sizes());
-    l->packed = packed;
+    TORCH_CHECK(!parts.empty(), "set_packed: '", name, "': no packed parts");
+    std::vector<ms_Part> out;
+    int64_t o0 = 0;
+    for (const at::Tensor& p : parts) {
+      TORCH_CHECK(p.is_mkldnn(), "set_packed: expected mkldnn tensors from _reorder_linear_weight");
+      TORCH_CHECK(!l->q8 && p.scalar_type() == l->w.scalar_type(), "set_packed: '", name,
+                  "' must be packed from its own (fp32 / bf16) weight");
+      TORCH_CHECK(p.dim() == 2 && p.size(1) == l->K && p.size(0) >= 1 && o0 + p.size(0) <= l->O, "set_packed: '",
+                  name, "' is ", l->O, " x ", l->K, ", a packed part ", p.sizes(), " at row ", o0);
+      out.push_back({p, l->b.defined() ? l->b.narrow(0, o0, p.size(0)) : at::Tensor(), o0});
+      o0 += p.size(0);
+    }
+    TORCH_CHECK(o0 == l->O, "set_packed: '", name, "' has ", l->O, " output rows, the packed parts ", o0);
+    l->packed = std::move(out);
   }
 
   int64_t batch() const { return B_; }
@@ -523,22 +534,24 @@ class DecodeModel {
   }
 
   // Final norm + LM head on the last n_last tokens of each row -> logits (batch, n_last, vocab) in the weight
-  // dtype. The returned tensor may be an internal buffer, overwritten by the next call (a packed head returns
-  // oneDNN's fresh output instead: it has no out= variant, and copying 3-6 MB at batch 32 is avoidable).
+  // dtype. The returned tensor may be an internal buffer, overwritten by the next call (a head packed in one part
+  // returns oneDNN's fresh output instead: it has no out= variant, and copying 3-6 MB at batch 32 is avoidable).
   at::Tensor head(int64_t n_last) {
     TORCH_CHECK(n_last >= 1 && n_last <= T_, "head: n_last must be in [1, T]");
     const int64_t M = B_ * n_last, Vp = head_.O;
     for (int64_t b = 0; b < B_; ++b)
       for (int64_t j = 0; j < n_last; ++j)
         norm_row(normf_, x_.data() + (b * T_ + T_ - n_last + j) * D_, h_.data() + (b * n_last + j) * D_);
-    if (head_.packed.defined() && M > small_rows_) {  // the packed head's fresh output (bf16: as the module's)
-      at::Tensor hf = at::from_blob(h_.data(), {M, D_}, at::TensorOptions().dtype(at::kFloat));
-      if (bf_) hf = scratch_bf16(xb_, M * D_).view({M, D_}).copy_(hf);
-      return packed_linear(hf, head_).view({B_, n_last, Vp});
-    }
     auto opts = at::TensorOptions().dtype(bf_ ? at::kBFloat16 : at::kFloat);
     if (!logits_.defined() || logits_.size(0) != B_ || logits_.size(1) != n_last)
       logits_ = at::empty({B_, n_last, Vp}, opts);
+    if (!head_.packed.empty() && M > small_rows_) {  // oneDNN on the packed head (bf16: rounded as the module's)
+      at::Tensor hf = at::from_blob(h_.data(), {M, D_}, at::TensorOptions().dtype(at::kFloat));
+      if (bf_) hf = scratch_bf16(xb_, M * D_).view({M, D_}).copy_(hf);
+      if (head_.packed.size() == 1) return packed_part(hf, head_.packed[0]).view({B_, n_last, Vp});  // no copy
+      packed_into(hf, head_, logits_.view({M, Vp}));
+      return logits_;
+    }
     if (!bf_) {
       linear(head_, h_.data(), D_, M, logits_.data_ptr<float>(), Vp, false);
     } else {
@@ -572,8 +585,13 @@ class DecodeModel {
   }
 
  private:
+  struct ms_Part {  // set_packed's copy of output rows [o0, o0 + packed.size(0)) of a weight, and their bias
+    at::Tensor packed, b;
+    int64_t o0 = 0;
+  };
   typedef struct ms_Lin {
-    at::Tensor w, b, s, packed;  // s: per-row scales of an int8 w; packed: set_packed's copy of w
+    at::Tensor w, b, s;  // s: per-row scales of an int8 w
+    std::vector<ms_Part> packed;  // set_packed's copy of w, in parts
     int64_t O = 0, K = 0;
     bool q8 = false;
   } ms_Lin;
@@ -690,14 +708,23 @@ class DecodeModel {
     }
   }
 
-  // Y (M, O) = X W^T + b through oneDNN's packed-weight kernel; X contiguous, in the weight's dtype
-  static at::Tensor packed_linear(const at::Tensor& X, const ms_Lin& l) {
+  // Y (M, O) = X W^T + b through oneDNN's packed-weight kernel; X contiguous, in the weight's dtype. One part: oneDNN's
+  // own threads (its fresh output); several: one thread per part (grain 1), each writing its columns of Y.
+  static at::Tensor packed_part(const at::Tensor& X, const ms_Part& p) {
     static const c10::OperatorHandle op =
         c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-    std::vector<c10::IValue> st{X, l.packed, l.b.defined() ? c10::IValue(l.b) : c10::IValue(), std::string("none"),
+    std::vector<c10::IValue> st{X, p.packed, p.b.defined() ? c10::IValue(p.b) : c10::IValue(), std::string("none"),
                                 c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     op.callBoxed(&st);
     return st[0].toTensor();
+  }
+  static void packed_into(const at::Tensor& X, const ms_Lin& l, const at::Tensor& Y) {  // Y: (M, O), any row stride
+    at::parallel_for(0, (int64_t)l.packed.size(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const ms_Part& p = l.packed[i];
+        Y.narrow(1, p.o0, p.packed.size(0)).copy_(packed_part(X, p));
+      }
+    });
   }
   void linear(const ms_Lin& l, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy, bool rnd) {
     const float* bias = l.b.defined() ? l.b.data_ptr<float>() : nullptr;
@@ -729,8 +756,10 @@ class DecodeModel {
     auto f32o = at::TensorOptions().dtype(at::kFloat);
     at::Tensor X = at::from_blob(const_cast<float*>(x), {M, l.K}, {ldx, 1}, f32o);
     const int64_t O = l.O;
-    if (l.packed.defined() && !bf_) {  // oneDNN, packed fp32 weight (which ones pay: FastDecoder.pack)
-      const at::Tensor Y = packed_linear(ldx == l.K ? X : X.contiguous(), l);
+    if (!l.packed.empty() && !bf_) {  // oneDNN, packed fp32 weight (which ones pay: FastDecoder.pack)
+      const at::Tensor Xc = ldx == l.K ? X : X.contiguous();
+      if (l.packed.size() > 1) return packed_into(Xc, l, at::from_blob(y, {M, O}, {ldy, 1}, f32o));
+      const at::Tensor Y = packed_part(Xc, l.packed[0]);
       const float* yp = Y.data_ptr<float>();
       for (int64_t m = 0; m < M; ++m) std::memcpy(y + m * ldy, yp + m * O, sizeof(float) * O);
       return;

@@ -167,6 +167,13 @@ def _linear(name: str, lin: nn.Linear, tensors: dict) -> None:
         tensors[f"{name}_bias"] = _f32(lin.bias)
 
 
+def _packed_parts(reorder, w: Tensor, rows: int, parts: int) -> list[Tensor]:
+    """oneDNN-packed copies of ``parts`` consecutive blocks of w's output rows (multiples of 64 rows, the last
+    one shorter; fewer parts when w is small), for ``rows``-row products."""
+    step = -(-w.shape[0] // max(1, parts) // 64) * 64 or w.shape[0]
+    return [reorder(w[o: o + step].contiguous(), rows) for o in range(0, w.shape[0], step)]
+
+
 class FastDecoder:
     """Compiled whole-model decode step bound to one model and one ModelState (updated in place).
     ``quantize="int8"``: int8 weight-only (see the module docstring). ``pack``: hand the kernel oneDNN-packed
@@ -222,26 +229,27 @@ class FastDecoder:
         self._slots: dict[int, list] = {}
         self._snap_base: tuple | None = None
 
-    def pack(self) -> bool:
+    def pack(self, parts: int | None = None) -> bool:
         """Give the kernel oneDNN-packed copies of weights for its matmuls of more than SMALL_ROWS rows (done by the
         constructor when the batch is above it): bf16, the LM head (32 x 50,280 logits 1.6x faster than oneDNN on
         the plain weight); fp32, the LM head and the matrices with more inputs than outputs (out_proj, x_proj,
         fc2): on an AMD Zen 4 CPU, where MKL takes its generic path, oneDNN's packed sgemm ran those 32-row
-        products 1.3-3.2x faster than MKL at one and two threads. Costs one more copy of what it packs. False
-        where oneDNN is missing or weights are int8."""
+        products 1.3-3.2x faster than MKL at one and two threads. ``parts`` (default: torch's thread count): each
+        matrix is packed in that many blocks of output rows, one thread's product each. Costs one more copy of what
+        it packs. False where oneDNN is missing or weights are int8."""
         reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
         if (self.quantize is not None or self.dtype not in (torch.float32, torch.bfloat16)
                 or not torch.backends.mkldnn.is_available() or reorder is None):
             return False
-        rows = max(self.batch, SMALL_ROWS + 1)
-        self._dm.set_packed(-1, "lm_head", reorder(self._head, rows))
+        rows, parts = max(self.batch, SMALL_ROWS + 1), parts or torch.get_num_threads()
+        self._dm.set_packed(-1, "lm_head", _packed_parts(reorder, self._head, rows, parts))
         if self.dtype == torch.float32:
             for i, matrices in self._matrices.items():
                 for name, w in matrices.items():
                     # only the wide-input ones (out_proj, x_proj, fc2): at two threads oneDNN's packed kernel ran
                     # in_proj-shaped matrices (4096 x 1024, 2048 x 1024, 3072 x 768) 0.3-0.9x as fast as MKL
                     if w.shape[1] > w.shape[0]:
-                        self._dm.set_packed(i, name, reorder(w, rows))
+                        self._dm.set_packed(i, name, _packed_parts(reorder, w, rows, parts))
         return True
 
     def _linear(self, name: str, lin: nn.Linear, tensors: dict) -> None:

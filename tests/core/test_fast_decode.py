@@ -157,12 +157,13 @@ def test_both_instruction_sets_and_the_blas_path_agree(isa, name):
         full = model(ids).logits
         ext.set_isa(isa)
         try:
-            # the hiss GEMV (rows <= 4), ATen's mm (every row count above 0), oneDNN on packed weights
-            for rows, packed in ((4, False), (0, False), (0, True)):
+            # the hiss GEMV (rows <= 4), ATen's mm (every row count above 0), oneDNN on packed weights: whole, and
+            # in blocks of output rows (one thread's product each; 3: more parts than threads, a short last one)
+            for rows, parts in ((4, 0), (0, 0), (0, 1), (0, 3)):
                 dec = FastDecoder(model, model(ids[:, :4], return_state=True).state)
                 dec._dm.set_small_rows(rows)
-                if packed:
-                    assert dec.pack()
+                if parts:
+                    assert dec.pack(parts)
                 out = dec.forward(ids[:, 4:], 5)
                 assert max_rel(out, full[:, 4:]) <= 1e-5, rows
         finally:
@@ -266,17 +267,25 @@ def test_packing_a_matrix_it_does_not_have_or_of_another_shape_or_dtype_is_refus
     reorder = torch.ops.mkldnn._reorder_linear_weight
     w = dec._matrices[0]["in_proj"]
     with pytest.raises(RuntimeError, match="has no 'fc1'"):
-        dec._dm.set_packed(0, "fc1", reorder(w, 9))
+        dec._dm.set_packed(0, "fc1", [reorder(w, 9)])
     with pytest.raises(RuntimeError, match="'out_proj' is"):
-        dec._dm.set_packed(0, "out_proj", reorder(w, 9))
-    with pytest.raises(RuntimeError, match="mkldnn tensor"):
-        dec._dm.set_packed(0, "in_proj", w)
+        dec._dm.set_packed(0, "out_proj", [reorder(w, 9)])
+    with pytest.raises(RuntimeError, match="mkldnn tensors"):
+        dec._dm.set_packed(0, "in_proj", [w])
     with pytest.raises(RuntimeError, match="layer must be -1"):
-        dec._dm.set_packed(-2, "in_proj", reorder(w, 9))
+        dec._dm.set_packed(-2, "in_proj", [reorder(w, 9)])
+    with pytest.raises(RuntimeError, match="no packed parts"):
+        dec._dm.set_packed(0, "in_proj", [])
+    # parts must cover the output rows exactly, in order
+    half = w.shape[0] // 2
+    with pytest.raises(RuntimeError, match="the packed parts " + str(half)):
+        dec._dm.set_packed(0, "in_proj", [reorder(w[:half].contiguous(), 9)])
+    with pytest.raises(RuntimeError, match="a packed part"):
+        dec._dm.set_packed(0, "in_proj", [reorder(w[:half + 1].contiguous(), 9), reorder(w[half:].contiguous(), 9)])
     bf = model_for("m1_n16", torch.bfloat16)
     dec = FastDecoder(bf, bf.empty_state(2))
     with pytest.raises(RuntimeError, match="fp32 weights only"):
-        dec._dm.set_packed(0, "in_proj", reorder(dec._matrices[0]["in_proj"], 9))
+        dec._dm.set_packed(0, "in_proj", [reorder(dec._matrices[0]["in_proj"], 9)])
     q8 = FastDecoder(model, model.empty_state(9), quantize="int8")
     assert not q8.pack() and not q8._matrices
 

@@ -18,6 +18,7 @@ from apps.common import (
     HeldOutEvaluation,
     load_model,
     pool,
+    pooled_width,
     prefill,
     read_pieces,
 )
@@ -67,6 +68,22 @@ def test_pool_matches_manual():
     assert torch.equal(pool(f, lengths, "center"), torch.stack([f[0, 2], f[1, 0]]))
     with pytest.raises(ValueError, match="pooling"):
         pool(f, lengths, "median")
+
+
+def test_centre_window_concatenates_the_positions_around_each_rows_centre():
+    f = torch.randn(2, 9, 3)
+    lengths = torch.tensor([9, 5])  # centres 4 and 2
+    got = pool(f, lengths, "center", window=2)
+    assert got.shape == (2, 15)
+    assert torch.equal(got, torch.stack([f[0, 2:7].flatten(), f[1, 0:5].flatten()]))
+    assert torch.equal(pool(f, lengths, "center", window=0), pool(f, lengths, "center"))
+    with pytest.raises(ValueError, match="5 positions needs rows at least that long, got a row of 4"):
+        pool(f, torch.tensor([9, 4]), "center", window=2)
+    with pytest.raises(ValueError, match="around the centre only"):
+        pool(f, lengths, "mean", window=1)
+    with pytest.raises(ValueError, match="center_window"):
+        HeadConfig(pooling="mean", center_window=2)
+    assert pooled_width(HeadConfig(pooling="center", center_window=5), 8) == 88
 
 
 def test_head_config_checks_and_checkpoint_round_trip(tmp_path):

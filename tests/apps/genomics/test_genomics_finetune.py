@@ -4,6 +4,7 @@ end (it must learn a separable task), masked-LM pretraining and the CPU-time bud
 import gzip
 import json
 import random
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -192,3 +193,39 @@ def test_mlm_cli_exports_a_masked_lm(tmp_path):
           "--trainer.enable_model_summary", "false"])
     model = DNAModel.from_pretrained(out)
     assert model.head_config.task == "mlm" and model.rc_equivariant
+
+
+def test_centre_window_head_reads_its_positions_and_round_trips(tmp_path):
+    # a position-aware readout for splice junctions: the features of centre +- 2, each position its own weights
+    module = FinetuneClassifier(TINY, num_labels=3, pooling="center", center_window=2)
+    net = module.model.eval()
+    assert net.head.in_features == 5 * TINY.d_model
+    ids = torch.stack([encode("ACGTACGTACG"), encode("TTGACCATGAC")])
+    with torch.no_grad():
+        out = net(ids)
+    net.save_pretrained(tmp_path)
+    back = DNAModel.from_pretrained(tmp_path).eval()
+    assert back.head_config.center_window == 2
+    with torch.no_grad():
+        assert torch.equal(back(ids), out)
+
+
+def test_seeds_fit_one_run_per_seed_and_score_their_ensemble(tmp_path):
+    data = write_gc_task(tmp_path / "gc.tsv")
+    args = ["--data.path", str(data), "--data.batch_size", "16", "--model.num_labels", "2",
+            "--model.config.d_model", "16", "--model.config.n_layer", "1", "--model.config.ssm_cfg", "{d_state: 4}",
+            "--model.init_from", "null", "--model.lr", "0.01", "--model.warmup_steps", "5",
+            "--trainer.max_steps", "20", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.callbacks.dirpath", str(tmp_path / "export"), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+    result = main(["--seeds", "3", "4", *args])
+    runs = [json.loads((Path(r) / "finetune_result.json").read_text()) for r in result["runs"]]
+    assert [r["seed"] for r in runs] == [3, 4] and result["seeds"] == [3, 4]
+    assert sorted(result["members"].values()) == pytest.approx(sorted(r["test_acc"] for r in runs))
+    assert result["train_cpu_s"] == pytest.approx(sum(r["train_cpu_s"] for r in runs), abs=0.2)
+    saved = json.loads((Path(result["runs"][0]).parent / "ensemble_result.json").read_text())
+    assert saved["test_acc"] == pytest.approx(result["test_acc"])
+    with pytest.raises(ValueError, match="two or more distinct seeds"):
+        main(["--seeds", "3", *args])
+    with pytest.raises(ValueError, match="two or more distinct seeds"):
+        main(["--seeds", "3", "4", "--seed_everything=1", *args])
