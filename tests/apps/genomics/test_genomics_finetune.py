@@ -133,6 +133,7 @@ def test_finetune_cli_learns_and_exports(tmp_path):
     cli = main(["--data.path", str(data), "--data.batch_size", "16", "--model.num_labels", "2",
                 "--model.config.d_model", "16", "--model.config.n_layer", "1", "--model.config.ssm_cfg",
                 "{d_state: 4}", "--model.backbone", "rcps", "--model.pooling", "mean",  # the splice default: center
+                "--model.center_window", "0",  # (+- 5 positions)
                 "--model.init_from", "null", "--model.lr", "0.01",
                 "--model.warmup_steps", "5",
                 "--trainer.max_steps", "40", "--trainer.default_root_dir", str(tmp_path),
