@@ -31,8 +31,9 @@
 // per register block, fp32 or bf16 weights widened in registers, software prefetch, AVX2+FMA variant picked
 // at run time; threads over output rows): at batch 1 a decode step is a stream of the weights, and this
 // kernel reads them once at memory speed with no packing. Larger row counts go to oneDNN's packed-weight kernel
-// where set_packed gave a packed copy (the LM head; fp32 wide-input matrices), else to ATen's mm (MKL for fp32, oneDNN
-// for bf16) as Y^T = W X^T (the weight on the left: not repacked per call) into a preallocated scratch; int8
+// where set_packed gave a packed copy (the LM head; every fp32 matrix, in one block of output rows per thread),
+// else to ATen's mm (MKL for fp32, oneDNN for bf16) as Y^T = W X^T (the weight on the left: not repacked per call)
+// into a preallocated scratch; int8
 // matrices there are dequantised (q s, fp32) in blocks of output rows that stay in cache, each block multiplied
 // by MKL's sgemm.
 //
@@ -718,11 +719,18 @@ class DecodeModel {
     op.callBoxed(&st);
     return st[0].toTensor();
   }
-  static void packed_into(const at::Tensor& X, const ms_Lin& l, const at::Tensor& Y) {  // Y: (M, O), any row stride
+  // Y: (M, O) in X's dtype, any row stride. Rows are copied with memcpy, not ATen's copy_: worker threads do not
+  // inherit the caller's InferenceMode, and an in-place ATen op there on a tensor made under it is refused.
+  static void packed_into(const at::Tensor& X, const ms_Lin& l, const at::Tensor& Y) {
+    char* y = static_cast<char*>(Y.data_ptr());
+    const int64_t es = Y.element_size(), ld = Y.stride(0), M = X.size(0);
     at::parallel_for(0, (int64_t)l.packed.size(), 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const ms_Part& p = l.packed[i];
-        Y.narrow(1, p.o0, p.packed.size(0)).copy_(packed_part(X, p));
+        const int64_t rows = p.packed.size(0);
+        const at::Tensor P = packed_part(X, p).contiguous();
+        const char* src = static_cast<const char*>(P.data_ptr());
+        for (int64_t m = 0; m < M; ++m) std::memcpy(y + (m * ld + p.o0) * es, src + m * rows * es, rows * es);
       }
     });
   }

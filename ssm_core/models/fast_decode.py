@@ -50,7 +50,7 @@ __all__ = ["FastDecoder", "unsupported_reason", "fast_decoder_or_none", "quantiz
 
 QUANTIZE = (None, "int8")  # the quantize= options of FastDecoder / generate / stream
 SMALL_ROWS = 8  # the kernel's default: matmuls of more rows than this go to ATen's BLAS (MKL / oneDNN)
-_MATRICES = ("in_proj", "out_proj", "x_proj", "dt_proj", "fc1", "fc2")  # pack()'s fp32 candidates (by shape)
+_MATRICES = ("in_proj", "out_proj", "x_proj", "dt_proj", "fc1", "fc2")  # the layer matrices pack() packs (fp32)
 
 
 def _structure_reason(model) -> str | None:
@@ -232,24 +232,22 @@ class FastDecoder:
     def pack(self, parts: int | None = None) -> bool:
         """Give the kernel oneDNN-packed copies of weights for its matmuls of more than SMALL_ROWS rows (done by the
         constructor when the batch is above it): bf16, the LM head (32 x 50,280 logits 1.6x faster than oneDNN on
-        the plain weight); fp32, the LM head and the matrices with more inputs than outputs (out_proj, x_proj,
-        fc2): on an AMD Zen 4 CPU, where MKL takes its generic path, oneDNN's packed sgemm ran those 32-row
-        products 1.3-3.2x faster than MKL at one and two threads. ``parts`` (default: torch's thread count): each
-        matrix is packed in that many blocks of output rows, one thread's product each. Costs one more copy of what
-        it packs. False where oneDNN is missing or weights are int8."""
+        the plain weight); fp32, the LM head and every layer matrix. Each is packed in ``parts`` blocks of output
+        rows (default: torch's thread count), one thread's product each: on an AMD Zen 4 CPU (MKL takes its generic
+        path there) a 130m-shaped batch-32 fp32 step took 79 ms through MKL, 55 ms with the head and the wide-input
+        matrices packed whole, 36 ms with every matrix packed in two parts (two threads; packed whole, oneDNN's own
+        two-thread split ran the wide-output matrices slower than MKL: 370m 269 vs 225 ms). Costs one more copy of
+        what it packs. False where oneDNN is missing or weights are int8."""
         reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
         if (self.quantize is not None or self.dtype not in (torch.float32, torch.bfloat16)
                 or not torch.backends.mkldnn.is_available() or reorder is None):
             return False
         rows, parts = max(self.batch, SMALL_ROWS + 1), parts or torch.get_num_threads()
         self._dm.set_packed(-1, "lm_head", _packed_parts(reorder, self._head, rows, parts))
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32:  # bf16 layer matrices: oneDNN's plain bf16 GEMM already (packing: 0.9-1.06x)
             for i, matrices in self._matrices.items():
                 for name, w in matrices.items():
-                    # only the wide-input ones (out_proj, x_proj, fc2): at two threads oneDNN's packed kernel ran
-                    # in_proj-shaped matrices (4096 x 1024, 2048 x 1024, 3072 x 768) 0.3-0.9x as fast as MKL
-                    if w.shape[1] > w.shape[0]:
-                        self._dm.set_packed(i, name, _packed_parts(reorder, w, rows, parts))
+                    self._dm.set_packed(i, name, _packed_parts(reorder, w, rows, parts))
         return True
 
     def _linear(self, name: str, lin: nn.Linear, tensors: dict) -> None:

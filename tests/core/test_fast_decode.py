@@ -52,7 +52,7 @@ def model_for(kind: str, dtype=torch.float32) -> MambaLMHeadModel:
     return m if dtype == torch.float32 else copy.deepcopy(m).to(dtype)
 
 
-# batch 9: above SMALL_ROWS, the constructor packs the head and the wide-input matrices for oneDNN
+# batch 9: above SMALL_ROWS, the constructor packs the head and every fp32 matrix for oneDNN, in one part per thread
 @pytest.mark.parametrize("batch", [1, 3, 9])
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_step_equals_forward_and_module_step_fp32(kind, batch):
@@ -288,6 +288,20 @@ def test_packing_a_matrix_it_does_not_have_or_of_another_shape_or_dtype_is_refus
         dec._dm.set_packed(0, "in_proj", [reorder(dec._matrices[0]["in_proj"], 9)])
     q8 = FastDecoder(model, model.empty_state(9), quantize="int8")
     assert not q8.pack() and not q8._matrices
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_packed_parts_step_equals_forward_under_inference_mode():
+    # the parts run on worker threads, which do not inherit InferenceMode: tensors made under it (weights, state,
+    # the logits buffer) must not meet an in-place ATen op there (benchmarks.decode builds models this way)
+    with torch.inference_mode():
+        model = copy.deepcopy(model_for("m1_untied"))
+        ids = ids_for(9, 8, seed=5)
+        full = model(ids).logits
+        dec = FastDecoder(model, model(ids[:, :4], return_state=True).state, pack=False)
+        assert dec.pack(parts=2)
+        steps = torch.stack([dec.step(ids[:, t]).clone() for t in range(4, 8)], 1)
+    assert max_rel(steps, full[:, 4:]) <= 1e-5
 
 
 def test_bf16_multi_token_call_with_snapshots_equals_one_token_steps():
