@@ -543,13 +543,17 @@ class DecodeModel {
     for (int64_t b = 0; b < B_; ++b)
       for (int64_t j = 0; j < n_last; ++j)
         norm_row(normf_, x_.data() + (b * T_ + T_ - n_last + j) * D_, h_.data() + (b * n_last + j) * D_);
+    const bool packed = !head_.packed.empty() && M > small_rows_;  // oneDNN (bf16: rounded as the module's)
+    at::Tensor hf;
+    if (packed) {
+      hf = at::from_blob(h_.data(), {M, D_}, at::TensorOptions().dtype(at::kFloat));
+      if (bf_) hf = scratch_bf16(xb_, M * D_).view({M, D_}).copy_(hf);
+      if (head_.packed.size() == 1) return packed_part(hf, head_.packed[0]).view({B_, n_last, Vp});  // no copy
+    }
     auto opts = at::TensorOptions().dtype(bf_ ? at::kBFloat16 : at::kFloat);
     if (!logits_.defined() || logits_.size(0) != B_ || logits_.size(1) != n_last)
       logits_ = at::empty({B_, n_last, Vp}, opts);
-    if (!head_.packed.empty() && M > small_rows_) {  // oneDNN on the packed head (bf16: rounded as the module's)
-      at::Tensor hf = at::from_blob(h_.data(), {M, D_}, at::TensorOptions().dtype(at::kFloat));
-      if (bf_) hf = scratch_bf16(xb_, M * D_).view({M, D_}).copy_(hf);
-      if (head_.packed.size() == 1) return packed_part(hf, head_.packed[0]).view({B_, n_last, Vp});  // no copy
+    if (packed) {
       packed_into(hf, head_, logits_.view({M, Vp}));
       return logits_;
     }
