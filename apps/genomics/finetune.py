@@ -1,6 +1,6 @@
 """Fine-tune a DNA backbone + classification head (LightningCLI): ``python -m apps.genomics.finetune``.
 
-    python -m apps.genomics.finetune          # splice junctions: BiMamba from assets/dna_small, ~12 CPU-min
+    python -m apps.genomics.finetune          # splice junctions: BiMamba from assets/dna_small, ~7 CPU-min
     python -m apps.genomics.finetune --config apps/genomics/configs/finetune_genus.yaml
     python -m apps.genomics.finetune --model.backbone=transformer --model.init_from=null   # same-size Transformer
     python -m apps.genomics.finetune --model.init_from=runs/genomics/pretrained   # start from another causal LM

@@ -133,7 +133,7 @@ def test_finetune_cli_learns_and_exports(tmp_path):
     cli = main(["--data.path", str(data), "--data.batch_size", "16", "--model.num_labels", "2",
                 "--model.config.d_model", "16", "--model.config.n_layer", "1", "--model.config.ssm_cfg",
                 "{d_state: 4}", "--model.backbone", "rcps", "--model.pooling", "mean",  # the splice default: center
-                "--model.center_window", "0",  # (+- 5 positions)
+                "--model.center_window", "0",  # the splice default reads centre +- 5; mean pooling reads all
                 "--model.init_from", "null", "--model.lr", "0.01",
                 "--model.warmup_steps", "5",
                 "--trainer.max_steps", "40", "--trainer.default_root_dir", str(tmp_path),
@@ -196,7 +196,7 @@ def test_mlm_cli_exports_a_masked_lm(tmp_path):
     assert model.head_config.task == "mlm" and model.rc_equivariant
 
 
-def test_centre_window_head_reads_its_positions_and_round_trips(tmp_path):
+def test_centre_window_head_is_sized_for_its_positions_and_round_trips(tmp_path):
     # a position-aware readout for splice junctions: the features of centre +- 2, each position its own weights
     module = FinetuneClassifier(TINY, num_labels=3, pooling="center", center_window=2)
     net = module.model.eval()
