@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from apps.common import CPUTimeBudget
@@ -155,6 +156,25 @@ def test_finetune_cli_learns_and_exports(tmp_path):
     assert list(both["members"].values()) == [pytest.approx(result["test_acc"])]  # one path, listed once
     with pytest.raises(FileNotFoundError, match="best-"):
         ensemble([str(cls_dir)])
+
+
+@pytest.mark.parametrize("name", ["finetune_splice.yaml", "finetune_genus.yaml"])
+def test_shipped_finetune_configs_build_their_head_and_train(name, tmp_path):
+    """Each task config, read over the default (finetune_splice.yaml), builds a consistent model: a key the default
+    sets and the task config forgets (centre +- 5 under mean pooling) is refused at build time, so it fails here.
+    Shrunk to a tiny model on a tiny task; the readout (pooling, centre window, strand averaging) is the config's."""
+    cfg = Path(__file__).resolve().parents[3] / "apps" / "genomics" / "configs" / name
+    data = write_gc_task(tmp_path / "gc.tsv", n=(32, 8, 8))
+    main(["--config", str(cfg), "--data.path", str(data), "--data.crop", "0", "--data.eval_crop", "0",
+          "--model.num_labels", "2", "--model.config.d_model", "16", "--model.config.n_layer", "1",
+          "--model.config.ssm_cfg", "{d_state: 4}", "--model.init_from", "null", "--trainer.max_steps", "2",
+          "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks.dirpath", str(tmp_path / "export"),
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    result = json.loads((tmp_path / "lightning_logs" / "version_0" / "finetune_result.json").read_text())
+    shipped = yaml.safe_load(cfg.read_text())["model"]
+    assert result["pooling"] == shipped["pooling"] and result["center_window"] == shipped["center_window"]
+    assert result["optimizer_steps"] == 2
 
 
 def test_cpu_time_budget_stops_training(tmp_path):
