@@ -39,7 +39,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ DEFAULT_CKPT = ROOT / "apps" / "genomics" / "assets" / "dna_small"
 DEFAULT_NOTE = ("dna_small was trained on the bundled sample's train split (the first 270 kb of E. coli K-12 "
                 "W3110): the sample row and the first 6% of the W3110 genome are not held out for it; EC590 is a "
                 "strain it never saw")
+MIX_GAMMA = 0.995  # chosen on the bacterial validation split (docs/genomics.md)
 MAX_ORDER = 24  # 4^24 contexts x 4 symbols < 2^63: exact integer keys
 _CODE = np.full(256, 255, dtype=np.uint8)  # byte -> 0..3 for A, C, G, T (either case); 255 = removed
 for _i, _c in enumerate(b"ACGT"):
@@ -161,13 +161,14 @@ def _count_before(keys: np.ndarray) -> np.ndarray:
     return out
 
 
-def markov_bits(codes: np.ndarray, k: int, alpha: float = 0.5) -> float:
-    """Total code length (bits) of ``codes`` (0..3) under the adaptive order-k model with additive ``alpha``."""
+def markov_log2p(codes: np.ndarray, k: int, alpha: float = 0.5) -> np.ndarray:
+    """log2 p(x_t | the previous k bases) of every base of ``codes`` (0..3) under the adaptive order-k model with
+    additive ``alpha`` (float64, one per base; the code length is minus their sum)."""
     if not 0 <= k <= MAX_ORDER:
         raise ValueError(f"order k must be in 0..{MAX_ORDER}, got {k}")
     n = len(codes)
     if n == 0:
-        return 0.0
+        return np.zeros(0)
     x = codes.astype(np.int64)
     ctx = np.zeros(n, dtype=np.int64)
     for j in range(1, min(k, n) + 1):  # ctx_t = sum_j x[t-j] * 4^(j-1): the previous k bases, exactly
@@ -176,8 +177,12 @@ def markov_bits(codes: np.ndarray, k: int, alpha: float = 0.5) -> float:
     ctx[:m] = -1 - np.arange(m)  # the first k bases: a context of their own each (seen once: 2 bits)
     c_sym = _count_before(ctx * 4 + x)
     c_ctx = _count_before(ctx)
-    p = (c_sym + alpha) / (c_ctx + 4 * alpha)
-    return float(-np.log2(p).sum())
+    return np.log2((c_sym + alpha) / (c_ctx + 4 * alpha))
+
+
+def markov_bits(codes: np.ndarray, k: int, alpha: float = 0.5) -> float:
+    """Total code length (bits) of ``codes`` (0..3) under the adaptive order-k model with additive ``alpha``."""
+    return float(-markov_log2p(codes, k, alpha).sum())
 
 
 def markov_sweep(codes: np.ndarray, max_order: int, alpha: float = 0.5) -> dict[int, float]:
@@ -193,31 +198,64 @@ def _model(ckpt_or_model):
     return load_model(ckpt_or_model) if isinstance(ckpt_or_model, (str, os.PathLike)) else ckpt_or_model
 
 
-def model_bits(ckpt: str | os.PathLike | object, genome: Genome, chunk_len: int = 65536, progress: bool = True
-               ) -> tuple[float, int]:
-    """(total bits, bases) of the cleaned records under the model (a checkpoint path or a loaded model): its exact
-    log-likelihood of each record from the second base on, plus 2 bits for each record's first base (and for
-    records of one base)."""
-    from apps.genomics.data import FastaReader, Interval
-    from apps.genomics.evaluate import bits_per_base
+def model_log2p(ckpt: str | os.PathLike | object, genome: Genome, chunk_len: int = 65536, progress: bool = True
+                ) -> np.ndarray:
+    """log2 p of every cleaned base under the model (a checkpoint path or a loaded model), records in order:
+    each record read whole with the state carried across pieces of ``chunk_len`` (the exact log-likelihood
+    apps.genomics.evaluate.bits_per_base sums), its first base at log2(1/4) (nothing to predict it from)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from apps.common.evaluate import sequence_nll
+    from apps.genomics.data import A_ID, VOCAB_SIZE
 
     model = _model(ckpt)
-    scorable = [(name, c) for name, c in genome.records if len(c) >= 2]
-    bits = 2.0 * sum(len(c) for _, c in genome.records if len(c) < 2)  # 0 or 1 base: nothing to predict from
-    with tempfile.TemporaryDirectory() as tmp:
-        fa = Path(tmp) / "clean.fa"
-        with open(fa, "wb") as f:
-            for i, (_, c) in enumerate(scorable):
-                seq = np.frombuffer(b"ACGT", dtype=np.uint8)[c].tobytes()
-                f.write(f">r{i}\n".encode())
-                for s in range(0, len(seq), 80):
-                    f.write(seq[s: s + 80] + b"\n")
-        if scorable:
-            reader = FastaReader(fa)
-            intervals = [Interval(f"r{i}", 0, len(c), "test") for i, (_, c) in enumerate(scorable)]
-            bpb, n_scored = bits_per_base(model, reader, intervals, chunk_len=chunk_len, progress=progress)
-            bits += bpb * n_scored + 2.0 * len(scorable)
-    return bits, genome.n
+    out = []
+    with tqdm(total=genome.n, unit="base", unit_scale=True, desc="hiss", disable=not progress) as bar:
+        for _, codes in genome.records:
+            first = np.full(min(len(codes), 1), -2.0)
+            if len(codes) >= 2:
+                ids = torch.from_numpy(codes.astype(np.int64)) + A_ID
+                with torch.no_grad():
+                    nll = sequence_nll(model, ids, chunk_len=chunk_len, vocab_size=VOCAB_SIZE, progress=bar)
+                out += [first, -nll.double().numpy() / math.log(2)]
+            else:
+                out.append(first)
+            bar.update(1)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def model_bits(ckpt: str | os.PathLike | object, genome: Genome, chunk_len: int = 65536, progress: bool = True
+               ) -> tuple[float, int]:
+    """(total bits, bases) of the cleaned records under the model: minus the sum of ``model_log2p``."""
+    return float(-model_log2p(ckpt, genome, chunk_len, progress).sum()), genome.n
+
+
+# --- mixing the predictors -----------------------------------------------------------------------------------------
+def mixture_bits(log2p: np.ndarray, gamma: float) -> float:
+    """Code length (bits) of a Bayesian mixture with forgetting of M one-pass predictors, given each one's log2
+    probability of every base that came, ``log2p`` (M, n):
+
+        p_mix(x_t) = sum_i w_i,t p_i(x_t),   w_i,t ∝ prod_{s < t} p_i(x_s) ^ (gamma ^ (t - 1 - s))
+
+    gamma = 1 is the Bayes mixture (within log2 M bits of the best predictor over the whole sequence); gamma < 1
+    forgets, so the weight follows whichever predictor has been best lately: the model on ordinary sequence, a
+    high-order context model inside a repeat (the "competitive prediction" of XM, GeCo and Jarvis, in its
+    simplest form). Every p_i is a distribution over the next base given the bases before it, so p_mix is one
+    too: an arithmetic coder driven by it reaches this code length. The log-weights are a first-order linear
+    recurrence (log2 w_t = gamma log2 w_t-1 + log2 p_t-1), run by scipy's lfilter.
+    """
+    from scipy.signal import lfilter
+
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    log2p = np.asarray(log2p, dtype=np.float64)
+    if log2p.ndim != 2 or log2p.shape[1] == 0:
+        raise ValueError(f"log2p must be (predictors, bases) with at least one base, got shape {log2p.shape}")
+    evidence = lfilter([1.0], [1.0, -gamma], log2p, axis=1)[:, :-1]  # discounted log2-likelihood up to t
+    logw = np.concatenate([np.zeros((len(log2p), 1)), evidence], axis=1)  # before the first base: uniform
+    logw -= np.logaddexp2.reduce(logw, axis=0)
+    return float(-np.logaddexp2.reduce(logw + log2p, axis=0).sum())
 
 
 def context_bits(model, genome: Genome, context: int, batch_bases: int = 1 << 16, progress: bool = True) -> float:
@@ -264,20 +302,27 @@ class Row:
     model: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     contexts: dict[int, float] = field(default_factory=dict)  # evaluation context (bases) -> hiss bits/base
+    mix: dict[str, float] = field(default_factory=dict)  # MIX_MARKOV / MIX_HISS -> bits/base (mixture_bits)
 
     @property
     def best_k(self) -> int:
         return min(self.markov, key=self.markov.get)
 
 
+MIX_MARKOV, MIX_HISS = "order-k mix", "hiss + order-k mix"
+
+
 def run_genome(path: str | os.PathLike, ckpt, max_order: int, alpha: float, chunk_len: int,
-               progress: bool = True, contexts: tuple[int, ...] = ()) -> Row:
+               progress: bool = True, contexts: tuple[int, ...] = (), mix_gamma: float | None = None) -> Row:
     """One genome file: compressors, the Markov sweep and (``ckpt``: a path or a loaded model) the model."""
-    return score_genome(read_genome(path), str(path), ckpt, max_order, alpha, chunk_len, progress, contexts)
+    return score_genome(read_genome(path), str(path), ckpt, max_order, alpha, chunk_len, progress, contexts,
+                        mix_gamma)
 
 
 def score_genome(g: Genome, path: str, ckpt, max_order: int, alpha: float, chunk_len: int, progress: bool = True,
-                 contexts: tuple[int, ...] = ()) -> Row:
+                 contexts: tuple[int, ...] = (), mix_gamma: float | None = None) -> Row:
+    """Every coder on the cleaned bases of ``g``; ``mix_gamma``: also the mixtures (``mixture_bits``) of the
+    orders 1..max_order, without and with the model."""
     if g.n == 0:
         raise ValueError(f"{path}: no A/C/G/T bases")
     row = Row(g.name, path, g.n, g.removed, g.removed_runs, len(g.records))
@@ -286,16 +331,21 @@ def score_genome(g: Genome, path: str, ckpt, max_order: int, alpha: float, chunk
         row.compressors[name] = None if size is None else 8.0 * size / g.n
     row.seconds["compressors"] = time.perf_counter() - t
     t = time.perf_counter()
-    row.markov = markov_sweep(g.codes, max_order, alpha)
+    orders = np.stack([markov_log2p(g.codes, k, alpha) for k in range(1, max_order + 1)])  # (max_order, n)
+    row.markov = {k: float(-orders[k - 1].sum()) / g.n for k in range(1, max_order + 1)}
+    if mix_gamma is not None:
+        row.mix[MIX_MARKOV] = mixture_bits(orders, mix_gamma) / g.n
     row.seconds["markov"] = time.perf_counter() - t
     if ckpt is not None:
         t = time.perf_counter()
         model = _model(ckpt)  # a path is loaded once for the record and every context of the sweep
-        bits, n = model_bits(model, g, chunk_len, progress)
-        row.model = bits / n
+        hiss = model_log2p(model, g, chunk_len, progress)
+        row.model = float(-hiss.sum()) / g.n
+        if mix_gamma is not None:
+            row.mix[MIX_HISS] = mixture_bits(np.concatenate([hiss[None], orders]), mix_gamma) / g.n
         row.seconds["model"] = time.perf_counter() - t
         for c in contexts:
-            row.contexts[c] = context_bits(model, g, c, progress=progress) / n
+            row.contexts[c] = context_bits(model, g, c, progress=progress) / g.n
     return row
 
 
@@ -306,42 +356,57 @@ def _fmt(x: float | None, best: float) -> str:
     return f"**{s}**" if abs(x - best) < 5e-5 else s
 
 
+def _classical(r: Row) -> float:
+    """The best classical code length of a row: the compressors, the best order and the mixture of the orders."""
+    return min(v for v in [*r.compressors.values(), r.markov[r.best_k], r.mix.get(MIX_MARKOV)] if v is not None)
+
+
 def render(rows: list[Row], ckpt: str | None, note: str, alpha: float, max_order: int, threads: int,
-           scope: str = "of the whole genome (all records; non-ACGT characters removed first and counted)") -> str:
+           scope: str = "of the whole genome (all records; non-ACGT characters removed first and counted)",
+           mix_gamma: float | None = None) -> str:
     shown = ckpt and (os.path.relpath(ckpt, ROOT) if Path(ckpt).is_absolute() else ckpt)
     ckpt_txt = f"`{shown}`" if ckpt else "none (--no-model)"
     est = "Krichevsky-Trofimov (a = 1/2)" if alpha == 0.5 else ("Laplace (a = 1)" if alpha == 1 else f"a = {alpha:g}")
+    mixed = any(r.mix for r in rows)
+    mix_txt = (f" Mixes: a Bayesian mixture with forgetting (gamma = {mix_gamma:g}) of the order-1..{max_order} models "
+               "(\"order-k mix\"), and of those and the hiss model (\"hiss + order-k mix\"): each base coded with the "
+               "weighted sum of the predictors' probabilities, weights from how well each predicted the bases before "
+               "it (`mixture_bits`; a one-pass code length like the others).") if mixed else ""
+    mix_cols = [MIX_MARKOV] if mixed else []
     out = [f"**Bits per base beside classical compressors**, measured {datetime.date.today()} "
            f"(`python -m benchmarks.dna_compress`, {threads} torch thread(s)). "
            f"Every coder is charged for every A/C/G/T base {scope}; bits/base = total code length / bases. "
            "Compressors: 8 x output bytes of the one-byte-per-base text. Order-k Markov: adaptive code length with "
            f"{est} counts, best k of 1..{max_order}. hiss: {ckpt_txt}, exact log-likelihood of each whole record "
            "(state carried), first base of a record at 2 bits; parameters not counted (as in the ML literature; "
-           f"see the module docstring). {note}.", "",
+           f"see the module docstring).{mix_txt} {note}.", "",
            "| genome | bases (non-ACGT removed) | gzip -9 | bzip2 -9 | xz -9e | zstd --ultra -22 | order-k Markov (k) "
-           "| hiss |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           + "".join(f"| {c} " for c in mix_cols) + "| hiss |" + (f" {MIX_HISS} |" if mixed else ""),
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (1 + 2 * mixed)]
     for r in rows:
-        vals = [v for v in [*r.compressors.values(), r.markov[r.best_k], r.model] if v is not None]
+        vals = [v for v in [*r.compressors.values(), r.markov[r.best_k], r.model, *r.mix.values()] if v is not None]
         best = min(vals)
         comp = " | ".join(_fmt(r.compressors.get(c), best) for c in COMPRESSORS)
         model = "not run" if r.model is None else _fmt(r.model, best)
+        mix_m = "".join(f" | {_fmt(r.mix.get(MIX_MARKOV), best)}" for _ in mix_cols)
+        mix_h = "" if not mixed else " | " + ("not run" if MIX_HISS not in r.mix else _fmt(r.mix[MIX_HISS], best))
         removed = f"{r.removed:,} in {r.removed_runs:,} runs" if r.removed else "0"
         out.append(f"| {r.genome} | {r.bases:,} ({removed}) | {comp} | {_fmt(r.markov[r.best_k], best)} "
-                   f"({r.best_k}) | {model} |")
+                   f"({r.best_k}){mix_m} | {model}{mix_h} |")
     out += ["", "Order-k Markov bits/base by k (adaptive, one pass):", ""]
     for r in rows:
         ks = " · ".join(f"{k}: {v:.3f}" for k, v in r.markov.items())
         out.append(f"- {r.genome}: {ks}")
-    verdicts = []
-    for r in rows:
-        classical = min(v for v in [*r.compressors.values(), r.markov[r.best_k]] if v is not None)
-        if r.model is None:
-            verdicts.append(f"{r.genome}: not run")
-        else:
-            verdicts.append(f"{r.genome}: {'yes' if r.model < classical else 'no'} (hiss {r.model:.4f}, best "
-                            f"classical {classical:.4f}, {r.model - classical:+.4f})")
-    out += ["", "hiss below every classical coder? " + "; ".join(verdicts) + "."]
+    for name, value in (("hiss", lambda r: r.model), (MIX_HISS, lambda r: r.mix.get(MIX_HISS))):
+        if name == MIX_HISS and not mixed:
+            continue
+        verdicts = []
+        for r in rows:
+            v, classical = value(r), _classical(r)
+            verdicts.append(f"{r.genome}: not run" if v is None else f"{r.genome}: {'yes' if v < classical else 'no'} "
+                            f"({name} {v:.4f}, best classical {classical:.4f}, {v - classical:+.4f})")
+        out += ["", f"{name} below every classical coder{' (the order-k mix included)' if mixed else ''}? "
+                + "; ".join(verdicts) + "."]
     swept = sorted({c for r in rows for c in r.contexts})
     if swept:
         out += ["", "**Evaluation context** (`--contexts`): hiss bits/base when the model sees at most C bases (each "
@@ -370,6 +435,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--no-model", action="store_true", help="compressors and Markov model only")
     p.add_argument("--max-order", type=int, default=16, help=f"largest Markov order (<= {MAX_ORDER})")
     p.add_argument("--alpha", type=float, default=0.5, help="additive count: 0.5 Krichevsky-Trofimov, 1 Laplace")
+    p.add_argument("--mix-gamma", type=float, default=MIX_GAMMA,
+                   help="forgetting of the predictor mixtures (mixture_bits; 1: no forgetting)")
+    p.add_argument("--no-mix", action="store_true", help="without the mixtures of the orders (and the model)")
     p.add_argument("--chunk-len", type=int, default=65536, help="model piece length (memory, not result)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model")
     p.add_argument("--doc", default=str(DOC), help="markdown file whose dna_compress block is replaced")
@@ -389,12 +457,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.max_bases is not None and not args.bed:
         p.error("--max-bases applies to --bed intervals")
     ckpt = None if args.no_model else args.ckpt
+    mix_gamma = None if args.no_mix else args.mix_gamma
+    if mix_gamma is not None and not 0 < mix_gamma <= 1:
+        p.error(f"--mix-gamma must be in (0, 1], got {mix_gamma}")
     note = args.ckpt_note or (DEFAULT_NOTE if ckpt and Path(ckpt).resolve() == DEFAULT_CKPT.resolve() else
                               "The checkpoint's training data: not stated (--ckpt-note)")
     rows = []
     if args.from_json:
         rows = [Row(**{**d, "markov": {int(k): v for k, v in d["markov"].items()},
-                       "contexts": {int(k): v for k, v in d.get("contexts", {}).items()}})
+                       "contexts": {int(k): v for k, v in d.get("contexts", {}).items()}, "mix": d.get("mix", {})})
                 for d in json.loads(Path(args.from_json).read_text())]
     model = None if ckpt is None or args.from_json else _model(ckpt)  # loaded once for every genome
     if args.from_json:
@@ -407,10 +478,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for g, where in genomes:
         sweep = args.sweep_genomes is None or g.name in args.sweep_genomes
         r = score_genome(g, where, model, args.max_order, args.alpha, args.chunk_len,
-                         contexts=tuple(args.contexts) if sweep else ())
+                         contexts=tuple(args.contexts) if sweep else (), mix_gamma=mix_gamma)
         rows.append(r)
         comp = "  ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in r.compressors.items())
         hiss = "" if r.model is None else f"  hiss {r.model:.4f}"
+        hiss += "".join(f"  {k} {v:.4f}" for k, v in r.mix.items())
         print(f"{r.genome}: {r.bases:,} bases ({r.removed:,} removed)  {comp}  "
               f"Markov k={r.best_k} {r.markov[r.best_k]:.4f}{hiss}  "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in r.seconds.items())})", flush=True)
@@ -420,7 +492,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         scope = (f"of {cut} of each `{args.split}` interval of `{args.bed}` (held-out records; non-ACGT characters "
                  "removed first and counted)")
     block = render(rows, ckpt, note, args.alpha, args.max_order, torch.get_num_threads(),
-                   **({"scope": scope} if scope else {}))
+                   **({"scope": scope} if scope else {}), mix_gamma=mix_gamma)
     publish(block, args.block, args.doc, rows, args.json, not args.no_docs)
     return rows
 

@@ -53,6 +53,43 @@ def test_iid_uniform_sequence_costs_two_bits():
             assert 8 * size / len(codes) > 1.95, name  # no compressor beats the entropy
 
 
+def _naive_mixture_bits(log2p, gamma):
+    """The definition, one base at a time: weights from the discounted products of past probabilities."""
+    M, n = log2p.shape
+    logw, total = np.zeros(M), 0.0
+    for t in range(n):
+        w = 2.0 ** (logw - logw.max())
+        w /= w.sum()
+        total -= math.log2(float((w * 2.0 ** log2p[:, t]).sum()))
+        logw = gamma * logw + log2p[:, t]
+    return total
+
+
+@pytest.mark.parametrize("gamma", [0.9, 0.995, 1.0])
+def test_mixture_equals_the_definition(gamma):
+    rng = np.random.default_rng(4)
+    log2p = np.log2(rng.dirichlet(np.ones(4), size=(3, 400))[..., 0])  # each predictor's p of the base that came
+    assert dc.mixture_bits(log2p, gamma) == pytest.approx(_naive_mixture_bits(log2p, gamma), rel=1e-10)
+
+
+def test_mixture_follows_the_best_predictor_lately():
+    """gamma = 1 (Bayes) is within log2 M bits of the best single predictor; with forgetting, a skewed random
+    sequence with a long repeat costs less than under any one order: order 1 on the random parts (~1.36 bits a
+    base), order 16 in the copy (~1 bit: a context seen once, Krichevsky-Trofimov)."""
+    rng = np.random.default_rng(5)
+    draw = lambda n: rng.choice(4, n, p=[0.7, 0.1, 0.1, 0.1]).astype(np.uint8)  # noqa: E731
+    part = draw(6000)
+    codes = np.concatenate([part, draw(3000), part])
+    orders = np.stack([dc.markov_log2p(codes, k) for k in (1, 2, 16)])
+    single = -orders.sum(1)
+    assert dc.mixture_bits(orders, 1.0) <= single.min() + math.log2(3) + 1e-9
+    assert dc.mixture_bits(orders, 0.99) < single.min() - 1500  # 6,000 copied bases at ~1 bit, not ~1.36
+    with pytest.raises(ValueError, match="gamma"):
+        dc.mixture_bits(orders, 0.0)
+    with pytest.raises(ValueError, match="predictors, bases"):
+        dc.mixture_bits(orders[0], 0.99)
+
+
 def _write(path, text):
     with gzip.open(path, "wt") as f:
         f.write(text)
@@ -83,7 +120,10 @@ def test_command_runs_on_a_tiny_fasta_and_writes_its_block(tmp_path):
     assert set(r.markov) == set(range(1, 7)) and r.markov[r.best_k] < 2.1
     assert r.model is not None and 1.0 < r.model < 3.0  # the shipped model, charged for every base
     assert all(v is None or v > 1.0 for v in r.compressors.values())
+    assert set(r.mix) == {dc.MIX_MARKOV, dc.MIX_HISS}  # the mixtures, by default
+    assert r.mix[dc.MIX_MARKOV] <= min(r.markov.values()) + 0.1 and r.mix[dc.MIX_HISS] <= r.model + 0.1
     text = doc.read_text()
+    assert f"| {dc.MIX_HISS} |" in text and f"{dc.MIX_HISS} below every classical coder" in text
     assert "old" not in text and text.rstrip().endswith("after")
     assert "| tiny | 1,021 (4 in 1 runs) |" in text and "order-k Markov" in text
 
