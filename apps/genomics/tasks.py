@@ -114,16 +114,19 @@ class LabelledDNADataModule(pl.LightningDataModule):
     this (random window in training, centre window in evaluation). rc_augment: reverse-complement half of the
     training sequences (a strand symmetry the rcps backbone has built in). ``eval_crop``: the window that
     validation and test read (None: ``crop``; 0: the whole sequence). ``limit_train``: use only the first n
-    training rows (quick runs, tests).
+    training rows (quick runs, tests). ``train_path``: read the training rows from this TSV instead (its other
+    splits are ignored), validation and test still from ``path``: a larger training sample drawn by a recipe
+    (``datasets/recipes/genus.py --splits train``) against the same held-out test rows.
     """
 
     def __init__(self, path: str = str(SPLICE_SAMPLE), labels: list[str] | None = None, batch_size: int = 32,
                  eval_batch_size: int = 64, crop: int | None = None, rc_augment: bool = False,
                  limit_train: int | None = None, num_workers: int = 0, seed: int = 0,
-                 eval_crop: int | None = None):
+                 eval_crop: int | None = None, train_path: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.path = repo_path(path)
+        self.train_path = repo_path(train_path) if train_path else None
         self._labels = list(labels) if labels else None
         self.sets: dict[str, LabelledSet] | None = None
 
@@ -136,6 +139,12 @@ class LabelledDNADataModule(pl.LightningDataModule):
         if self.sets is not None:
             return
         self.sets = read_labelled_tsv(self.path)
+        if self.train_path is not None:
+            extra = read_labelled_tsv(self.train_path)["train"]
+            missing = sorted(set(extra.labels) ^ set(self.sets["train"].labels))
+            if missing:  # a label only one file has: a different task, or a typo
+                raise ValueError(f"{self.train_path}: training labels differ from {self.path}'s in {missing}")
+            self.sets["train"] = extra
         found = sorted({lab for s in self.sets.values() for lab in s.labels})
         if self._labels is None:
             self._labels = found

@@ -3,6 +3,8 @@
     python datasets/recipes/genus.py                           # apt-get download ragout-examples, sample
     python datasets/recipes/genus.py --examples DIR            # an unpacked .../doc/ragout/examples folder
     python datasets/recipes/genus.py --length 2000 --train-per-genus 1000
+    python datasets/recipes/genus.py --splits train --train-per-genus 5000 --seed 1 \
+        --out datasets/genus/genus_train_5000.tsv.gz        # a larger training sample only (finetune data.train_path)
 
 Source: Debian ``ragout-examples`` (``usr/share/doc/ragout/examples/<Genus>/references/<strain>.fasta.gz``).
 One strain per genus is held out for the test split (the last in sorted order), so test windows come from
@@ -29,6 +31,7 @@ EXAMPLES_IN_DEB = "usr/share/doc/ragout/examples"
 GENERA = {"E.Coli": "Escherichia", "H.Pylori": "Helicobacter", "S.Aureus": "Staphylococcus",
           "V.Cholerae": "Vibrio"}
 COMP = str.maketrans("ACGT", "TGCA")
+SPLITS = ("train", "val", "test")
 
 
 def fetch_examples(workdir: Path) -> Path:
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-per-genus", type=int, default=60)
     p.add_argument("--test-per-genus", type=int, default=100, help="all from the held-out strain")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS,
+                   help="write only these splits (e.g. train: a larger training sample beside the bundled test rows; "
+                        "use another --seed, the windows are drawn from the same parts of the same strains)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     lines = ["split\tlabel\tid\tsequence"]
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                     plan = [("train", args.train_per_genus // k, (0.0, 0.9)),
                             ("val", args.val_per_genus // k, (0.9, 1.0))]
                 for split, n, part in plan:
+                    if split not in args.splits:
+                        continue
                     for wid, w in windows(genome, n, args.length, rng, part, strain):
                         lines.append(f"{split}\t{genus}\t{wid}\t{w}")
                 print(f"{genus:15s} {strain:20s} {'test (held out)' if i == len(strains) - 1 else 'train/val'}")

@@ -4,6 +4,7 @@ data module and its sequence-length warm-up."""
 import gzip
 import os
 import pickle
+import random
 import time
 
 import pytest
@@ -348,3 +349,35 @@ def test_bacteria_recipe_holds_whole_strains_out(tmp_path):
                             tmp_path / "x.bed", valid_frac=0.2)
     assert (tmp_path / "x.bed").read_text().splitlines() == [
         "a1\t0\t8\ttrain", "a1\t8\t10\tvalid", "b1\t0\t4\ttest", "b2\t0\t2\ttest"]
+
+
+def test_genus_recipe_holds_the_last_strain_out_and_writes_chosen_splits(tmp_path):
+    """datasets/recipes/genus.py on a fake ragout examples folder: test windows only from each genus's last strain,
+    validation from the last 10% of the training strains' records; --splits train writes a training sample only."""
+    import importlib.util
+    from pathlib import Path
+
+    from apps.genomics.tasks import read_labelled_tsv
+
+    path = Path(__file__).resolve().parents[3] / "datasets" / "recipes" / "genus.py"
+    spec = importlib.util.spec_from_file_location("genus_recipe", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    rng = random.Random(0)
+    for folder in recipe.GENERA:
+        refs = tmp_path / "examples" / folder / "references"
+        refs.mkdir(parents=True)
+        for strain in ("A1", "B2"):
+            with gzip.open(refs / f"{strain}.fasta.gz", "wt") as f:
+                f.write(f">{strain}_chr\n" + "".join(rng.choices("ACGT", k=400)) + "\n")
+    out = tmp_path / "w.tsv.gz"
+    args = ["--examples", str(tmp_path / "examples"), "--length", "16", "--train-per-genus", "6",
+            "--val-per-genus", "2", "--test-per-genus", "3"]
+    recipe.main([*args, "--out", str(out)])
+    sets = read_labelled_tsv(out)
+    assert [len(sets[s].ids) for s in ("train", "val", "test")] == [24, 8, 12]
+    assert all(i.startswith("B2:") for i in sets["test"].ids) and all(i.startswith("A1:") for i in sets["train"].ids)
+    assert all(int(i.split(":")[2].split("-")[0]) >= 360 for i in sets["val"].ids)  # the last 10% of 400 bases
+    recipe.main([*args, "--splits", "train", "--seed", "1", "--out", str(tmp_path / "t.tsv.gz")])
+    only = read_labelled_tsv(tmp_path / "t.tsv.gz")
+    assert len(only["train"].ids) == 24 and not only["val"].ids and not only["test"].ids

@@ -103,6 +103,22 @@ def test_datamodule_padding_crop_and_labels(tmp_path):
     assert all(len(x) == 6 for x, _ in whole.train_dataloader().dataset if len(x) > 3)
 
 
+def test_a_larger_training_file_replaces_only_the_training_rows(tmp_path):
+    """data.train_path: training rows from a recipe's larger sample, validation and test from the bundled file."""
+    main_tsv, extra = tmp_path / "main.tsv", tmp_path / "extra.tsv"
+    main_tsv.write_text("split\tlabel\tid\tsequence\ntrain\ta\tm1\tACGT\ntrain\tb\tm2\tGGCC\n"
+                        "val\ta\tm3\tAAAA\ntest\tb\tm4\tCCCC\n")
+    extra.write_text("split\tlabel\tid\tsequence\n" + "".join(f"train\t{'ab'[i % 2]}\te{i}\tACGTAC\n" for i in range(6))
+                     + "test\ta\tignored\tTTTT\n")
+    dm = LabelledDNADataModule(str(main_tsv), train_path=str(extra))
+    dm.setup()
+    assert dm.sets["train"].ids == [f"e{i}" for i in range(6)] and dm.sets["test"].ids == ["m4"]
+    assert dm.sets["val"].ids == ["m3"] and dm.labels == ["a", "b"]
+    extra.write_text("split\tlabel\tid\tsequence\ntrain\ta\te0\tACGT\ntrain\tc\te1\tACGT\n")
+    with pytest.raises(ValueError, match=r"extra.tsv: training labels differ .* \['b', 'c'\]"):
+        LabelledDNADataModule(str(main_tsv), train_path=str(extra)).setup()
+
+
 def test_strand_average_is_strand_invariant_in_evaluation_only():
     torch.manual_seed(0)
     clf = FinetuneClassifier(TINY, num_labels=3, strand_average=True, label_smoothing=0.1)
