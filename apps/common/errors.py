@@ -88,8 +88,9 @@ def user_message(exc: BaseException) -> str | None:
     return text
 
 
-def run_cli(main: Callable[..., object], argv: Sequence[str] | None = None) -> None:
-    """Run ``main`` as a command-line entry point: user errors become ``error: <message>`` and exit status 2.
+def run_cli(main: Callable[..., object], argv: Sequence[str] | None = None) -> object:
+    """Run ``main`` as a command-line entry point: user errors become ``error: <message>`` and exit status 2;
+    returns what ``main`` returns (``raise SystemExit(run_cli(main))`` for a main that returns an exit status).
 
     ``argv=None`` (the usual case) leaves the arguments in ``sys.argv`` for ``main()`` to read, minus
     ``--debug``; a given ``argv`` list is passed on as ``main(argv)``, minus ``--debug``. See the module
@@ -112,7 +113,7 @@ def run_cli(main: Callable[..., object], argv: Sequence[str] | None = None) -> N
 
     debug = debug or debug_requested()
     try:
-        call()
+        return call()
     except KeyboardInterrupt:
         if debug:
             raise

@@ -412,8 +412,10 @@ def describe(path: str | os.PathLike) -> str:
                      + ("ties in_proj/out_proj only; copied" if lay.tied_projections else "does not tie them") + ")")
     if lay.fused_swap:
         lines.append("fused RCPS blocks (strand halves trade places each block): folded into the weights")
+    # the default task (splice) reads the centre positions, which an RC-invariant backbone cannot: mean pooling
+    readout = " --model.pooling=mean --model.center_window=0" if lay.head.backbone == "rcps" else ""
     lines.append(f"fine-tune from it: python -m apps.genomics.finetune --model.backbone={lay.head.backbone} "
-                 f"--model.init_from={path} {finetune_flags(cfg)}")
+                 f"--model.init_from={path} {finetune_flags(cfg)}{readout}")
     return "\n".join(lines)
 
 

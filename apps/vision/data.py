@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from apps.common.errors import run_cli
 from apps.common.paths import repo_path
 
 __all__ = ["ImageFolderDataModule", "RobustImageFolder", "BadImageError", "BadImageWarning", "load_image",
@@ -372,4 +373,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from apps.common.callbacks import HeldOutEvaluation
+from apps.common.errors import run_cli
 from apps.common.paths import REPO_ROOT, repo_path
 from apps.common.paths import resolve_checkpoint as common_resolve_checkpoint
 from apps.vision.data import ImageFolderDataModule
@@ -193,4 +194,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,6 +22,7 @@ from PIL import Image
 from timm.data import resolve_data_config
 from torch import nn
 
+from apps.common.errors import run_cli
 from apps.vision.data import BadImageError, build_transforms, load_image
 from apps.vision.evaluate import resolve_checkpoint
 from apps.vision.model import load_vision_model
@@ -121,4 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from apps.common.cli import cli_main
+from apps.common.errors import run_cli
 from apps.vision.classifier import VisionClassifier
 from apps.vision.data import ImageFolderDataModule
 
@@ -27,4 +28,4 @@ def main(args: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

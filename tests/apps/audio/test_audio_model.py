@@ -184,3 +184,18 @@ def test_compare_variant_arguments_reach_the_model_config(name, capsys):
     config = UNetConfig(**yaml.safe_load(capsys.readouterr().out)["model"]["config"])
     want = UNetConfig(**{**config.to_dict(), **VARIANTS[name]})
     assert config == want and all(b in ("mamba", "lti", "attention") for b in config.blocks)
+
+
+def test_sc09_config_trains_on_whole_clips_without_the_default_time_cap(capsys):
+    """sc09_6m.yaml is read over default.yaml: it must not inherit the quick run's quarter-second crops or its
+    10-minute cap (the paper's recipe is 1 s clips for 200k steps)."""
+    import yaml
+
+    from apps.audio.train import main
+
+    cfg = Path(__file__).resolve().parents[3] / "apps/audio/configs/sc09_6m.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(cfg), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["train_crop"] is None and printed["data"]["clip_len"] == 16000
+    assert printed["trainer"]["max_time"] is None and printed["trainer"]["max_steps"] == 200000

@@ -188,3 +188,16 @@ def test_sys_argv_is_restored(monkeypatch):
     errors.run_cli(lambda: seen.append(list(sys.argv)))
     assert seen == [["prog", "a", "b"]] and sys.argv == ["prog", "a", "--debug", "b"]
 
+
+
+def test_every_app_entry_point_runs_through_run_cli():
+    """docs/errors.md promises one line per user error (and --debug) for every `python -m apps.*` command: each
+    module's __main__ block, and each package's __main__.py, hands its main to run_cli."""
+    missing = []
+    for path in sorted((REPO / "apps").rglob("*.py")):
+        text = path.read_text()
+        guard = 'if __name__ == "__main__":'
+        body = text.split(guard, 1)[1] if guard in text else (text if path.name == "__main__.py" else None)
+        if body is not None and "run_cli(" not in body:
+            missing.append(str(path.relative_to(REPO)))
+    assert not missing, missing

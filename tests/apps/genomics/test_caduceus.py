@@ -377,3 +377,23 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     torch.save({"x": NotATensor()}, tmp_path / "c" / "pytorch_model.bin")  # never unpickled
     with pytest.raises(ValueError, match="refused to load"):
         load_caduceus(tmp_path / "c")
+
+
+@pytest.mark.parametrize("rcps", [True, False])
+def test_printed_finetune_command_builds_and_trains(rcps, tmp_path, capsys):
+    """`python -m apps.genomics.caduceus DIR` prints a finetune command; run as printed (plus a short trainer) it
+    builds the classifier on the default task (splice, centre readout): for Caduceus-PS with mean pooling instead,
+    since an RC-invariant backbone cannot read the centre position's strand."""
+    import shlex
+
+    from apps.genomics.finetune import main as finetune
+
+    cad = tmp_path / "cad"
+    write_caduceus(cad, caduceus_config(rcps=rcps, n_layer=2))
+    main([str(cad)])
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("fine-tune from it: "))
+    args = shlex.split(line.removeprefix("fine-tune from it: "))[3:]  # after "python -m apps.genomics.finetune"
+    assert ("--model.pooling=mean" in args) == rcps
+    finetune([*args, "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+              f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks.dirpath={tmp_path / 'export'}",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])

@@ -189,7 +189,12 @@ def test_shipped_configs_parse(name, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["fit", "--config", str(path), "--print_config"])
     assert e.value.code in (0, None)
-    assert "model_name:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "model_name:" in out
+    if name == "imagenet_vim_tiny":  # read over default.yaml: none of Fashion-MNIST's grey normalisation or crops
+        data = yaml.safe_load(out)["data"]
+        assert data["mean"] is None and data["std"] is None and data["crop_pct"] is None
+        assert data["scale"] == [0.08, 1.0]
 
 
 def test_ema_callback_with_the_module(trained, tmp_path):
