@@ -10,8 +10,9 @@
     python -m apps.genomics.finetune --seeds 0 1 [options]              # one run per seed, then their ensemble
 
 ``--seeds`` fits the same configuration once per seed (each run in its own log folder, exported to the
-config's export folder in turn: the last seed's model stays there), then scores the ensemble of their
-best-validation checkpoints (class probabilities averaged) and writes ``ensemble_result.json`` (members, their
+config's export folder in turn: the last seed's model stays there), then scores the ensemble of the checkpoints
+they were scored with (best validation, or the final weights where the config keeps no best checkpoint; class
+probabilities averaged) and writes ``ensemble_result.json`` (members, their
 summed training CPU time) beside the runs' log folders.
 
 After ``fit`` the test split is scored once and ``finetune_result.json`` (test/val accuracy, wall and process CPU
@@ -60,24 +61,28 @@ def report(folders: list[str]) -> str:
     return "\n".join(rows)
 
 
-def _best_checkpoint(run: Path) -> Path:
-    found = sorted(run.rglob("best-*.ckpt")) if run.is_dir() else [run]
+def _scored_checkpoint(run: Path) -> Path:
+    """The checkpoint a run's test accuracy came from: its best-*.ckpt (chosen on validation), else, for a config
+    without one (genus: the final weights are tested), its checkpoints/last.ckpt, written when training ends."""
+    if not run.is_dir():
+        return run
+    found = sorted(run.rglob("best-*.ckpt")) or sorted(run.rglob("checkpoints/last.ckpt"))
     if len(found) != 1:
-        raise FileNotFoundError(f"{run}: expected one best-*.ckpt (a fine-tuning run's folder or the file itself), "
-                                f"found {len(found)}")
+        raise FileNotFoundError(f"{run}: expected one best-*.ckpt, or else one checkpoints/last.ckpt (a fine-tuning "
+                                f"run's folder or the file itself), found {len(found)}")
     return found[0]
 
 
 def ensemble(runs: list[str]) -> dict:
-    """Test accuracy of each fine-tuned run (its best-validation checkpoint) and of their ensemble (class
-    probabilities averaged), on the test split the runs were trained with (they must share it)."""
+    """Test accuracy of each fine-tuned run (the checkpoint it was scored with: ``_scored_checkpoint``) and of their
+    ensemble (class probabilities averaged), on the test split the runs were trained with (they must share it)."""
     from ssm_core import MambaConfig
 
     if not runs:
-        raise ValueError("ensemble: name fine-tuning run folders (or best-*.ckpt files)")
+        raise ValueError("ensemble: name fine-tuning run folders (or their .ckpt files)")
     probs, labels, data, rows = [], None, None, {}
     for run in map(Path, runs):
-        path = _best_checkpoint(run)
+        path = _scored_checkpoint(run)
         ckpt = read_lightning_checkpoint(path)  # weights_only
         hp = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
         hp.update(config=MambaConfig(**hp["config"]), init_from=None)  # the weights come from the checkpoint

@@ -170,7 +170,7 @@ def test_finetune_cli_learns_and_exports(tmp_path):
     both = ensemble([str(tmp_path), str(tmp_path)])
     assert both["test_acc"] == pytest.approx(result["test_acc"]) and both["data"] == str(data)
     assert list(both["members"].values()) == [pytest.approx(result["test_acc"])]  # one path, listed once
-    with pytest.raises(FileNotFoundError, match="best-"):
+    with pytest.raises(FileNotFoundError, match="best-.*last.ckpt"):
         ensemble([str(cls_dir)])
 
 
@@ -191,6 +191,9 @@ def test_shipped_finetune_configs_build_their_head_and_train(name, tmp_path):
     shipped = yaml.safe_load(cfg.read_text())["model"]
     assert result["pooling"] == shipped["pooling"] and result["center_window"] == shipped["center_window"]
     assert result["optimizer_steps"] == 2
+    # the ensemble of --seeds scores the checkpoint each run was scored with: the best one (splice) or, where the
+    # config keeps none (genus: final weights), last.ckpt
+    assert ensemble([str(tmp_path)])["test_acc"] == pytest.approx(result["test_acc"])
 
 
 def test_cpu_time_budget_stops_training(tmp_path):
