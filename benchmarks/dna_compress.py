@@ -488,8 +488,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
               f"({', '.join(f'{k} {v:.0f} s' for k, v in r.seconds.items())})", flush=True)
     scope = None
     if args.bed:
-        cut = f"the first {args.max_bases:,} bases" if args.max_bases else "every base"
-        scope = (f"of {cut} of each `{args.split}` interval of `{args.bed}` (held-out records; non-ACGT characters "
+        cut = f"of the first {args.max_bases:,} bases of" if args.max_bases else "of the whole of"
+        scope = (f"{cut} each `{args.split}` interval of `{args.bed}` (held-out records; non-ACGT characters "
                  "removed first and counted)")
     block = render(rows, ckpt, note, args.alpha, args.max_order, torch.get_num_threads(),
                    **({"scope": scope} if scope else {}), mix_gamma=mix_gamma)

@@ -181,7 +181,8 @@ def test_shipped_finetune_configs_build_their_head_and_train(name, tmp_path):
     Shrunk to a tiny model on a tiny task; the readout (pooling, centre window, strand averaging) is the config's."""
     cfg = Path(__file__).resolve().parents[3] / "apps" / "genomics" / "configs" / name
     data = write_gc_task(tmp_path / "gc.tsv", n=(32, 8, 8))
-    main(["--config", str(cfg), "--data.path", str(data), "--data.crop", "0", "--data.eval_crop", "0",
+    main(["--config", str(cfg), "--data.path", str(data), "--data.train_path", str(data), "--data.crop", "0",
+          "--data.eval_crop", "0", "--trainer.val_check_interval", "1.0",
           "--model.num_labels", "2", "--model.config.d_model", "16", "--model.config.n_layer", "1",
           "--model.config.ssm_cfg", "{d_state: 4}", "--model.init_from", "null", "--trainer.max_steps", "2",
           "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
