@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from apps.common.paths import SAMPLES, repo_path
+from apps.common.paths import REPO_ROOT, SAMPLES, repo_path
 from apps.genomics.data import PAD_ID, encode, reverse_complement_ids
 from apps.genomics.model import DNAClassifier, rc_ids
 from ssm_core import MambaConfig
@@ -51,7 +51,10 @@ def read_labelled_tsv(path: str | os.PathLike) -> dict[str, LabelledSet]:
     """{split: LabelledSet}; a malformed line raises ValueError naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        hint = " (make it with datasets/recipes/*.py)" if "datasets" in str(path) else ""
+        recipe = REPO_ROOT / "datasets" / "recipes" / f"{path.parent.name}.py"  # datasets/genus/... <- genus.py
+        hint = (f" (make it with python datasets/recipes/{recipe.name} --out {path} and the options the config that "
+                "names it gives)" if recipe.is_file() else " (make it with datasets/recipes/*.py)"
+                if "datasets" in str(path) else "")
         raise FileNotFoundError(f"labelled data not found: {path}{hint}")
     out = {s: LabelledSet([], [], []) for s in SPLITS}
     with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:

@@ -80,6 +80,9 @@ def test_tsv_errors(tmp_path):
         read_labelled_tsv(p)
     with pytest.raises(FileNotFoundError, match="not found"):
         read_labelled_tsv(tmp_path / "absent.tsv.gz")
+    # a recipe's output (the folder names the recipe): the error says which script makes it
+    with pytest.raises(FileNotFoundError, match=r"make it with python datasets/recipes/genus.py --out .*absent"):
+        read_labelled_tsv(Path("datasets") / "genus" / "absent.tsv.gz")
 
 
 def test_datamodule_padding_crop_and_labels(tmp_path):
