@@ -221,7 +221,7 @@ def model_log2p(ckpt: str | os.PathLike | object, genome: Genome, chunk_len: int
                 out += [first, -nll.double().numpy() / math.log(2)]
             else:
                 out.append(first)
-            bar.update(1)
+            bar.update(len(first))  # sequence_nll counted the rest
     return np.concatenate(out) if out else np.zeros(0)
 
 
