@@ -372,7 +372,6 @@ def render(rows: list[Row], ckpt: str | None, note: str, alpha: float, max_order
                "(\"order-k mix\"), and of those and the hiss model (\"hiss + order-k mix\"): each base coded with the "
                "weighted sum of the predictors' probabilities, weights from how well each predicted the bases before "
                "it (`mixture_bits`; a one-pass code length like the others).") if mixed else ""
-    mix_cols = [MIX_MARKOV] if mixed else []
     out = [f"**Bits per base beside classical compressors**, measured {datetime.date.today()} "
            f"(`python -m benchmarks.dna_compress`, {threads} torch thread(s)). "
            f"Every coder is charged for every A/C/G/T base {scope}; bits/base = total code length / bases. "
@@ -381,15 +380,15 @@ def render(rows: list[Row], ckpt: str | None, note: str, alpha: float, max_order
            "(state carried), first base of a record at 2 bits; parameters not counted (as in the ML literature; "
            f"see the module docstring).{mix_txt} {note}.", "",
            "| genome | bases (non-ACGT removed) | gzip -9 | bzip2 -9 | xz -9e | zstd --ultra -22 | order-k Markov (k) "
-           + "".join(f"| {c} " for c in mix_cols) + "| hiss |" + (f" {MIX_HISS} |" if mixed else ""),
+           + (f"| {MIX_MARKOV} | hiss | {MIX_HISS} |" if mixed else "| hiss |"),
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (1 + 2 * mixed)]
     for r in rows:
         vals = [v for v in [*r.compressors.values(), r.markov[r.best_k], r.model, *r.mix.values()] if v is not None]
         best = min(vals)
         comp = " | ".join(_fmt(r.compressors.get(c), best) for c in COMPRESSORS)
         model = "not run" if r.model is None else _fmt(r.model, best)
-        mix_m = "".join(f" | {_fmt(r.mix.get(MIX_MARKOV), best)}" for _ in mix_cols)
-        mix_h = "" if not mixed else " | " + ("not run" if MIX_HISS not in r.mix else _fmt(r.mix[MIX_HISS], best))
+        mix_m = f" | {_fmt(r.mix.get(MIX_MARKOV), best)}" if mixed else ""
+        mix_h = f" | {_fmt(r.mix[MIX_HISS], best) if MIX_HISS in r.mix else 'not run'}" if mixed else ""
         removed = f"{r.removed:,} in {r.removed_runs:,} runs" if r.removed else "0"
         out.append(f"| {r.genome} | {r.bases:,} ({removed}) | {comp} | {_fmt(r.markov[r.best_k], best)} "
                    f"({r.best_k}){mix_m} | {model}{mix_h} |")
@@ -397,9 +396,8 @@ def render(rows: list[Row], ckpt: str | None, note: str, alpha: float, max_order
     for r in rows:
         ks = " · ".join(f"{k}: {v:.3f}" for k, v in r.markov.items())
         out.append(f"- {r.genome}: {ks}")
-    for name, value in (("hiss", lambda r: r.model), (MIX_HISS, lambda r: r.mix.get(MIX_HISS))):
-        if name == MIX_HISS and not mixed:
-            continue
+    judged = [("hiss", lambda r: r.model)] + ([(MIX_HISS, lambda r: r.mix.get(MIX_HISS))] if mixed else [])
+    for name, value in judged:
         verdicts = []
         for r in rows:
             v, classical = value(r), _classical(r)

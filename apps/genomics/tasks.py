@@ -52,9 +52,12 @@ def read_labelled_tsv(path: str | os.PathLike) -> dict[str, LabelledSet]:
     path = Path(path)
     if not path.is_file():
         recipe = REPO_ROOT / "datasets" / "recipes" / f"{path.parent.name}.py"  # datasets/genus/... <- genus.py
-        hint = (f" (make it with python datasets/recipes/{recipe.name} --out {path} and the options the config that "
-                "names it gives)" if recipe.is_file() else " (make it with datasets/recipes/*.py)"
-                if "datasets" in str(path) else "")
+        if recipe.is_file():
+            hint = f" (make it with python datasets/recipes/{recipe.name} --out {path}; options: the config naming it)"
+        elif "datasets" in str(path):
+            hint = " (make it with datasets/recipes/*.py)"
+        else:
+            hint = ""
         raise FileNotFoundError(f"labelled data not found: {path}{hint}")
     out = {s: LabelledSet([], [], []) for s in SPLITS}
     with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:
