@@ -11,7 +11,7 @@ Sections (each writes its own <!-- name:begin --> ... <!-- name:end --> block of
   ssd     Mamba-2 SSD on CPU: the matmul form (ssd_matmul) vs the compiled scan vs the autograd / recurrence twins
   blocks  Mamba / Mamba2 block tokens/s (forward, forward+backward), hiss vs HF transformers and mambapy
   time_major  the time-major scan (Vim's BiMambaV2) vs the channel-major kernel on transposed views, per build
-  prefill_flat  Mamba2 block forward CPU time per token at L = 1k..32k (issue 15: flat in L)
+  prefill_flat  Mamba2 / Mamba block forward CPU time per token at L = 1k..32k (issue 15: flat in L)
   model   MambaLMHeadModel tokens/s: prefill, training step, decode (generation), hiss vs the peers
   gpu     CUDA only (Triton): scan/SSD bandwidth vs peak, time vs L up to 2^20, SSD vs Mamba-1.
           Without a GPU, --gpu-dry-run runs the same code on CPU at tiny sizes (nothing written).
@@ -663,21 +663,32 @@ def blocks_section(args) -> str:
 
 
 def prefill_flat_section(args) -> str:
-    """Mamba2 block forward (prefill, no grad): CPU time per token vs L, per SSD implementation."""
+    """Mamba2 / Mamba block forward (prefill, no grad): CPU time per token vs L, in pieces (the default) and in
+    one call, and per SSD implementation."""
     from ssm_core import Mamba, Mamba2
 
     repeats = 2 if args.quick else 3
     Ls = [1024, 4096] if args.quick else [1024, 4096, 16384, 32768]
     torch.manual_seed(0)
+    def one_call(module):  # the whole sequence in one call: what the pieces (ssm_core/modules/prefill.py) avoid
+        module.PREFILL_PIECE = 1 << 40
+        return module
+
     blocks = {"Mamba2 (auto: SSD matmul)": (Mamba2(d_model=D_MODEL, headdim=64, d_state=128), None),
               "Mamba2 (SSD via the scan)": (Mamba2(d_model=D_MODEL, headdim=64, d_state=128), "scan"),
-              "Mamba (N 16)": (Mamba(d_model=D_MODEL), None)}
+              "Mamba2 (auto, one call: no pieces)": (one_call(Mamba2(d_model=D_MODEL, headdim=64, d_state=128)), None),
+              "Mamba (N 16)": (Mamba(d_model=D_MODEL), None),
+              "Mamba (N 16, one call: no pieces)": (one_call(Mamba(d_model=D_MODEL)), None)}
     out = [_header(repeats, "python -m benchmarks.scan --sections prefill_flat"), "",
            f"One block, d_model {D_MODEL}, batch 1, fp32, forward under no_grad (prefill), {_cpu_note()}. "
            "µs of CPU per token at each L, and that / the value at L = 1024 (issue 15's goal for Mamba2: <= 1.10 "
            "at 32k).", "",
            "| block | " + " | ".join(f"L {L}" for L in Ls) + " | " + " | ".join(f"{L} / 1024" for L in Ls[1:]) + " |",
            "| --- |" + " ---: |" * (2 * len(Ls) - 1)]
+    with torch.no_grad():  # warm every block up first (BLAS, allocator, kernels): else the first row pays for it
+        for module, impl in blocks.values():
+            with ssd_env(impl):
+                module(torch.randn(1, Ls[0], D_MODEL))
     for name, (module, impl) in blocks.items():
         per = []
         for L in Ls:
@@ -947,7 +958,8 @@ SECTIONS = ["scan", "step", "conv", "ssd", "blocks", "prefill_flat", "model", "t
 SECTION_FNS = {"step": step_section, "conv": conv_section, "ssd": ssd_section, "blocks": blocks_section,
                "prefill_flat": prefill_flat_section, "model": model_section, "time_major": time_major_section}
 SECTION_TITLES = {"step": "Decode step, CPU", "conv": "Causal conv1d, CPU", "ssd": "Mamba-2 SSD on CPU",
-                  "blocks": "Mamba / Mamba2 blocks, CPU", "prefill_flat": "Mamba2 prefill cost per token vs L, CPU",
+                  "blocks": "Mamba / Mamba2 blocks, CPU",
+                  "prefill_flat": "Mamba2 / Mamba prefill cost per token vs L, CPU",
                   "model": "Language model tokens/s, CPU", "time_major": "Time-major selective scan (Vim), CPU"}
 
 if __name__ == "__main__":

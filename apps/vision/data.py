@@ -35,7 +35,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -216,6 +216,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     (the LightningModule's ``data_config``), or explicit. auto_augment: a timm RandAugment string or None.
     mixup / cutmix: timm Mixup alphas (0 disables); label_smoothing goes into Mixup's soft targets (or the loss
     when Mixup is off). verify: "auto" (decode every image at setup up to 20,000 files), True, False.
+    train_on_val: also train on the val/ folder (the final model once a recipe is fixed, as Fashion-MNIST's
+    published figures train on all 60,000 training images); validation then scores seen images, a sanity check only.
     """
 
     def __init__(self, root: str = "datasets/samples/fashion_mnist_small", batch_size: int = 64,
@@ -225,7 +227,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                  auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25, hflip: float = 0.5,
                  scale: tuple[float, float] = (0.08, 1.0), color_jitter: float | None = 0.3, mixup: float = 0.8,
                  cutmix: float = 1.0, mixup_prob: float = 1.0, label_smoothing: float = 0.1,
-                 verify: bool | str = "auto", min_size: int = MIN_SIZE, seed: int = 0):
+                 verify: bool | str = "auto", min_size: int = MIN_SIZE, seed: int = 0, train_on_val: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.root = repo_path(root)  # repo-relative paths (the configs' datasets/samples/...) work from anywhere
@@ -296,6 +298,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
             val = Subset(train_plain, val_idx)
         test = others.get("test")
         self.train_set = Subset(train_aug, train_idx)
+        if hp.train_on_val:
+            if "val" not in others:
+                raise ValueError(f"train_on_val: {self.root}/val not found (it adds that folder to training; without "
+                                 "one, train on everything with val_frac instead)")
+            val_aug = copy.copy(others["val"])  # same files, training transform
+            val_aug.transform = tf_train
+            self.train_set = ConcatDataset([self.train_set, val_aug])
         self.val_set = val
         self.test_set = test if test is not None else val
         self.test_is_val = test is None

@@ -13,6 +13,7 @@ from ..ops.conv import causal_conv1d_time_major, causal_conv1d_update
 from ..ops.selective_scan import fp32, selective_scan_time_major, selective_state_update
 from ..state import SSMState
 from .delta_hooks import DeltaHooks
+from .prefill import prefill_in_pieces, run_in_pieces
 
 
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float, **factory) -> Tensor:
@@ -155,19 +156,35 @@ class Mamba(DeltaHooks, nn.Module):
         return torch.complex(A_real, fp32(self.A_imag)) if self.complex_A else A_real
 
     def forward(self, hidden_states: Tensor, state: SSMState | None = None, return_state: bool = False):
-        """hidden_states: (batch, L, d_model) -> (batch, L, d_model) [, SSMState]."""
+        """hidden_states: (batch, L, d_model) -> (batch, L, d_model) [, SSMState].
+
+        A long CPU prefill (no autograd graph, no delta hook) runs in pieces of ``PREFILL_PIECE`` tokens with
+        the conv and SSM states carried: the same result, and every intermediate stays piece-sized, so the cost
+        per token does not grow with L (whole-sequence tensors cost page faults and cache misses: 1.9x per token
+        at 32k before, docs/benchmarks.md). Delta hooks see a whole call's Δ, so with one registered the
+        sequence goes in one piece.
+        """
         from ..validate import check_mamba  # the API boundary checks (ssm_core/validate.py)
 
         check_mamba(self, hidden_states, state)
-        batch, L, _ = hidden_states.shape
         if state is None:
-            state = self.empty_state(batch, hidden_states.device, hidden_states.dtype)
+            state = self.empty_state(hidden_states.shape[0], hidden_states.device, hidden_states.dtype)
+        if not self._delta_hooks and prefill_in_pieces(hidden_states, self.in_proj.weight, self.PREFILL_PIECE):
+            out, state = run_in_pieces(self._forward, hidden_states, state, self.PREFILL_PIECE, self.d_model)
+        else:
+            out, state = self._forward(hidden_states, state)
+        return (out, state) if return_state else out
+
+    # tokens per piece of a long no-grad CPU forward (measured: docs/benchmarks.md, prefill_flat)
+    PREFILL_PIECE = 1024
+
+    def _forward(self, hidden_states: Tensor, state: SSMState) -> tuple[Tensor, SSMState]:
+        L = hidden_states.shape[1]
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         A = self._A()
         if L == 1:  # decode step: no scan machinery
             y, new_state = self._step(x[:, 0], z[:, 0], A, state)
-            out = self.out_proj(y.unsqueeze(1))
-            return (out, new_state) if return_state else out
+            return self.out_proj(y.unsqueeze(1)), new_state
 
         # time-major (batch, L, d_inner) from in_proj to out_proj: no layout copies around the conv and the scan
         x, conv_state = causal_conv1d_time_major(
@@ -183,14 +200,12 @@ class Mamba(DeltaHooks, nn.Module):
                 x.transpose(1, 2), dt.transpose(1, 2), A, B, C, fp32(self.D), z.transpose(1, 2), delta_bias=dt_bias,
                 delta_softplus=dt_bias is not None, return_last_state=True, initial_state=state.ssm,
             )
-            out = self.out_proj(y.transpose(1, 2))
-            return (out, SSMState(conv_state, ssm_state)) if return_state else out
+            return self.out_proj(y.transpose(1, 2)), SSMState(conv_state, ssm_state)
         y, ssm_state = selective_scan_time_major(
             x, dt, A, B, C, fp32(self.D), z, delta_bias=dt_bias, delta_softplus=dt_bias is not None,
             return_last_state=True, initial_state=state.ssm,
         )
-        out = self.out_proj(y)
-        return (out, SSMState(conv_state, ssm_state)) if return_state else out
+        return self.out_proj(y), SSMState(conv_state, ssm_state)
 
     def _dt_B_C(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (..., d_inner) -> dt (pre-bias, pre-softplus): (..., d_inner); B, C: (..., d_state).

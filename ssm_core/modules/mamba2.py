@@ -14,6 +14,7 @@ from ..state import SSMState
 from ..validate import check_mamba2
 from .delta_hooks import DeltaHooks
 from .mamba import inverse_softplus_dt
+from .prefill import prefill_in_pieces, run_in_pieces
 
 
 def _transpose_tiled(t: Tensor, tile: int = 128) -> Tensor:
@@ -155,14 +156,11 @@ class Mamba2(DeltaHooks, nn.Module):
         batch, L, _ = u.shape
         if state is None:
             state = self.empty_state(batch, u.device, u.dtype)
-        piece = self.PREFILL_PIECE
-        if (L > piece and seq_idx is None and u.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (u.requires_grad or self.in_proj.weight.requires_grad))):
-            out = u.new_empty(batch, L, self.d_model)
-            for s in range(0, L, piece):
-                out[:, s: s + piece], state = self._forward(u[:, s: s + piece], state, None)
-            return (out, state) if return_state else out
-        out, state = self._forward(u, state, seq_idx)
+        if seq_idx is None and prefill_in_pieces(u, self.in_proj.weight, self.PREFILL_PIECE):
+            out, state = run_in_pieces(lambda p, s: self._forward(p, s, None), u, state, self.PREFILL_PIECE,
+                                       self.d_model)
+        else:
+            out, state = self._forward(u, state, seq_idx)
         return (out, state) if return_state else out
 
     # tokens per piece of a long no-grad CPU forward: a multiple of the SSD's block (ssd.CPU_BLOCK), measured

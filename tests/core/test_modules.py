@@ -192,6 +192,38 @@ CONFIGS = [
 ]
 
 
+
+@pytest.mark.parametrize("layer", [
+    lambda: Mamba(16, d_state=8),
+    lambda: Mamba(16, d_state=4, complex_A=True),
+    lambda: Mamba2(16, d_state=16, headdim=8, chunk_size=8),
+], ids=["mamba", "mamba-complex", "mamba2"])
+def test_long_prefill_in_pieces_equals_one_shot(layer, monkeypatch):
+    """A long no-grad CPU forward runs in PREFILL_PIECE-token pieces with the state carried: the same output and
+    final state as one call with autograd on (which never splits); a delta hook sees the whole call at once."""
+    torch.manual_seed(0)
+    m = layer().double()
+    monkeypatch.setattr(type(m), "PREFILL_PIECE", 16)
+    u = torch.randn(2, 53, 16, dtype=torch.float64, requires_grad=True)
+    one, st_one = m(u, return_state=True)
+    calls = []
+    orig = m._forward
+    monkeypatch.setattr(m, "_forward", lambda *a: calls.append(a[0].shape[1]) or orig(*a))
+    with torch.no_grad():
+        pieces, st = m(u, return_state=True)
+    assert calls == [16, 16, 16, 5]
+    torch.testing.assert_close(pieces, one.detach(), atol=1e-11, rtol=1e-10)
+    torch.testing.assert_close(st.ssm, st_one.ssm, atol=1e-11, rtol=1e-10)
+    torch.testing.assert_close(st.conv, st_one.conv, atol=0, rtol=0)
+    if isinstance(m, Mamba):
+        seen = []
+        handle = m.register_delta_hook(lambda mod, delta, x: seen.append(delta.shape[-1]))
+        calls.clear()
+        with torch.no_grad():
+            m(u)
+        handle.remove()
+        assert calls == [53] and seen == [53]
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "hybrid", "mamba2-tuples", "bidirectional"])
 def test_config_json_round_trip(cfg, tmp_path):
     again = MambaConfig.from_json(cfg.to_json())

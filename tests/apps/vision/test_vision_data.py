@@ -125,6 +125,22 @@ def test_datamodule_split_verify_mixup(tmp_path):
     assert val_batch["inputs"].shape == (4, 3, 24, 24)
 
 
+def test_train_on_val_adds_the_val_folder_with_training_transforms(tmp_path):
+    root = make_tree(tmp_path, classes=("a", "b"), per_class=3, splits=("train", "val"))
+    kw = dict(batch_size=2, img_size=24, in_chans=3, auto_augment=None, mixup=0, cutmix=0, verify=False)
+    plain = ImageFolderDataModule(str(root), **kw)
+    plain.setup()
+    assert len(plain.train_set) == 6 and len(plain.val_set) == 6
+    both = ImageFolderDataModule(str(root), train_on_val=True, **kw)
+    both.setup()
+    assert len(both.train_set) == 12 and len(both.val_set) == 6
+    added = both.train_set.datasets[1]
+    assert added.samples == both.val_set.samples and added.transform is not both.val_set.transform
+    assert both.val_set.transform is not None and added.transform is both.train_set.datasets[0].dataset.transform
+    with pytest.raises(ValueError, match="train_on_val.*val not found"):
+        ImageFolderDataModule(str(make_tree(tmp_path / "no_val")), train_on_val=True, **kw).setup()
+
+
 def test_bundled_fashion_mnist_sample():
     dm = ImageFolderDataModule(str(SAMPLE), batch_size=8, img_size=28, in_chans=1, mean=[0.286], std=[0.353],
                                auto_augment=None, mixup=0, cutmix=0, verify=False)
