@@ -91,7 +91,12 @@ def ensemble(runs: list[str]) -> dict:
             raise ValueError(f"ensemble: {path} was trained on {dm_hp['path']}, the first run on {data}")
         data = dm_hp["path"]
         model = FinetuneClassifier(**hp)
-        model.load_state_dict(ckpt["state_dict"])
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:  # weights of another shape than its own hyper-parameters build (an older release)
+            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "key" in ln), str(e))
+            raise ValueError(f"ensemble: {path}: its weights do not fit the model its saved hyper-parameters build "
+                             f"({detail}); it was written by another version of finetune") from None
         model.eval()
         dm = LabelledDNADataModule(**dm_hp)
         dm.setup("test")

@@ -175,6 +175,13 @@ def test_finetune_cli_learns_and_exports(tmp_path):
     assert list(both["members"].values()) == [pytest.approx(result["test_acc"])]  # one path, listed once
     with pytest.raises(FileNotFoundError, match="best-.*last.ckpt"):
         ensemble([str(cls_dir)])
+    # weights that do not fit the model their hyper-parameters build (an older release's): named, not a raw error
+    ckpt = torch.load(next(tmp_path.rglob("checkpoints/last.ckpt")), map_location="cpu", weights_only=True)
+    head = next(k for k in ckpt["state_dict"] if k.endswith("head.weight"))
+    ckpt["state_dict"][head] = torch.zeros(ckpt["state_dict"][head].shape[0], 7)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match=r"old.ckpt: its weights do not fit .*size mismatch"):
+        ensemble([str(tmp_path / "old.ckpt")])
 
 
 @pytest.mark.parametrize("name", ["finetune_splice.yaml", "finetune_genus.yaml"])
