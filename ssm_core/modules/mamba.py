@@ -160,8 +160,8 @@ class Mamba(DeltaHooks, nn.Module):
 
         A long CPU prefill (no autograd graph, no delta hook) runs in pieces of ``PREFILL_PIECE`` tokens with
         the conv and SSM states carried: the same result, and every intermediate stays piece-sized, so the cost
-        per token does not grow with L (whole-sequence tensors cost page faults and cache misses: 1.9x per token
-        at 32k before, docs/benchmarks.md). Delta hooks see a whole call's Δ, so with one registered the
+        per token does not grow with L (whole-sequence tensors cost page faults and cache misses: 1.2-1.9x per
+        token at 32k in one call, docs/benchmarks.md). Delta hooks see a whole call's Δ, so with one registered the
         sequence goes in one piece.
         """
         from ..validate import check_mamba  # the API boundary checks (ssm_core/validate.py)

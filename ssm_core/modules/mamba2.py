@@ -153,9 +153,8 @@ class Mamba2(DeltaHooks, nn.Module):
         (whole-sequence tensors cost page faults and cache misses: 1.4x per token at 32k, docs/benchmarks.md).
         """
         check_mamba2(self, u, state, seq_idx)
-        batch, L, _ = u.shape
         if state is None:
-            state = self.empty_state(batch, u.device, u.dtype)
+            state = self.empty_state(u.shape[0], u.device, u.dtype)
         if seq_idx is None and prefill_in_pieces(u, self.in_proj.weight, self.PREFILL_PIECE):
             out, state = run_in_pieces(lambda p, s: self._forward(p, s, None), u, state, self.PREFILL_PIECE,
                                        self.d_model)
