@@ -51,12 +51,25 @@ class CPUTimeBudget(pl.Callback):
 
     A wall-clock limit (Trainer.max_time) on a shared machine also counts time spent waiting for the CPU or for
     a kernel build; CPU seconds are the budget two models can be given equally. Validation is not counted.
+
+    ``anneal=True``: the budget is also the length of the learning-rate schedule: ``adamw_warmup_cosine`` runs its
+    cosine over the fraction of the budget spent instead of over a step count, so a run ends at the end of its
+    schedule on any machine, and a faster machine trains more steps in the same CPU time (a step count that fits
+    the hour on one machine is cut mid-schedule on a slower one, and wastes half the hour on a machine 2x faster).
     """
 
-    def __init__(self, minutes: float):
+    def __init__(self, minutes: float, anneal: bool = False):
+        if minutes <= 0:
+            raise ValueError(f"CPUTimeBudget: minutes must be > 0, got {minutes}")
         self.budget_s = 60.0 * minutes
+        self.anneal = anneal
         self.used_s = 0.0
         self._t0: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        """The share of the budget spent so far, in [0, 1]."""
+        return min(1.0, self.used_s / self.budget_s)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t0 = time.process_time()

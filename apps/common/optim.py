@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "warmup_cosine", "adamw_warmup_cosine", "attached_trainer"]
+__all__ = ["param_groups", "cosine_at", "warmup_cosine", "adamw_warmup_cosine", "attached_trainer"]
 
 
 def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
@@ -39,14 +39,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def cosine_at(t: float, min_ratio: float) -> float:
+    """Cosine from 1 at t = 0 to ``min_ratio`` at t >= 1."""
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, t))))
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine to ``min_ratio`` (constant if no total)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if not total_steps or total_steps <= warmup_steps:
         return 1.0
-    t = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return cosine_at((step - warmup_steps) / (total_steps - warmup_steps), min_ratio)
+
+
+def _annealing_budget(trainer: pl.Trainer | None):
+    """The trainer's ``CPUTimeBudget(anneal=True)``, if it has one."""
+    from .callbacks import CPUTimeBudget  # callbacks imports ssm_core; keep this module light
+
+    if trainer is None:
+        return None
+    return next((c for c in trainer.callbacks if isinstance(c, CPUTimeBudget) and c.anneal), None)
 
 
 def adamw_warmup_cosine(module: pl.LightningModule, model: nn.Module, lr: float, weight_decay: float,
@@ -54,10 +67,18 @@ def adamw_warmup_cosine(module: pl.LightningModule, model: nn.Module, lr: float,
                         total_steps: int | None = None, eps: float = 1e-8) -> dict:
     """What ``configure_optimizers`` returns: AdamW over ``model``'s decay groups and a per-step warm-up +
     cosine schedule. ``total_steps`` defaults to the trainer's estimate (max_steps or epochs x batches); with
-    no finite estimate (e.g. only max_time) the rate stays constant after warm-up."""
+    no finite estimate (e.g. only max_time) the rate stays constant after warm-up. With a
+    ``CPUTimeBudget(anneal=True)`` among the trainer's callbacks the cosine follows the share of that budget
+    spent instead (``total_steps`` is then not used)."""
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    trainer = attached_trainer(module)
+    budget = _annealing_budget(trainer)
+    if budget is not None:  # the cosine runs over the CPU budget spent, not over steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, warmup_steps, None, min_lr_ratio) if s < warmup_steps
+            else cosine_at(budget.fraction, min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
     if total_steps is None:
-        trainer = attached_trainer(module)
         est = trainer.estimated_stepping_batches if trainer is not None else None
         total_steps = int(est) if est is not None and math.isfinite(est) else None
     sched = torch.optim.lr_scheduler.LambdaLR(

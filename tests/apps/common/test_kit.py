@@ -181,6 +181,39 @@ def test_cpu_time_budget_survives_a_resume():
     assert again.used_s == 42.0
 
 
+def test_annealing_budget_runs_the_cosine_over_cpu_time_spent():
+    """CPUTimeBudget(anneal=True): after the step-based warm-up the rate follows the share of the budget spent
+    (1 -> min ratio), whatever the step count; a fit with no step limit ends at the end of that schedule."""
+    budget = CPUTimeBudget(minutes=1.0, anneal=True)
+    module = ClassifierModule(MeanNet(HeadConfig(num_labels=2)))
+    trainer = pl.Trainer(max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[budget])
+    module.trainer = trainer
+    cfg = adamw_warmup_cosine(module, module.model, lr=1.0, weight_decay=0.0, warmup_steps=2, total_steps=5,
+                              min_lr_ratio=0.1)  # total_steps is ignored: the budget is the schedule
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    seen = []
+    for used in (0.0, 0.0, 0.0, 30.0, 60.0, 90.0):  # two warm-up steps, then 0, 1/2, all, past the budget
+        budget.used_s = used
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    seen.append(opt.param_groups[0]["lr"])
+    assert seen[0] == pytest.approx(0.5) and seen[1] == pytest.approx(1.0) and seen[2] == pytest.approx(1.0)
+    assert seen[3] == pytest.approx(1.0) and seen[4] == pytest.approx(0.55) and seen[5] == pytest.approx(0.1)
+    assert seen[6] == pytest.approx(0.1) and budget.fraction == 1.0
+    # an unbounded fit stops when the budget is spent, at the schedule's end
+    tiny = CPUTimeBudget(minutes=0.01, anneal=True)
+    module = ClassifierModule(MeanNet(HeadConfig(num_labels=2)), lr=1e-3, warmup_steps=2)
+    trainer = pl.Trainer(max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[tiny])
+    trainer.fit(module, batches(16))
+    assert tiny.used_s >= 0.6 and trainer.global_step > 2
+    assert 0.1e-3 <= trainer.optimizers[0].param_groups[0]["lr"] < 0.15e-3  # annealed (the last step's share < 1)
+    with pytest.raises(ValueError, match="minutes must be > 0"):
+        CPUTimeBudget(minutes=0)
+
+
 class CountTokens(HeldOutEvaluation):
     def evaluate(self, trainer, pl_module):
         return {"metric": "tokens", "value": 7.0, "protocol": "counted"}
