@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--contexts", type=int, nargs="*", default=[],
                    help="also score hiss with at most this many bases of context (a sweep, e.g. 1024 16384 262144)")
     p.add_argument("--sweep-genomes", nargs="*", default=None, help="run the --contexts sweep on these rows only")
+    p.add_argument("--records", nargs="+", default=None, help="with --bed: score only these records of the split")
     p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="hiss DNA LM (save_pretrained dir or .ckpt)")
     p.add_argument("--ckpt-note", default=None, help="what the checkpoint was trained on (printed in the doc)")
     p.add_argument("--no-model", action="store_true", help="compressors and Markov model only")
@@ -454,6 +455,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         p.error("--bed reads the intervals of one --fasta")
     if args.max_bases is not None and not args.bed:
         p.error("--max-bases applies to --bed intervals")
+    if args.records and not args.bed:
+        p.error("--records names records of the --bed split")
     ckpt = None if args.no_model else args.ckpt
     mix_gamma = None if args.no_mix else args.mix_gamma
     if mix_gamma is not None and not 0 < mix_gamma <= 1:
@@ -471,6 +474,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     elif args.bed:
         genomes = [(g, f"{args.fasta[0]}:{g.records[0][0]}")
                    for g in read_split(args.fasta[0], args.bed, args.split, args.max_bases)]
+        if args.records:
+            missing = sorted(set(args.records) - {g.name for g, _ in genomes})
+            if missing:
+                p.error(f"--records {missing} not in the {args.split!r} split of {args.bed} "
+                        f"(it has {[g.name for g, _ in genomes]})")
+            genomes = [(g, where) for g, where in genomes if g.name in args.records]
     else:
         genomes = [(read_genome(path), str(path)) for path in args.fasta]
     for g, where in genomes:
@@ -487,8 +496,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     scope = None
     if args.bed:
         cut = f"of the first {args.max_bases:,} bases of" if args.max_bases else "of the whole of"
-        scope = (f"{cut} each `{args.split}` interval of `{args.bed}` (held-out records; non-ACGT characters "
-                 "removed first and counted)")
+        which = f"the `{args.split}` interval of {', '.join(args.records)} in" if args.records else \
+            f"each `{args.split}` interval of"
+        scope = f"{cut} {which} `{args.bed}` (held-out records; non-ACGT characters removed first and counted)"
     block = render(rows, ckpt, note, args.alpha, args.max_order, torch.get_num_threads(),
                    **({"scope": scope} if scope else {}), mix_gamma=mix_gamma)
     publish(block, args.block, args.doc, rows, args.json, not args.no_docs)

@@ -173,3 +173,9 @@ def test_held_out_split_rows_and_context_sweep(tmp_path):
     assert "C = 64" in doc.read_text() and "first 250 bases" in doc.read_text()
     with pytest.raises(SystemExit):
         dc.main(["--fasta", str(fa), "--max-bases", "10", "--no-docs"])  # --max-bases needs --bed
+    # --records: only the named records of the split, named in the doc's scope; an unknown name is refused
+    only = dc.main(["--fasta", str(fa), "--bed", str(bed), "--max-bases", "250", "--max-order", "4", "--no-model",
+                    "--records", "chrC", "--doc", str(doc)])
+    assert [r.genome for r in only] == ["chrC"] and "interval of chrC in" in doc.read_text()
+    with pytest.raises(SystemExit):
+        dc.main(["--fasta", str(fa), "--bed", str(bed), "--records", "chrB", "--no-docs"])  # chrB is not in test
