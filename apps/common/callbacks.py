@@ -52,10 +52,11 @@ class CPUTimeBudget(pl.Callback):
     A wall-clock limit (Trainer.max_time) on a shared machine also counts time spent waiting for the CPU or for
     a kernel build; CPU seconds are the budget two models can be given equally. Validation is not counted.
 
-    ``anneal=True``: the budget is also the length of the learning-rate schedule: ``adamw_warmup_cosine`` runs its
-    cosine over the fraction of the budget spent instead of over a step count, so a run ends at the end of its
-    schedule on any machine, and a faster machine trains more steps in the same CPU time (a step count that fits
-    the hour on one machine is cut mid-schedule on a slower one, and wastes half the hour on a machine 2x faster).
+    ``anneal=True``: the budget also bounds the learning-rate schedule: ``adamw_warmup_cosine`` advances its cosine
+    by the larger of the share of steps done and the share of this budget spent, so a run ends at the end of its
+    schedule on any machine (a step count that fits the hour on one machine is otherwise cut mid-schedule, at a
+    high learning rate, on a slower one); with no step limit the budget alone is the schedule, and a faster machine
+    trains more steps in the same CPU time.
     """
 
     def __init__(self, minutes: float, anneal: bool = False):

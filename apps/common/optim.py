@@ -68,19 +68,23 @@ def adamw_warmup_cosine(module: pl.LightningModule, model: nn.Module, lr: float,
     """What ``configure_optimizers`` returns: AdamW over ``model``'s decay groups and a per-step warm-up +
     cosine schedule. ``total_steps`` defaults to the trainer's estimate (max_steps or epochs x batches); with
     no finite estimate (e.g. only max_time) the rate stays constant after warm-up. With a
-    ``CPUTimeBudget(anneal=True)`` among the trainer's callbacks the cosine follows the share of that budget
-    spent instead (``total_steps`` is then not used)."""
+    ``CPUTimeBudget(anneal=True)`` among the trainer's callbacks the cosine's progress is the larger of the share
+    of steps done and the share of that CPU budget spent: on a machine fast enough for the steps it is the step
+    schedule, on a slower one the schedule still ends when the budget does (with no step limit, the budget alone)."""
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
     trainer = attached_trainer(module)
-    budget = _annealing_budget(trainer)
-    if budget is not None:  # the cosine runs over the CPU budget spent, not over steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, warmup_steps, None, min_lr_ratio) if s < warmup_steps
-            else cosine_at(budget.fraction, min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
     if total_steps is None:
         est = trainer.estimated_stepping_batches if trainer is not None else None
         total_steps = int(est) if est is not None and math.isfinite(est) else None
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, warmup_steps, total_steps, min_lr_ratio))
+    budget = _annealing_budget(trainer)
+    if budget is None:
+        schedule = lambda s: warmup_cosine(s, warmup_steps, total_steps, min_lr_ratio)  # noqa: E731
+    else:  # the cosine follows whichever runs out first: the steps or the CPU budget
+        def schedule(s: int) -> float:
+            if s < warmup_steps:
+                return warmup_cosine(s, warmup_steps, None, min_lr_ratio)
+            by_steps = (s - warmup_steps) / (total_steps - warmup_steps) if total_steps and total_steps > warmup_steps \
+                else 0.0
+            return cosine_at(max(by_steps, budget.fraction), min_lr_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

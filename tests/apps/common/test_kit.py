@@ -4,6 +4,7 @@ reads. Tiny models, CPU."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import pytorch_lightning as pl
@@ -189,8 +190,7 @@ def test_annealing_budget_runs_the_cosine_over_cpu_time_spent():
     trainer = pl.Trainer(max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[budget])
     module.trainer = trainer
-    cfg = adamw_warmup_cosine(module, module.model, lr=1.0, weight_decay=0.0, warmup_steps=2, total_steps=5,
-                              min_lr_ratio=0.1)  # total_steps is ignored: the budget is the schedule
+    cfg = adamw_warmup_cosine(module, module.model, lr=1.0, weight_decay=0.0, warmup_steps=2, min_lr_ratio=0.1)
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     seen = []
     for used in (0.0, 0.0, 0.0, 30.0, 60.0, 90.0):  # two warm-up steps, then 0, 1/2, all, past the budget
@@ -202,6 +202,20 @@ def test_annealing_budget_runs_the_cosine_over_cpu_time_spent():
     assert seen[0] == pytest.approx(0.5) and seen[1] == pytest.approx(1.0) and seen[2] == pytest.approx(1.0)
     assert seen[3] == pytest.approx(1.0) and seen[4] == pytest.approx(0.55) and seen[5] == pytest.approx(0.1)
     assert seen[6] == pytest.approx(0.1) and budget.fraction == 1.0
+    # with a step count too, the cosine follows whichever share is larger: steps here, then the budget
+    budget.used_s = 0.0
+    cfg = adamw_warmup_cosine(module, module.model, lr=1.0, weight_decay=0.0, warmup_steps=0, total_steps=4,
+                              min_lr_ratio=0.1)
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    seen = []
+    for used in (0.0, 6.0, 54.0):  # step shares 1/4, 1/2, 3/4 against budget shares 0, 0.1, 0.9
+        budget.used_s = used
+        opt.step()
+        sched.step()
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen[0] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))  # steps lead
+    assert seen[1] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))  # step share 1/2 > budget 0.1
+    assert seen[2] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.9)))  # the budget leads
     # an unbounded fit stops when the budget is spent, at the schedule's end
     tiny = CPUTimeBudget(minutes=0.01, anneal=True)
     module = ClassifierModule(MeanNet(HeadConfig(num_labels=2)), lr=1e-3, warmup_steps=2)
