@@ -77,14 +77,13 @@ def adamw_warmup_cosine(module: pl.LightningModule, model: nn.Module, lr: float,
         est = trainer.estimated_stepping_batches if trainer is not None else None
         total_steps = int(est) if est is not None and math.isfinite(est) else None
     budget = _annealing_budget(trainer)
-    if budget is None:
-        schedule = lambda s: warmup_cosine(s, warmup_steps, total_steps, min_lr_ratio)  # noqa: E731
-    else:  # the cosine follows whichever runs out first: the steps or the CPU budget
-        def schedule(s: int) -> float:
-            if s < warmup_steps:
-                return warmup_cosine(s, warmup_steps, None, min_lr_ratio)
-            by_steps = (s - warmup_steps) / (total_steps - warmup_steps) if total_steps and total_steps > warmup_steps \
-                else 0.0
-            return cosine_at(max(by_steps, budget.fraction), min_lr_ratio)
+
+    def schedule(s: int) -> float:
+        if budget is None or s < warmup_steps:
+            return warmup_cosine(s, warmup_steps, total_steps, min_lr_ratio)
+        # the cosine follows whichever runs out first: the steps or the CPU budget
+        steps_share = (s - warmup_steps) / (total_steps - warmup_steps) if (total_steps or 0) > warmup_steps else 0.0
+        return cosine_at(max(steps_share, budget.fraction), min_lr_ratio)
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
