@@ -169,7 +169,7 @@ class Mamba(DeltaHooks, nn.Module):
         check_mamba(self, hidden_states, state)
         if state is None:
             state = self.empty_state(hidden_states.shape[0], hidden_states.device, hidden_states.dtype)
-        if not self._delta_hooks and prefill_in_pieces(hidden_states, self.in_proj.weight, self.PREFILL_PIECE):
+        if prefill_in_pieces(self, hidden_states):
             out, state = run_in_pieces(self._forward, hidden_states, state, self.PREFILL_PIECE, self.d_model)
         else:
             out, state = self._forward(hidden_states, state)

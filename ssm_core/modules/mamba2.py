@@ -147,7 +147,7 @@ class Mamba2(DeltaHooks, nn.Module):
                 seq_idx: Tensor | None = None):
         """u: (batch, L, d_model) -> (batch, L, d_model) [, SSMState]. seq_idx: (batch, L) packing ids.
 
-        A long CPU prefill (no autograd graph, no seq_idx) runs in pieces of ``PREFILL_PIECE`` tokens per
+        A long CPU prefill (no autograd graph, no seq_idx, no delta hook) runs in pieces of ``PREFILL_PIECE`` tokens per
         sequence with the conv and SSM states carried: the same result (pieces start on the SSD's block
         boundaries), and every intermediate stays piece-sized, so the cost per token does not grow with L
         (whole-sequence tensors cost page faults and cache misses: 1.4x per token at 32k, docs/benchmarks.md).
@@ -155,7 +155,7 @@ class Mamba2(DeltaHooks, nn.Module):
         check_mamba2(self, u, state, seq_idx)
         if state is None:
             state = self.empty_state(u.shape[0], u.device, u.dtype)
-        if seq_idx is None and prefill_in_pieces(u, self.in_proj.weight, self.PREFILL_PIECE):
+        if seq_idx is None and prefill_in_pieces(self, u):
             out, state = run_in_pieces(lambda p, s: self._forward(p, s, None), u, state, self.PREFILL_PIECE,
                                        self.d_model)
         else:

@@ -15,10 +15,12 @@ from torch import Tensor, nn
 from ..state import SSMState
 
 
-def prefill_in_pieces(u: Tensor, weight: nn.Parameter, piece: int) -> bool:
-    """Whether ``u`` (batch, L, d) is a long CPU forward without an autograd graph (the case for pieces)."""
-    return (u.shape[1] > piece and u.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (u.requires_grad or weight.requires_grad)))
+def prefill_in_pieces(mixer: nn.Module, u: Tensor) -> bool:
+    """Whether ``mixer`` (Mamba / Mamba2: ``PREFILL_PIECE``, ``in_proj``, delta hooks) should read ``u``
+    (batch, L, d) in pieces: a CPU forward longer than a piece, without an autograd graph, and with no delta hook
+    registered (hooks read a whole call's Δ: one call per layer, as experiments.synthetic's analyses expect)."""
+    return (u.shape[1] > mixer.PREFILL_PIECE and u.device.type == "cpu" and not mixer.has_delta_hooks
+            and not (torch.is_grad_enabled() and (u.requires_grad or mixer.in_proj.weight.requires_grad)))
 
 
 def run_in_pieces(step: Callable[[Tensor, SSMState], tuple[Tensor, SSMState]], u: Tensor, state: SSMState,

@@ -175,24 +175,6 @@ def test_mamba2_norm_eps_is_used():
     assert (a(x) - b(x)).abs().max() > 1e-3
 
 
-# --------------------------------------------------------------------------------------------
-# MambaConfig
-# --------------------------------------------------------------------------------------------
-
-CONFIGS = [
-    MambaConfig(d_model=16, n_layer=2, vocab_size=64),
-    MambaConfig(d_model=16, n_layer=3, vocab_size=100, d_intermediate=32, attn_layer_idx=[1],
-                attn_cfg={"num_heads": 2, "rotary_emb_dim": 4}, ssm_cfg={"d_state": 4, "dt_rank": 3},
-                tie_embeddings=False, rms_norm=False, norm_epsilon=1e-6),
-    MambaConfig(d_model=16, n_layer=2, vocab_size=64,
-                ssm_cfg={"layer": "Mamba2", "headdim": 8, "ngroups": 2, "A_init_range": (1, 16),
-                         "dt_limit": (0.0, float("inf"))}),
-    MambaConfig(d_model=16, n_layer=2, vocab_size=64, bidirectional=True, bidirectional_strategy="concat",
-                bidirectional_weight_tie=False),
-]
-
-
-
 @pytest.mark.parametrize("layer", [
     lambda: Mamba(16, d_state=8),
     lambda: Mamba(16, d_state=4, complex_A=True),
@@ -215,14 +197,33 @@ def test_long_prefill_in_pieces_equals_one_shot(layer, monkeypatch):
     torch.testing.assert_close(pieces, one.detach(), atol=1e-11, rtol=1e-10)
     torch.testing.assert_close(st.ssm, st_one.ssm, atol=1e-11, rtol=1e-10)
     torch.testing.assert_close(st.conv, st_one.conv, atol=0, rtol=0)
-    if isinstance(m, Mamba):
-        seen = []
-        handle = m.register_delta_hook(lambda mod, delta, x: seen.append(delta.shape[-1]))
-        calls.clear()
-        with torch.no_grad():
-            m(u)
-        handle.remove()
-        assert calls == [53] and seen == [53]
+    seen = []
+    length = (lambda d: d.shape[-1]) if isinstance(m, Mamba) else (lambda d: d.shape[1])  # (b, d, L) / (b, L, h)
+    handle = m.register_delta_hook(lambda mod, delta, x: seen.append(length(delta)))
+    calls.clear()
+    with torch.no_grad():
+        m(u)
+    handle.remove()
+    assert calls == [53] and seen == [53]
+
+
+# --------------------------------------------------------------------------------------------
+# MambaConfig
+# --------------------------------------------------------------------------------------------
+
+CONFIGS = [
+    MambaConfig(d_model=16, n_layer=2, vocab_size=64),
+    MambaConfig(d_model=16, n_layer=3, vocab_size=100, d_intermediate=32, attn_layer_idx=[1],
+                attn_cfg={"num_heads": 2, "rotary_emb_dim": 4}, ssm_cfg={"d_state": 4, "dt_rank": 3},
+                tie_embeddings=False, rms_norm=False, norm_epsilon=1e-6),
+    MambaConfig(d_model=16, n_layer=2, vocab_size=64,
+                ssm_cfg={"layer": "Mamba2", "headdim": 8, "ngroups": 2, "A_init_range": (1, 16),
+                         "dt_limit": (0.0, float("inf"))}),
+    MambaConfig(d_model=16, n_layer=2, vocab_size=64, bidirectional=True, bidirectional_strategy="concat",
+                bidirectional_weight_tie=False),
+]
+
+
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "hybrid", "mamba2-tuples", "bidirectional"])
 def test_config_json_round_trip(cfg, tmp_path):
