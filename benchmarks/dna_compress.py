@@ -92,22 +92,27 @@ def _clean(seq: bytes) -> tuple[np.ndarray, int, int]:
 
 
 def read_split(fasta: str | os.PathLike, bed: str | os.PathLike, split: str = "test",
-               max_bases: int | None = None) -> list[Genome]:
+               max_bases: int | None = None, records: list[str] | None = None) -> list[Genome]:
     """One Genome per ``split`` interval of ``bed`` over ``fasta`` (a multi-genome set whose held-out strains are
-    whole records), named by the record's accession, each cut to its first ``max_bases`` bases when given."""
+    whole records), named by the record's accession, each cut to its first ``max_bases`` bases when given; with
+    ``records``, only the intervals of those accessions are read (an unknown one raises ValueError)."""
     from apps.genomics.data import FastaReader, read_bed
 
     reader = FastaReader(fasta)
+    intervals = [(iv, [f for f in iv.chrom.split("|") if f][-1])  # gi|123|ref|NC_1.1| -> NC_1.1
+                 for iv in read_bed(bed, reader) if iv.split == split]
+    if not intervals:
+        raise ValueError(f"{bed}: no intervals in split {split!r}")
+    if records:
+        missing = sorted(set(records) - {name for _, name in intervals})
+        if missing:
+            raise ValueError(f"{missing} not in the {split!r} split of {bed} (it has {[n for _, n in intervals]})")
+        intervals = [(iv, name) for iv, name in intervals if name in records]
     out = []
-    for iv in read_bed(bed, reader):
-        if iv.split != split:
-            continue
+    for iv, accession in intervals:
         end = iv.end if max_bases is None else min(iv.end, iv.start + max_bases)
         codes, removed, runs = _clean(reader.fetch(iv.chrom, iv.start, end).encode())
-        accession = [f for f in iv.chrom.split("|") if f][-1]  # gi|123|ref|NC_1.1| -> NC_1.1
         out.append(Genome(accession, [(f"{iv.chrom}:{iv.start}-{end}", codes)], removed, runs))
-    if not out:
-        raise ValueError(f"{bed}: no intervals in split {split!r}")
     return out
 
 
@@ -472,14 +477,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.from_json:
         genomes = []
     elif args.bed:
-        genomes = [(g, f"{args.fasta[0]}:{g.records[0][0]}")
-                   for g in read_split(args.fasta[0], args.bed, args.split, args.max_bases)]
-        if args.records:
-            missing = sorted(set(args.records) - {g.name for g, _ in genomes})
-            if missing:
-                p.error(f"--records {missing} not in the {args.split!r} split of {args.bed} "
-                        f"(it has {[g.name for g, _ in genomes]})")
-            genomes = [(g, where) for g, where in genomes if g.name in args.records]
+        try:
+            split = read_split(args.fasta[0], args.bed, args.split, args.max_bases, args.records)
+        except ValueError as e:
+            p.error(f"--records {e}" if args.records else str(e))
+        genomes = [(g, f"{args.fasta[0]}:{g.records[0][0]}") for g in split]
     else:
         genomes = [(read_genome(path), str(path)) for path in args.fasta]
     for g, where in genomes:
